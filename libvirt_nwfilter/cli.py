@@ -1,0 +1,177 @@
+"""The ``libvirt-nwfilter`` command: manage filters (and, later, bindings) like ``virsh nwfilter-*``.
+
+Exit status: 0 success, 1 refused input or failed operation, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import BACKENDS, Config
+from .errors import NwfilterError
+from .service import Service
+
+log = logging.getLogger("libvirt_nwfilter")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Network filtering for QEMU/KVM guests with libvirt's nwfilter language, outside libvirtd.
+
+Filters are libvirt <filter> documents. The 24 filters libvirt ships (clean-traffic,
+no-mac-spoofing, ...) are built in; filters you define are stored in CONFDIR/filters and take
+precedence over a built-in filter of the same name."""
+
+EPILOG = """\
+environment:
+  LIBVIRT_NWFILTER_CONFDIR  configuration directory (default /etc/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_RUNDIR   run-time state directory (default /run/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_BACKEND  firewall backend: nftables (default) or ebiptables
+  EDITOR, VISUAL            editor used by 'edit' (default vi)
+
+exit status:
+  0 success; 1 the input was refused or the operation failed (nothing was changed);
+  2 wrong usage."""
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], quiet: bool = False) -> str:
+    """A table laid out like virsh's: cells padded to the column width plus two spaces."""
+    shown = [list(row) for row in rows] if quiet else [list(headers), *map(list, rows)]
+    widths = [max((len(row[i]) for row in shown), default=0) for i in range(len(headers))]
+    lines = []
+    for row in shown:
+        cells = [f" {cell}".ljust(widths[i] + 3) if i < len(row) - 1 else f" {cell}" for i, cell in enumerate(row)]
+        lines.append("".join(cells))
+    if not quiet:
+        lines.insert(1, "-" * sum(width + 3 for width in widths))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# ------------------------------------------------------------------------------------------
+# Verbs
+
+
+def cmd_list(service: Service, args: argparse.Namespace) -> int:
+    rows = [(info.uuid, info.name, info.origin.value) for info in service.list_filters()]
+    sys.stdout.write(format_table(("UUID", "Name", "Source"), rows, args.quiet))
+    return EXIT_OK
+
+
+def cmd_define(service: Service, args: argparse.Namespace) -> int:
+    flt, _ = service.define(_read_input(args.file), args.file)
+    print(f"Network filter {flt.name} defined from {args.file}")
+    return EXIT_OK
+
+
+def cmd_undefine(service: Service, args: argparse.Namespace) -> int:
+    flt = service.undefine(args.filter)
+    print(f"Network filter {flt.name} undefined")
+    return EXIT_OK
+
+
+def cmd_dumpxml(service: Service, args: argparse.Namespace) -> int:
+    sys.stdout.write(service.dumpxml(args.filter))
+    return EXIT_OK
+
+
+def cmd_edit(service: Service, args: argparse.Namespace) -> int:
+    original = service.dumpxml(args.filter)
+    with tempfile.TemporaryDirectory(prefix="libvirt-nwfilter-edit-") as tmp:
+        path = Path(tmp) / f"{args.filter}.xml"
+        path.write_text(original, encoding="utf-8")
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        if subprocess.run([*shlex.split(editor), str(path)], check=False).returncode != 0:
+            raise NwfilterError(f"editor '{editor}' failed; filter {args.filter} not changed")
+        edited = path.read_bytes()
+    if edited.decode("utf-8", "replace") == original:
+        print(f"Network filter {args.filter} XML configuration not changed.")
+        return EXIT_OK
+    flt, changed = service.define(edited, f"{args.filter}.xml (edited)")
+    print(f"Network filter {flt.name} XML configuration {'edited' if changed else 'not changed'}.")
+    return EXIT_OK
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise NwfilterError(f"cannot read {path}: {error.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Parser
+
+
+def _verb(sub, name: str, func: Callable, summary: str, description: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="libvirt-nwfilter", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--confdir", help="configuration directory (overrides LIBVIRT_NWFILTER_CONFDIR)")
+    parser.add_argument("--rundir", help="run-time state directory (overrides LIBVIRT_NWFILTER_RUNDIR)")
+    parser.add_argument("--backend", choices=BACKENDS, help="firewall backend (overrides LIBVIRT_NWFILTER_BACKEND)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="tables without headers, like virsh -q")
+    parser.add_argument("--debug", action="store_true", help="log debug messages and show tracebacks")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    _verb(sub, "list", cmd_list, "List defined filters.",
+          "Prints UUID, name and source of every filter, sorted by name. Source is 'builtin'\n"
+          "(shipped with the package), 'user' (defined here) or 'user (overrides builtin)'.")
+    p = _verb(sub, "define", cmd_define, "Define (add or replace) a filter from an XML file.",
+              "FILE holds one libvirt <filter> document ('-' reads standard input). The whole\n"
+              "document is validated first; every problem is reported and nothing is stored if any\n"
+              "is found. Without <uuid> a new filter gets a random UUID and a redefined one keeps\n"
+              "its UUID. Refused: a name that exists with another UUID, a UUID that another filter\n"
+              "has, and references that would form a loop. References to filters not defined yet\n"
+              "are allowed.")
+    p.add_argument("file", metavar="FILE", help="the filter XML ('-' for standard input)")
+    p = _verb(sub, "undefine", cmd_undefine, "Remove a filter you defined.",
+              "FILTER is a name or a UUID. Built-in filters cannot be removed (define your own\n"
+              "filter of that name to override one); undefining an override brings the built-in\n"
+              "filter back.")
+    p.add_argument("filter", metavar="FILTER", help="filter name or UUID")
+    p = _verb(sub, "dumpxml", cmd_dumpxml, "Print a filter's XML.",
+              "Prints the canonical form, the same as 'virsh nwfilter-dumpxml' prints for the\n"
+              "same filter; it can be given back to 'define' (or to virsh) unchanged.")
+    p.add_argument("filter", metavar="FILTER", help="filter name or UUID")
+    p = _verb(sub, "edit", cmd_edit, "Edit a filter in $VISUAL or $EDITOR.",
+              "Opens the filter's XML in an editor and defines the result. If the edited XML is\n"
+              "invalid, the error is printed and the old definition stays in place.")
+    p.add_argument("filter", metavar="FILTER", help="filter name or UUID")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="libvirt-nwfilter: %(levelname)s: %(message)s")
+    try:
+        config = Config.from_environment().with_overrides(args.confdir, args.rundir, args.backend)
+        return args.func(Service(config), args)
+    except NwfilterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(error).__name__}: {error} (run with --debug for details)",
+              file=sys.stderr)
+        return EXIT_REFUSED

@@ -1,0 +1,47 @@
+"""Error types: every refusal the tool makes is one of these, printed as one line."""
+
+from __future__ import annotations
+
+
+class NwfilterError(Exception):
+    """Base of every error this package raises on purpose (exit status 1)."""
+
+
+class ValidationError(NwfilterError):
+    """Input that does not follow the filter language; carries every problem found.
+
+    Each problem is one line naming where it is (file, line, element, attribute) and what is
+    wrong. ``str()`` joins them with ``; `` so the CLI can still print one line.
+    """
+
+    def __init__(self, problems: list[str] | tuple[str, ...]):
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class UnknownFilterError(NwfilterError):
+    """A filter name that is not defined."""
+
+
+class ConflictError(NwfilterError):
+    """A definition that clashes with the store (name/UUID conflicts, loops)."""
+
+
+class InUseError(NwfilterError):
+    """An operation refused because bindings still use the object."""
+
+
+class MissingVariablesError(NwfilterError):
+    """A filter tree needs variables (or list elements) that were not supplied."""
+
+
+class BindingError(NwfilterError):
+    """A binding that cannot be created, found or removed."""
+
+
+class FirewallError(NwfilterError):
+    """The kernel (through nft, ebtables or iptables) refused a change."""
+
+
+class UnsupportedError(NwfilterError):
+    """A rule the chosen backend cannot express faithfully."""

@@ -1,0 +1,175 @@
+"""Filter tree + parameters -> the ordered flat list of concrete rules of one port (pure).
+
+Implements semantics.md §2, §3 step 1 and §8, and filter-language.md §9: depth-first expansion,
+parameter precedence (the caller's variables win), missing-variable collection over the whole
+tree, list variables and iterators, type-checking of substituted values, libvirt's stable sort.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from .errors import MissingVariablesError, UnknownFilterError, ValidationError
+from .model import Attr, Filter, FilterRef, Match, Rule, VarRef
+from .schema import parse_literal
+from .syntax import match_problems
+
+Variables = Mapping[str, tuple[str, ...]]
+Lookup = Callable[[str], "Filter | None"]
+LEARNING_VALUES = ("any", "dhcp", "none")
+
+
+@dataclass(frozen=True)
+class RuleInstance:
+    """One concrete rule of a port: every value literal, with the filter it came from."""
+
+    filter: str
+    chain: str
+    chain_priority: int
+    rule_number: int  # 1-based position among the filter's rules
+    rule: Rule
+    position: int  # index in the flattening order (before sorting)
+
+    @property
+    def origin(self) -> str:
+        return f"filter '{self.filter}' rule {self.rule_number}"
+
+    @property
+    def in_root(self) -> bool:
+        return self.chain == "root"
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A rule met while walking the tree, with the variables in force there."""
+
+    flt: Filter
+    rule_number: int
+    rule: Rule
+    variables: Variables
+    position: int
+
+
+def port_variables(params: Variables, mac: str) -> dict[str, tuple[str, ...]]:
+    """The top-level variables of a port: its parameters plus ``MAC`` unless given."""
+    variables = dict(params)
+    variables.setdefault("MAC", (mac,))
+    return variables
+
+
+def resolve(ref: FilterRef, mac: str, lookup: Lookup) -> list[RuleInstance]:
+    """Expand ``ref`` (a binding's filter reference) into the port's ordered concrete rules."""
+    variables = port_variables(ref.param_dict(), mac)
+    _check_learning(variables)
+    pending: list[_Pending] = []
+    _walk(ref.filter, variables, lookup, pending, ())
+    _check_missing(ref.filter, pending)
+    pending.sort(key=lambda p: (p.flt.chain != "root", p.rule.priority))
+    instances = []
+    for item in pending:
+        instances += _expand(item)
+    return instances
+
+
+def _walk(name: str, variables: Variables, lookup: Lookup, out: list[_Pending], path: tuple[str, ...]) -> None:
+    flt = lookup(name)
+    if flt is None:
+        where = f" (referenced by '{path[-1]}')" if path else ""
+        raise UnknownFilterError(f"referenced filter '{name}' is missing{where}")
+    if name in path:
+        raise UnknownFilterError(f"filter '{name}' references itself through " + " -> ".join(path))
+    number = 0
+    for entry in flt.entries:
+        if isinstance(entry, Rule):
+            number += 1
+            out.append(_Pending(flt, number, entry, variables, len(out)))
+        else:
+            child = {**entry.param_dict(), **variables}
+            _walk(entry.filter, child, lookup, out, path + (name,))
+
+
+def _check_learning(variables: Variables) -> None:
+    values = variables.get("CTRL_IP_LEARNING")
+    if values and values[0].lower() not in LEARNING_VALUES:
+        raise ValidationError([f"CTRL_IP_LEARNING value '{values[0]}' is invalid (expected any, dhcp or none)"])
+
+
+def _check_missing(top: str, pending: list[_Pending]) -> None:
+    needed: dict[str, list[str]] = {}
+    for item in pending:
+        for ref in item.rule.match.variables() if item.rule.match else ():
+            values = item.variables.get(ref.name)
+            if values is None or (ref.index is not None and ref.index >= len(values)):
+                users = needed.setdefault(ref.access, [])
+                if item.flt.name not in users:
+                    users.append(item.flt.name)
+    if not needed:
+        return
+    listed = ", ".join(f"{access} (needed by {', '.join(users)})" for access, users in needed.items())
+    message = f"cannot instantiate filter '{top}': missing variables: {listed}"
+    if "IP" in needed:
+        message += "; IP must be given as a parameter because IP address learning is not available"
+    raise MissingVariablesError(message)
+
+
+def _wheels(match: Match, variables: Variables) -> list[list[dict[VarRef, str]]]:
+    """One wheel per iterator (iterator 0 first), each a list of steps binding its references."""
+    groups: dict[int, list[VarRef]] = {0: []}
+    for ref in match.variables():
+        if ref.index is None and ref not in groups.setdefault(ref.iterator, []):
+            groups[ref.iterator].append(ref)
+    wheels = []
+    for iterator, refs in groups.items():
+        lengths = {len(variables[ref.name]) for ref in refs}
+        if len(lengths) > 1:
+            names = ", ".join(ref.access for ref in refs)
+            raise ValidationError([f"list variables {names} iterate together but have different numbers of values"])
+        steps, seen = [], set()
+        for i in range(lengths.pop() if lengths else 1):
+            values = tuple(variables[ref.name][i] for ref in refs)
+            if values not in seen:
+                seen.add(values)
+                steps.append(dict(zip(refs, values)))
+        wheels.append(steps)
+    return wheels
+
+
+def _expand(item: _Pending) -> list[RuleInstance]:
+    rule, flt = item.rule, item.flt
+    make = lambda r: RuleInstance(flt.name, flt.chain, flt.effective_priority, item.rule_number, r, item.position)  # noqa: E731
+    if rule.match is None or not any(True for _ in rule.match.variables()):
+        return [make(rule)]
+    wheels = _wheels(rule.match, item.variables)
+    instances = []
+    for combination in itertools.product(*reversed(wheels)):
+        binding: dict[VarRef, str] = {}
+        for step in combination:
+            binding.update(step)
+        instances.append(make(_substitute(item, binding)))
+    return instances
+
+
+def _substitute(item: _Pending, binding: dict[VarRef, str]) -> Rule:
+    match = item.rule.match
+    attrs, problems = [], []
+    where = f"filter '{item.flt.name}' rule {item.rule_number}"
+    for attr in match.attrs:
+        value = attr.value
+        if isinstance(value, VarRef):
+            text = binding[value] if value in binding else item.variables[value.name][value.index]
+            try:
+                value = parse_literal(match.spec.attr(attr.name), text)
+            except ValueError as error:
+                problems.append(f"{where}: variable {value} = '{text}' is not valid for "
+                                f"<{match.protocol}> attribute '{attr.name}': {error}")
+                continue
+        attrs.append(Attr(attr.name, value, attr.negated))
+    concrete = Match(match.protocol, tuple(attrs))
+    if not problems:
+        problems = [f"{where}: {p}" for p in match_problems(concrete, item.rule.direction)]
+    if problems:
+        raise ValidationError(problems)
+    rule = item.rule
+    return Rule(rule.action, rule.direction, rule.priority, rule.statematch, concrete)

@@ -1,0 +1,194 @@
+"""The filter store: user filters under ``$CONFDIR/filters`` over the shipped built-in filters.
+
+Lookups read only the files they need (the hook must stay fast); defining checks libvirt's
+conflict rules and loops against every defined filter and writes atomically.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+import uuid as uuidlib
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from .errors import ConflictError, NwfilterError, UnknownFilterError, ValidationError
+from .model import Filter
+from .syntax import FILTER_NAME_RE
+from .xml import format_filter, parse_filter
+
+log = logging.getLogger(__name__)
+
+# Built-in filters carry no UUID in their files; they get a stable one derived from the name.
+_BUILTIN_UUID_NAMESPACE = uuidlib.UUID("6f2c4c1e-3d55-4c8e-9a51-5b0f0b7d1a24")
+FILE_HEADER = "<!-- managed by libvirt-nwfilter: change it with 'libvirt-nwfilter edit {name}' -->\n"
+
+
+class Origin(enum.Enum):
+    BUILTIN = "builtin"
+    USER = "user"
+    OVERRIDE = "user (overrides builtin)"
+
+
+def builtin_dir() -> Path:
+    return Path(str(resources.files("libvirt_nwfilter") / "filters"))
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FilterStore:
+    """Filters by name, user definitions taking precedence over built-in ones."""
+
+    def __init__(self, confdir: Path):
+        self.user_dir = Path(confdir) / "filters"
+        self.builtin_dir = builtin_dir()
+        self._cache: dict[str, Filter | None] = {}
+
+    # -- reading ------------------------------------------------------------------------
+    def _user_path(self, name: str) -> Path:
+        return self.user_dir / f"{name}.xml"
+
+    def _load(self, name: str) -> Filter | None:
+        if not FILTER_NAME_RE.match(name):
+            return None
+        for path, builtin in ((self._user_path(name), False), (self.builtin_dir / f"{name}.xml", True)):
+            if path.is_file():
+                return self._read(path, name, builtin)
+        return None
+
+    def _read(self, path: Path, name: str, builtin: bool) -> Filter:
+        flt = parse_filter(path.read_bytes(), str(path))
+        if flt.name != name:
+            raise NwfilterError(f"{path}: file name does not match filter name '{flt.name}'")
+        if builtin and flt.uuid is None:
+            flt = _with_uuid(flt, str(uuidlib.uuid5(_BUILTIN_UUID_NAMESPACE, name)))
+        return flt
+
+    def lookup(self, name: str) -> Filter | None:
+        """The filter called ``name``, or None."""
+        if name not in self._cache:
+            self._cache[name] = self._load(name)
+        return self._cache[name]
+
+    def get(self, name: str) -> Filter:
+        flt = self.lookup(name)
+        if flt is None:
+            raise UnknownFilterError(f"no filter named '{name}'")
+        return flt
+
+    def names(self) -> list[str]:
+        found = {p.stem for p in self.builtin_dir.glob("*.xml")}
+        if self.user_dir.is_dir():
+            found |= {p.stem for p in self.user_dir.glob("*.xml") if FILTER_NAME_RE.match(p.stem)}
+        return sorted(found, key=lambda n: (n.lower(), n))
+
+    def origin(self, name: str) -> Origin:
+        user = self._user_path(name).is_file()
+        builtin = (self.builtin_dir / f"{name}.xml").is_file()
+        if user and builtin:
+            return Origin.OVERRIDE
+        return Origin.USER if user else Origin.BUILTIN
+
+    def all(self) -> dict[str, Filter]:
+        """Every readable filter; unreadable user files are logged and skipped."""
+        filters = {}
+        for name in self.names():
+            try:
+                flt = self.lookup(name)
+            except (ValidationError, NwfilterError) as error:
+                log.warning("skipping unreadable filter '%s': %s", name, error)
+                continue
+            if flt is not None:
+                filters[name] = flt
+        return filters
+
+    def find(self, name_or_uuid: str) -> Filter:
+        """Look up by name, or by UUID (a 36-character argument is tried as a UUID first)."""
+        if len(name_or_uuid) == 36:
+            for flt in self.all().values():
+                if flt.uuid == name_or_uuid.lower():
+                    return flt
+        return self.get(name_or_uuid)
+
+    # -- writing ------------------------------------------------------------------------
+    def prepare(self, flt: Filter) -> Filter:
+        """The definition as it will be stored (UUID settled); ConflictError on libvirt's rules."""
+        existing = self.all()
+        current = existing.get(flt.name)
+        if flt.uuid is None:
+            flt = _with_uuid(flt, current.uuid if current else str(uuidlib.uuid4()))
+        elif current is not None and current.uuid != flt.uuid:
+            raise ConflictError(f"filter '{flt.name}' already exists with uuid {current.uuid}")
+        for other in existing.values():
+            if other.uuid == flt.uuid and other.name != flt.name:
+                raise ConflictError(f"filter with same UUID but different name ('{other.name}') already exists")
+        existing[flt.name] = flt
+        _check_loops(flt.name, existing)
+        return flt
+
+    def write(self, flt: Filter) -> None:
+        write_atomically(self._user_path(flt.name), FILE_HEADER.format(name=flt.name) + format_filter(flt))
+        self._cache[flt.name] = flt
+
+    def remove(self, name: str) -> Filter:
+        """Delete the user definition of ``name`` (a built-in one cannot be removed)."""
+        flt = self.get(name)
+        path = self._user_path(name)
+        if not path.is_file():
+            raise ConflictError(f"filter '{name}' is built in and cannot be undefined "
+                                "(define a filter of the same name to override it)")
+        path.unlink()
+        self._cache.pop(name, None)
+        return flt
+
+
+def _with_uuid(flt: Filter, uuid: str) -> Filter:
+    return Filter(flt.name, flt.chain, flt.priority, uuid, flt.entries)
+
+
+def _check_loops(start: str, filters: dict[str, Filter]) -> None:
+    """ConflictError if ``start`` can reach itself through references (undefined ones skipped)."""
+
+    def walk(name: str, path: tuple[str, ...]) -> None:
+        flt = filters.get(name)
+        for ref in flt.references() if flt else ():
+            if ref == start:
+                raise ConflictError(f"filter '{start}' would introduce a loop: "
+                                    + " -> ".join(path + (ref,)))
+            if ref not in path:
+                walk(ref, path + (ref,))
+
+    walk(start, (start,))
+
+
+def referencing(filters: dict[str, Filter], roots: Iterable[str], target: str) -> bool:
+    """True if any filter in ``roots`` is ``target`` or reaches it through references."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name == target:
+            return True
+        if name in seen:
+            continue
+        seen.add(name)
+        flt = filters.get(name)
+        stack.extend(flt.references() if flt else ())
+    return False

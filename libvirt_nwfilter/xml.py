@@ -1,0 +1,452 @@
+"""Safe parsing and canonical formatting of ``<filter>`` and ``<filterbinding>`` documents.
+
+Parsing collects every problem of a document and raises one :class:`ValidationError`; each
+problem names the source, line, filter, element, attribute and value. Formatting produces the
+form libvirt's ``nwfilter-dumpxml`` prints (filter-language.md §12).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from .errors import ValidationError
+from .model import (DEFAULT_RULE_PRIORITY, Action, Attr, Binding, Direction, Filter, FilterRef,
+                    Match, Rule, VarRef, make_params)
+from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, parse_literal
+from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
+                     chain_name_problem, match_problems, normalise_uuid, parse_varref)
+from .schema import ATTR_ORDER
+
+MAX_DOCUMENT_BYTES = 1 << 20
+_SPELLING_HINTS = {"port_hi": "port-hi", "msg-age": "age", "msg-age-hi": "age-hi"}
+
+
+@dataclass
+class _Problems:
+    """Collects located problems for one document."""
+
+    source: str
+    context: str = ""
+    items: list[str] = field(default_factory=list)
+
+    def add(self, node: etree._Element | None, message: str) -> None:
+        where = f"{self.source}:{node.sourceline}" if node is not None and node.sourceline else self.source
+        element = f"<{node.tag}> " if node is not None else ""
+        prefix = f"{self.context}, " if self.context else ""
+        self.items.append(f"{where}: {prefix}{element}{message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ValidationError(self.items)
+
+
+def _parse_document(data: bytes | str, source: str, root_tag: str) -> etree._Element:
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise ValidationError([f"{source}: document larger than {MAX_DOCUMENT_BYTES} bytes"])
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             remove_comments=True, remove_pis=True, huge_tree=False)
+    try:
+        tree = etree.fromstring(raw, parser)
+    except etree.XMLSyntaxError as error:
+        raise ValidationError([f"{source}:{error.lineno or 0}: malformed XML: {error.msg}"]) from None
+    if tree.getroottree().docinfo.doctype:
+        raise ValidationError([f"{source}: a DOCTYPE is not allowed"])
+    if tree.tag != root_tag:
+        raise ValidationError([f"{source}:{tree.sourceline}: expected root element <{root_tag}>, not <{tree.tag}>"])
+    return tree
+
+
+def _children(node: etree._Element) -> list[etree._Element]:
+    return [child for child in node if isinstance(child.tag, str)]
+
+
+def _check_attributes(node: etree._Element, allowed: tuple[str, ...], problems: _Problems) -> None:
+    for name in node.attrib:
+        if name not in allowed:
+            problems.add(node, f"unknown attribute '{name}'{_hint(name, allowed)}")
+
+
+def _hint(name: str, known) -> str:
+    close = _SPELLING_HINTS.get(name) or next(iter(difflib.get_close_matches(name, list(known), 1, 0.75)), None)
+    return f" (did you mean '{close}'?)" if close else ""
+
+
+def _check_text(node: etree._Element, problems: _Problems) -> None:
+    if node.text and node.text.strip() and node.tag != "uuid":
+        problems.add(node, f"unexpected text '{node.text.strip()}'")
+
+
+def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int | None:
+    text = node.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip(" \t\r\n"), 10)
+    except ValueError:
+        value = None
+    if value is None or not -1000 <= value <= 1000:
+        problems.add(node, f"attribute '{name}': '{text}' is not an integer in -1000..1000")
+        return default
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# <filter>
+
+
+def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
+    """Parse and validate a ``<filter>`` document (ValidationError listing every problem)."""
+    root = _parse_document(data, source, "filter")
+    problems = _Problems(source)
+    _check_attributes(root, ("name", "chain", "priority"), problems)
+    name = root.get("name")
+    if not name:
+        problems.add(root, "attribute 'name' is required")
+        name = ""
+    elif not FILTER_NAME_RE.match(name):
+        problems.add(root, f"attribute 'name': '{name}' is not a valid filter name "
+                     "(letters, digits, _ . -; not starting with a digit, '.' or '-'; at most 200)")
+    problems.context = f"filter '{name}'"
+    chain_given = root.get("chain") is not None
+    chain = root.get("chain", "root")
+    chain_problem = chain_name_problem(chain)
+    if chain_problem:
+        problems.add(root, chain_problem)
+        chain = "root"
+    priority = _int_attr(root, "priority", problems, None)
+    uuid, entries = _parse_filter_children(root, problems)
+    problems.raise_if_any()
+    return Filter(name=name, chain=chain, priority=priority if chain_given else None, uuid=uuid,
+                  entries=tuple(entries))
+
+
+def _parse_filter_children(root, problems: _Problems):
+    uuid, entries = None, []
+    _check_text(root, problems)
+    for child in _children(root):
+        if child.tag == "uuid":
+            if uuid is not None:
+                problems.add(child, "more than one <uuid>")
+            try:
+                uuid = normalise_uuid(child.text or "")
+            except ValueError as error:
+                problems.add(child, str(error))
+        elif child.tag == "rule":
+            entries.append(_parse_rule(child, problems, len([e for e in entries if isinstance(e, Rule)]) + 1))
+        elif child.tag == "filterref":
+            entries.append(parse_filterref(child, problems))
+        else:
+            problems.add(child, "unknown element (expected <uuid>, <rule> or <filterref>)")
+    return uuid, entries
+
+
+def _enum_attr(node, name: str, enum_type, problems: _Problems):
+    text = node.get(name)
+    if text is None:
+        problems.add(node, f"attribute '{name}' is required")
+        return None
+    try:
+        return enum_type(text)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum_type)
+        problems.add(node, f"attribute '{name}': '{text}' is not one of {allowed}")
+        return None
+
+
+def _parse_statematch(node, problems: _Problems) -> bool:
+    text = node.get("statematch")
+    if text is None or text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    problems.add(node, f"attribute 'statematch': '{text}' is not one of true, false, 1, 0")
+    return True
+
+
+def _parse_rule(node, problems: _Problems, number: int) -> Rule:
+    _check_attributes(node, ("action", "direction", "priority", "statematch"), problems)
+    _check_text(node, problems)
+    action = _enum_attr(node, "action", Action, problems)
+    direction = _enum_attr(node, "direction", Direction, problems)
+    priority = _int_attr(node, "priority", problems, DEFAULT_RULE_PRIORITY)
+    statematch = _parse_statematch(node, problems)
+    elements = _children(node)
+    match = None
+    if elements:
+        match = _parse_match(elements, problems)
+    if match is not None and direction is not None:
+        for problem in match_problems(match, direction):
+            problems.add(elements[0], f"rule {number}: {problem}")
+    return Rule(action or Action.DROP, direction or Direction.INOUT, priority, statematch, match)
+
+
+def _parse_match(elements, problems: _Problems) -> Match | None:
+    protocol = elements[0].tag
+    if protocol not in PROTOCOLS:
+        problems.add(elements[0], f"unknown protocol element{_hint(protocol, PROTOCOLS)}")
+        return None
+    merged: dict[str, Attr] = {}
+    for element in elements:
+        if element.tag not in PROTOCOLS:
+            problems.add(element, f"unknown element inside <rule>{_hint(element.tag, PROTOCOLS)}")
+            continue
+        if element.tag != protocol:
+            problems.add(element, f"all protocol elements of a rule must be <{protocol}>")
+            continue
+        _parse_element(element, merged, problems)
+    order = ATTR_ORDER[protocol]
+    attrs = tuple(sorted(merged.values(), key=lambda a: order[a.name]))
+    return _normalise_negation(Match(protocol, attrs), elements[0], problems)
+
+
+def _parse_element(element, merged: dict[str, Attr], problems: _Problems) -> None:
+    spec = PROTOCOLS[element.tag]
+    _check_text(element, problems)
+    for child in _children(element):
+        problems.add(child, f"unexpected child element inside <{element.tag}>")
+    match_text = element.get("match", "yes")
+    if match_text not in ("yes", "no"):
+        problems.add(element, f"attribute 'match': '{match_text}' is not 'yes' or 'no'")
+    negated = match_text == "no"
+    for name, text in element.attrib.items():
+        if name == "match":
+            continue
+        attr_spec = spec.attr(name)
+        if attr_spec is None:
+            known = [a.name for a in spec.attrs]
+            problems.add(element, f"unknown attribute '{name}'{_hint(name, known)}")
+            continue
+        if negated and attr_spec.negation is Negation.REFUSED:
+            problems.add(element, f"attribute '{name}' cannot be negated (match='no')")
+        if name == "state" and "state" in merged:
+            problems.add(element, "attribute 'state' may appear only once per rule")
+        value = _parse_value(attr_spec, text, element, problems)
+        if value is not None:
+            merged[name] = Attr(name, value, negated)
+
+
+def _parse_value(attr_spec, text: str, element, problems: _Problems):
+    if text.startswith("$") and attr_spec.vtype is not ValueType.COMMENT:
+        if not attr_spec.variables:
+            problems.add(element, f"attribute '{attr_spec.name}': variables are not allowed here ('{text}')")
+            return None
+        try:
+            return parse_varref(text)
+        except ValueError as error:
+            problems.add(element, f"attribute '{attr_spec.name}': '{text}': {error}")
+            return None
+    try:
+        return parse_literal(attr_spec, text)
+    except ValueError as error:
+        problems.add(element, f"attribute '{attr_spec.name}': '{text}': {error}")
+        return None
+
+
+def _normalise_negation(match: Match, element, problems: _Problems) -> Match:
+    """Companions take their base's negation; the ipv6 ICMPv6 group shares one negation."""
+    spec = match.spec
+    by_name = {attr.name: attr for attr in match.attrs}
+    group_negation = None
+    if match.protocol == "ipv6":
+        present = [by_name[name] for name in ICMPV6_GROUP if name in by_name]
+        if "type" in by_name:
+            group_negation = by_name["type"].negated
+        elif present:
+            group_negation = present[0].negated
+            if any(attr.negated != group_negation for attr in present):
+                problems.add(element, "typeend, code and codeend must share one negation when 'type' is absent")
+    attrs = []
+    for attr in match.attrs:
+        negated = attr.negated
+        if match.protocol == "ipv6" and attr.name in ICMPV6_GROUP:
+            negated = group_negation
+        elif spec.attr(attr.name).negation is Negation.FOLLOWS and spec.attr(attr.name).base in by_name:
+            negated = by_name[spec.attr(attr.name).base].negated
+        attrs.append(Attr(attr.name, attr.value, negated))
+    return Match(match.protocol, tuple(attrs))
+
+
+def parse_filterref(node, problems: _Problems) -> FilterRef:
+    """Parse a ``<filterref>`` with its ``<parameter>`` children (shared with bindings/metadata)."""
+    _check_attributes(node, ("filter",), problems)
+    _check_text(node, problems)
+    name = node.get("filter")
+    if not name:
+        problems.add(node, "attribute 'filter' is required (the name of the referenced filter)")
+        name = ""
+    elif not FILTER_NAME_RE.match(name):
+        problems.add(node, f"attribute 'filter': '{name}' is not a valid filter name")
+    params: dict[str, list[str]] = {}
+    for child in _children(node):
+        if etree.QName(child).localname != "parameter":
+            problems.add(child, "unknown element (expected <parameter>)")
+            continue
+        _check_attributes(child, ("name", "value"), problems)
+        pname, pvalue = child.get("name"), child.get("value")
+        if not pname or not PARAM_NAME_RE.match(pname):
+            problems.add(child, f"parameter name '{pname or ''}' is invalid (allowed: A-Z a-z 0-9 _)")
+        elif not pvalue or not PARAM_VALUE_RE.match(pvalue):
+            problems.add(child, f"parameter '{pname}': value '{pvalue or ''}' is invalid (allowed: A-Z a-z 0-9 _ . :)")
+        else:
+            params.setdefault(pname, []).append(pvalue)
+    return FilterRef(name, make_params(params))
+
+
+# ------------------------------------------------------------------------------------------
+# Formatting
+
+
+_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;",
+            "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+
+
+def escape(text: str) -> str:
+    """Attribute text escaped for single-quoted output, TAB/LF/CR as character references."""
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
+def _format_match(match: Match, indent: str) -> list[str]:
+    if not match.attrs:
+        return [f"{indent}<{match.protocol}/>"]
+    lines, current, negated = [], [], None
+    for attr in match.attrs:
+        if current and attr.negated != negated:
+            lines.append(_element_line(match.protocol, negated, current, indent))
+            current = []
+        negated = attr.negated
+        current.append(f"{attr.name}='{escape(str(attr.value))}'")
+    lines.append(_element_line(match.protocol, negated, current, indent))
+    return lines
+
+
+def _element_line(protocol: str, negated: bool, attrs: list[str], indent: str) -> str:
+    prefix = ["match='no'"] if negated else []
+    return f"{indent}<{protocol} " + " ".join(prefix + attrs) + "/>"
+
+
+def _format_rule(rule: Rule, indent: str) -> list[str]:
+    head = f"<rule action='{rule.action.value}' direction='{rule.direction.value}' priority='{rule.priority}'"
+    if not rule.statematch:
+        head += " statematch='false'"
+    if rule.match is None:
+        return [f"{indent}{head}/>"]
+    return [f"{indent}{head}>", *_format_match(rule.match, indent + "  "), f"{indent}</rule>"]
+
+
+def format_filterref(ref: FilterRef, indent: str = "  ", tag: str = "filterref") -> list[str]:
+    if not ref.params:
+        return [f"{indent}<{tag} filter='{escape(ref.filter)}'/>"]
+    lines = [f"{indent}<{tag} filter='{escape(ref.filter)}'>"]
+    for name, values in ref.params:
+        lines += [f"{indent}  <parameter name='{name}' value='{escape(value)}'/>" for value in values]
+    return lines + [f"{indent}</{tag}>"]
+
+
+def format_filter(flt: Filter) -> str:
+    """The canonical XML of a filter, as libvirt's ``nwfilter-dumpxml`` prints it."""
+    head = f"<filter name='{flt.name}' chain='{flt.chain}'"
+    if flt.printed_priority:
+        head += f" priority='{flt.printed_priority}'"
+    lines = [head + ">"]
+    if flt.uuid:
+        lines.append(f"  <uuid>{flt.uuid}</uuid>")
+    for entry in flt.entries:
+        lines += _format_rule(entry, "  ") if isinstance(entry, Rule) else format_filterref(entry)
+    lines.append("</filter>")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# <filterbinding>
+
+
+def _single(root, tag: str, problems: _Problems):
+    found = [child for child in _children(root) if child.tag == tag]
+    if len(found) > 1:
+        problems.add(found[1], f"more than one <{tag}>")
+    return found[0] if found else None
+
+
+def parse_binding(data: bytes | str, source: str = "<input>") -> Binding:
+    """Parse and validate a ``<filterbinding>`` document."""
+    root = _parse_document(data, source, "filterbinding")
+    problems = _Problems(source)
+    _check_attributes(root, (), problems)
+    for child in _children(root):
+        if child.tag not in ("owner", "portdev", "linkdev", "mac", "filterref"):
+            problems.add(child, "unknown element (expected owner, portdev, linkdev, mac, filterref)")
+    owner_name, owner_uuid = _parse_owner(_single(root, "owner", problems), root, problems)
+    portdev = _named_device(_single(root, "portdev", problems), "portdev", root, problems, required=True)
+    linkdev = _named_device(_single(root, "linkdev", problems), "linkdev", root, problems, required=False)
+    mac = _parse_binding_mac(_single(root, "mac", problems), root, problems)
+    ref_node = _single(root, "filterref", problems)
+    if ref_node is None:
+        problems.add(root, "filter binding has no <filterref>")
+        ref = FilterRef("")
+    else:
+        ref = parse_filterref(ref_node, problems)
+    problems.raise_if_any()
+    return Binding(owner_name, owner_uuid, portdev, mac, ref, linkdev)
+
+
+def _parse_owner(owner, root, problems: _Problems) -> tuple[str, str]:
+    if owner is None:
+        problems.add(root, "filter binding has no <owner>")
+        return "", ""
+    name_node, uuid_node = _single(owner, "name", problems), _single(owner, "uuid", problems)
+    name = (name_node.text or "").strip() if name_node is not None else ""
+    if not name:
+        problems.add(owner, "filter binding has no owner name")
+    uuid = ""
+    if uuid_node is None:
+        problems.add(owner, "filter binding has no owner UUID")
+    else:
+        try:
+            uuid = normalise_uuid(uuid_node.text or "")
+        except ValueError as error:
+            problems.add(uuid_node, str(error))
+    return name, uuid
+
+
+def _named_device(node, tag: str, root, problems: _Problems, required: bool) -> str | None:
+    if node is None:
+        if required:
+            problems.add(root, f"filter binding has no <{tag}>")
+        return None
+    name = node.get("name")
+    if not name or not PORT_NAME_RE.match(name) or name in (".", ".."):
+        problems.add(node, f"attribute 'name': '{name or ''}' is not a valid interface name "
+                     "(1..15 characters from A-Z a-z 0-9 _ . : -)")
+    return name
+
+
+def _parse_binding_mac(node, root, problems: _Problems) -> str:
+    if node is None or not node.get("address"):
+        problems.add(node if node is not None else root, "filter binding has no MAC address")
+        return ""
+    try:
+        return parse_literal(PROTOCOLS["mac"].attr("srcmacaddr"), node.get("address"))
+    except ValueError as error:
+        problems.add(node, f"attribute 'address': '{node.get('address')}': {error}")
+        return ""
+
+
+def format_binding(binding: Binding) -> str:
+    """The binding XML as libvirt's ``nwfilter-binding-dumpxml`` prints it."""
+    lines = ["<filterbinding>", "  <owner>", f"    <name>{escape(binding.owner_name)}</name>",
+             f"    <uuid>{binding.owner_uuid}</uuid>", "  </owner>",
+             f"  <portdev name='{binding.portdev}'/>"]
+    if binding.linkdev:
+        lines.append(f"  <linkdev name='{binding.linkdev}'/>")
+    lines.append(f"  <mac address='{binding.mac}'/>")
+    lines += format_filterref(binding.filterref)
+    return "\n".join(lines + ["</filterbinding>"]) + "\n"
+
+
+def variable_text(value) -> str:
+    """A model value as text (variables in their printed form)."""
+    return str(value) if isinstance(value, VarRef) else value

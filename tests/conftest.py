@@ -1,0 +1,128 @@
+"""Shared fixtures.
+
+Kernel tests (``tests/kernel``, marker ``kernel``) need root, ``nft`` and network namespaces;
+libvirt tests (``tests/libvirt``, markers ``libvirt`` and ``kernel``) also need libvirtd and
+QEMU. They are never skipped silently: when something is missing they *fail*. To leave them
+out on purpose set ``LIBVIRT_NWFILTER_SKIP_KERNEL=1`` (skips both kinds) or
+``LIBVIRT_NWFILTER_SKIP_LIBVIRT=1``.
+
+Fixtures (see tests/netlab.py and tests/libvirtd.py for the objects):
+
+``lab``            function scope: a fresh :class:`netlab.Lab`, deleted afterwards.
+``kernel_env``     session scope: checks root, ``nft``, ``ip netns``, br_netfilter sysctls;
+                   deletes lab namespaces left by test processes that were killed.
+``libvirtd_hook``  module scope: hook script text installed before libvirtd starts (default
+                   None); override it in a test module to test a hook.
+``libvirtd``       module scope: a running :class:`libvirtd.Libvirtd` (own namespace).
+``libvirt_lab``    function scope: the libvirtd's lab (``lab.host_ns`` is libvirtd's
+                   namespace); VMs, guests and bindings the test adds are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import libvirtd as libvirtd_mod
+import netlab
+
+TESTS_DIR = Path(__file__).resolve().parent
+SKIP_KERNEL = os.environ.get("LIBVIRT_NWFILTER_SKIP_KERNEL") == "1"
+SKIP_LIBVIRT = os.environ.get("LIBVIRT_NWFILTER_SKIP_LIBVIRT") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        parts = path.relative_to(TESTS_DIR).parts if path.is_relative_to(TESTS_DIR) else ()
+        if parts[:1] == ("kernel",):
+            item.add_marker(pytest.mark.kernel)
+        if parts[:1] == ("libvirt",):
+            item.add_marker(pytest.mark.libvirt)
+            item.add_marker(pytest.mark.kernel)
+        if SKIP_KERNEL and item.get_closest_marker("kernel"):
+            item.add_marker(pytest.mark.skip(reason="LIBVIRT_NWFILTER_SKIP_KERNEL=1"))
+        elif SKIP_LIBVIRT and item.get_closest_marker("libvirt"):
+            item.add_marker(pytest.mark.skip(reason="LIBVIRT_NWFILTER_SKIP_LIBVIRT=1"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers = netlab.cleanup_all()
+    if leftovers:
+        print(f"\nnetlab: deleted leftover namespaces {leftovers}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        pytest.fail(f"{message} (set LIBVIRT_NWFILTER_SKIP_KERNEL=1 to leave kernel tests out)",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kernel_env():
+    """Check once that kernel tests can run here; fail (never skip) when they cannot."""
+    _require(os.geteuid() == 0, "kernel tests need root")
+    for tool in ("ip", "nft", "bridge", "sysctl", "ping"):
+        _require(shutil.which(tool) is not None, f"kernel tests need {tool!r} (scripts/bootstrap)")
+    reaped = netlab.reap_orphans()
+    if reaped:
+        print(f"netlab: deleted namespaces left by killed test runs: {reaped}")
+    probe = netlab.new_ns_name("probe")
+    try:
+        netlab.create_namespace(probe)
+        netlab.run_in(probe, ["nft", "list", "ruleset"])
+        _require(Path("/proc/sys/net/bridge").is_dir() or
+                 netlab.run(["modprobe", "br_netfilter"], check=False).returncode == 0,
+                 "kernel tests need br_netfilter (/proc/sys/net/bridge)")
+    except netlab.NetlabError as exc:
+        _require(False, f"network namespaces or nft do not work: {exc}")
+    finally:
+        netlab.delete_namespace(probe)
+
+
+@pytest.fixture
+def lab(kernel_env):
+    """A fresh lab (host namespace with br0); every namespace is deleted afterwards."""
+    with netlab.Lab() as the_lab:
+        yield the_lab
+
+
+@pytest.fixture(scope="module")
+def libvirtd_hook():
+    """Hook script text installed in /etc/libvirt/hooks/qemu.d before libvirtd starts.
+    Override this fixture in a test module (e.g. with ``libvirtd.hook_wrapper(...)``)."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def libvirtd(kernel_env, libvirtd_hook):
+    """A private libvirtd in its own namespace (one per module; stopped afterwards)."""
+    for tool in ("libvirtd", "virsh", "qemu-system-x86_64"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            pytest.fail(f"libvirt tests need {tool!r} (scripts/bootstrap; set "
+                        "LIBVIRT_NWFILTER_SKIP_LIBVIRT=1 to leave them out)", pytrace=False)
+    daemon = libvirtd_mod.start_libvirtd(libvirtd_hook)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def libvirt_lab(libvirtd):
+    """The libvirtd's lab, cleaned after the test: VMs, guests and bindings it added go."""
+    lab = libvirtd.lab
+    vms_before = set(lab.vms)
+    guests_before = set(libvirtd.guests)
+    try:
+        yield lab
+    finally:
+        for port in libvirtd.bindings():
+            libvirtd.delete_binding(port, missing_ok=True)
+        for name in set(libvirtd.guests) - guests_before:
+            libvirtd.remove_guest(name)
+        for name in set(lab.vms) - vms_before:
+            lab.remove_vm(name)

@@ -15,9 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import cli_libvirt
 from .config import BACKENDS, Config
 from .errors import NwfilterError
 from .service import Service
+from .xml import format_binding, parse_binding
 
 log = logging.getLogger("libvirt_nwfilter")
 
@@ -99,6 +101,34 @@ def cmd_edit(service: Service, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_binding_create(service: Service, args: argparse.Namespace) -> int:
+    applied = service.create_binding(parse_binding(_read_input(args.file), args.file))
+    print(f"Network filter binding on {applied.binding.portdev} created from {args.file}")
+    return EXIT_OK
+
+
+def cmd_binding_delete(service: Service, args: argparse.Namespace) -> int:
+    service.delete_binding(args.port)
+    print(f"Network filter binding on {args.port} deleted")
+    return EXIT_OK
+
+
+def cmd_binding_list(service: Service, args: argparse.Namespace) -> int:
+    rows = [(a.binding.portdev, a.binding.filterref.filter, a.binding.owner_name) for a in service.list_bindings()]
+    sys.stdout.write(format_table(("Port Dev", "Filter", "Owner"), rows, args.quiet))
+    return EXIT_OK
+
+
+def cmd_binding_dumpxml(service: Service, args: argparse.Namespace) -> int:
+    sys.stdout.write(format_binding(service.binding(args.port).binding))
+    return EXIT_OK
+
+
+def cmd_render(service: Service, args: argparse.Namespace) -> int:
+    sys.stdout.write(service.render(parse_binding(_read_input(args.file), args.file)))
+    return EXIT_OK
+
+
 def _read_input(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
@@ -153,7 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
               "Opens the filter's XML in an editor and defines the result. If the edited XML is\n"
               "invalid, the error is printed and the old definition stays in place.")
     p.add_argument("filter", metavar="FILTER", help="filter name or UUID")
+    _binding_verbs(sub)
+    cli_libvirt.register(sub, _verb)
     return parser
+
+
+BINDING_FILE_HELP = "a libvirt <filterbinding> document ('-' for standard input)"
+
+
+def _binding_verbs(sub) -> None:
+    p = _verb(sub, "binding-create", cmd_binding_create, "Instantiate a filter on a port.",
+              "FILE is a libvirt <filterbinding> (the file 'virsh nwfilter-binding-create' takes):\n"
+              "owner name and UUID, <portdev name=...>, <mac address=...> and a <filterref> with\n"
+              "parameters. MAC defaults to the binding's MAC. The filter tree is resolved and\n"
+              "compiled first; a missing variable or unknown filter refuses the binding and nothing\n"
+              "is applied. The rules reach the kernel in one transaction. One binding per port.")
+    p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
+    p = _verb(sub, "binding-delete", cmd_binding_delete, "Remove the binding of a port.",
+              "Removes the port's rules from the kernel and forgets the binding.")
+    p.add_argument("port", metavar="PORTDEV", help="the port (interface) name")
+    _verb(sub, "binding-list", cmd_binding_list, "List bindings.",
+          "Prints port, filter and owner of every binding, sorted by port.")
+    p = _verb(sub, "binding-dumpxml", cmd_binding_dumpxml, "Print a binding's XML.",
+              "Prints the binding as stored after instantiation (with its MAC parameter), in the\n"
+              "form 'virsh nwfilter-binding-dumpxml' uses.")
+    p.add_argument("port", metavar="PORTDEV", help="the port (interface) name")
+    p = _verb(sub, "render", cmd_render, "Print what binding-create would apply, without applying it.",
+              "Resolves and compiles the binding's filter and prints the backend's transaction\n"
+              "(nft script, or ebtables/iptables restore input) preceded by the command line.")
+    p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,6 +161,10 @@ class Jump:
 
 @dataclass(frozen=True)
 class SubChain:
+    """An L2 sub-chain. A frame that falls off its end is ACCEPTED for this hook, as in libvirt,
+    whose ebtables chains have policy ACCEPT (semantics.md §4 says RETURN; libvirt 9.0.0 was
+    observed to accept, see tests/ORACLE.md)."""
+
     name: str
     priority: int
     rules: tuple[L2Rule, ...]

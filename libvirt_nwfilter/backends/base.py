@@ -8,7 +8,7 @@ and says what to record about each port so the next change can find the old rule
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from ..ir import PortRuleset
 
@@ -48,6 +48,10 @@ class PortChange:
 class Backend(Protocol):
     name: str
 
-    def plan(self, changes: Sequence[PortChange]) -> tuple[Plan, dict[str, PortRecord | None]]:
-        """One plan for all changes (atomic where the backend allows) and each port's new record."""
+    def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
+             ) -> tuple[Plan, dict[str, PortRecord | None]]:
+        """One plan for all changes (atomic where the backend allows) and each port's new record.
+
+        ``ids_in_use``: the numeric port ids (``record["id"]``) of every port NOT in ``changes``
+        (None: unknown); backends that number ports avoid them."""
         ...

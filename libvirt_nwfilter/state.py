@@ -1,0 +1,137 @@
+"""Applied bindings under the run directory, and the host-wide lock around every change.
+
+One JSON file per port (``bindings/<port>.json``) holds the binding XML, the backend and its
+record of what is in the kernel, and a hash of the applied ruleset. Files are written only after
+the kernel accepted a change, atomically, so a crash leaves the old or the new state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import NwfilterError
+from .model import Binding
+from .store import write_atomically
+from .syntax import PORT_NAME_RE
+from .xml import format_binding, parse_binding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppliedBinding:
+    """What is instantiated on one port."""
+
+    binding: Binding
+    backend: str
+    record: dict[str, Any]
+    ruleset_hash: str
+
+
+class State:
+    """The run directory: bindings and the lock."""
+
+    def __init__(self, rundir: Path):
+        self.rundir = Path(rundir)
+        self.bindings_dir = self.rundir / "bindings"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the host-wide lock (blocking) for the duration of the block."""
+        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _path(self, port: str) -> Path:
+        if not PORT_NAME_RE.match(port) or port in (".", ".."):
+            raise NwfilterError(f"'{port}' is not a valid port (interface) name")
+        return self.bindings_dir / f"{port}.json"
+
+    def get(self, port: str) -> AppliedBinding | None:
+        path = self._path(port)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise NwfilterError(f"state file {path} is unreadable: {error}") from None
+        return AppliedBinding(parse_binding(data["binding"], str(path)), data["backend"], data["record"],
+                              data["hash"])
+
+    def ports(self) -> list[str]:
+        if not self.bindings_dir.is_dir():
+            return []
+        return sorted((p.stem for p in self.bindings_dir.glob("*.json")), key=lambda n: (n.lower(), n))
+
+    def all(self) -> list[AppliedBinding]:
+        found = []
+        for port in self.ports():
+            try:
+                applied = self.get(port)
+            except NwfilterError as error:
+                log.warning("%s", error)
+                continue
+            if applied is not None:
+                found.append(applied)
+        return found
+
+    def put(self, applied: AppliedBinding) -> None:
+        data = {"binding": format_binding(applied.binding), "backend": applied.backend,
+                "record": applied.record, "hash": applied.ruleset_hash}
+        self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
+                         mode=0o600)
+        self._remember_id(applied.binding.portdev, applied.record)
+
+    def remove(self, port: str) -> None:
+        self._path(port).unlink(missing_ok=True)
+        self._forget_id(port)
+
+    # -- mark ids: a small index so a change need not read every binding's file ----------
+    @property
+    def _ids_path(self) -> Path:
+        return self.rundir / "ids.json"
+
+    def ids(self) -> dict[str, int]:
+        """Port -> mark id of every binding that has one (rebuilt from the files if needed)."""
+        try:
+            return {k: int(v) for k, v in json.loads(self._ids_path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError):
+            return self.rebuild_ids()
+
+    def rebuild_ids(self) -> dict[str, int]:
+        ids = {a.binding.portdev: int(a.record["id"]) for a in self.all() if a.record.get("id") is not None}
+        self._write_ids(ids)
+        return ids
+
+    def _write_ids(self, ids: dict[str, int]) -> None:
+        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(self._ids_path, json.dumps(ids, sort_keys=True) + "\n", mode=0o600)
+
+    def _remember_id(self, port: str, record: dict[str, Any]) -> None:
+        ids = self.ids()
+        if record.get("id") is not None:
+            if ids.get(port) == record["id"]:
+                return
+            ids[port] = int(record["id"])
+        elif port not in ids:
+            return
+        else:
+            del ids[port]
+        self._write_ids(ids)
+
+    def _forget_id(self, port: str) -> None:
+        ids = self.ids()
+        if ids.pop(port, None) is not None:
+            self._write_ids(ids)

@@ -44,6 +44,11 @@ exit status:
   2 wrong usage."""
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks shown as ``\\n`` so an error stays on one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], quiet: bool = False) -> str:
     """A table laid out like virsh's: cells padded to the column width plus two spaces."""
     shown = [list(row) for row in rows] if quiet else [list(headers), *map(list, rows)]
@@ -85,18 +90,19 @@ def cmd_dumpxml(service: Service, args: argparse.Namespace) -> int:
 
 
 def cmd_edit(service: Service, args: argparse.Namespace) -> int:
-    original = service.dumpxml(args.filter)
+    name = service.store.find(args.filter).name
+    original = service.dumpxml(name)
     with tempfile.TemporaryDirectory(prefix="libvirt-nwfilter-edit-") as tmp:
-        path = Path(tmp) / f"{args.filter}.xml"
+        path = Path(tmp) / f"{name}.xml"
         path.write_text(original, encoding="utf-8")
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
         if subprocess.run([*shlex.split(editor), str(path)], check=False).returncode != 0:
-            raise NwfilterError(f"editor '{editor}' failed; filter {args.filter} not changed")
+            raise NwfilterError(f"editor '{editor}' failed; filter {name} not changed")
         edited = path.read_bytes()
     if edited.decode("utf-8", "replace") == original:
-        print(f"Network filter {args.filter} XML configuration not changed.")
+        print(f"Network filter {name} XML configuration not changed.")
         return EXIT_OK
-    flt, changed = service.define(edited, f"{args.filter}.xml (edited)")
+    flt, changed = service.define(edited, f"{name}.xml (edited)")
     print(f"Network filter {flt.name} XML configuration {'edited' if changed else 'not changed'}.")
     return EXIT_OK
 
@@ -126,6 +132,23 @@ def cmd_binding_dumpxml(service: Service, args: argparse.Namespace) -> int:
 
 def cmd_render(service: Service, args: argparse.Namespace) -> int:
     sys.stdout.write(service.render(parse_binding(_read_input(args.file), args.file)))
+    return EXIT_OK
+
+
+def cmd_status(service: Service, args: argparse.Namespace) -> int:
+    for label, value in service.status():
+        print(f"{label + ':':<26}{value}")
+    return EXIT_OK
+
+
+def cmd_verify(service: Service, args: argparse.Namespace) -> int:
+    drift = service.verify()
+    for item in drift:
+        print(f"{item.port}: {item.problem}")
+    if drift:
+        print(f"error: {len(drift)} port(s) drifted; 'libvirt-nwfilter reapply' restores them", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"All {len(service.list_bindings())} binding(s) match the kernel and the filters.")
     return EXIT_OK
 
 
@@ -212,6 +235,15 @@ def _binding_verbs(sub) -> None:
               "Resolves and compiles the binding's filter and prints the backend's transaction\n"
               "(nft script, or ebtables/iptables restore input) preceded by the command line.")
     p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
+    _verb(sub, "status", cmd_status, "Show the backend, what the kernel supports, and counts.",
+          "Prints the backend in use and how it tracks connections of bridged traffic (the\n"
+          "bridge family's conntrack where nf_conntrack_bridge exists, else the inet family\n"
+          "through br_netfilter), the bridge-netfilter sysctls L3 rules need, and the numbers\n"
+          "of filters and bindings.")
+    _verb(sub, "verify", cmd_verify, "Check that the kernel holds exactly the recorded rules.",
+          "Compares every binding's rules in the kernel with what was applied (rules missing,\n"
+          "extra or different, dispatch entries gone) and with what its filters give now.\n"
+          "Exit status 1 and one line per port that drifted; 'reapply' repairs them.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,13 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_environment().with_overrides(args.confdir, args.rundir, args.backend)
         return args.func(Service(config), args)
     except NwfilterError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a bug: still one line unless --debug
         if args.debug:
             raise
-        print(f"error: internal error: {type(error).__name__}: {error} (run with --debug for details)",
-              file=sys.stderr)
+        print(f"error: internal error: {type(error).__name__}: {one_line(str(error))} "
+              "(run with --debug for details)", file=sys.stderr)
         return EXIT_REFUSED

@@ -72,6 +72,15 @@ def execute(plan: Plan) -> list[str]:
     return outputs
 
 
+def survey(steps: tuple[Step, ...]) -> list[str]:
+    """Run read-only listing steps; the stdout of each ("" where one failed)."""
+    outputs = []
+    for step in steps:
+        result = run(step)
+        outputs.append(result.stdout if result.returncode == 0 else "")
+    return outputs
+
+
 def query(argv: tuple[str, ...], stdin: str = "") -> tuple[bool, str]:
     """Run a read-only command (probe, listing); returns (succeeded, stdout or stderr)."""
     result = run(Step(argv, stdin))

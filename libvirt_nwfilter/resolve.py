@@ -51,6 +51,10 @@ class _Pending:
     variables: Variables
     position: int
 
+    @property
+    def where(self) -> str:
+        return f"filter '{self.flt.name}' rule {self.rule_number}"
+
 
 def port_variables(params: Variables, mac: str) -> dict[str, tuple[str, ...]]:
     """The top-level variables of a port: its parameters plus ``MAC`` unless given."""
@@ -114,7 +118,7 @@ def _check_missing(top: str, pending: list[_Pending]) -> None:
     raise MissingVariablesError(message)
 
 
-def _wheels(match: Match, variables: Variables) -> list[list[dict[VarRef, str]]]:
+def _wheels(match: Match, variables: Variables, where: str) -> list[list[dict[VarRef, str]]]:
     """One wheel per iterator (iterator 0 first), each a list of steps binding its references."""
     groups: dict[int, list[VarRef]] = {0: []}
     for ref in match.variables():
@@ -125,7 +129,8 @@ def _wheels(match: Match, variables: Variables) -> list[list[dict[VarRef, str]]]
         lengths = {len(variables[ref.name]) for ref in refs}
         if len(lengths) > 1:
             names = ", ".join(ref.access for ref in refs)
-            raise ValidationError([f"list variables {names} iterate together but have different numbers of values"])
+            raise ValidationError([f"{where}: list variables {names} iterate together but have different "
+                                   "numbers of values"])
         steps, seen = [], set()
         for i in range(lengths.pop() if lengths else 1):
             values = tuple(variables[ref.name][i] for ref in refs)
@@ -141,7 +146,7 @@ def _expand(item: _Pending) -> list[RuleInstance]:
     make = lambda r: RuleInstance(flt.name, flt.chain, flt.effective_priority, item.rule_number, r, item.position)  # noqa: E731
     if rule.match is None or not any(True for _ in rule.match.variables()):
         return [make(rule)]
-    wheels = _wheels(rule.match, item.variables)
+    wheels = _wheels(rule.match, item.variables, item.where)
     instances = []
     for combination in itertools.product(*reversed(wheels)):
         binding: dict[VarRef, str] = {}
@@ -154,7 +159,7 @@ def _expand(item: _Pending) -> list[RuleInstance]:
 def _substitute(item: _Pending, binding: dict[VarRef, str]) -> Rule:
     match = item.rule.match
     attrs, problems = [], []
-    where = f"filter '{item.flt.name}' rule {item.rule_number}"
+    where = item.where
     for attr in match.attrs:
         value = attr.value
         if isinstance(value, VarRef):

@@ -74,8 +74,8 @@ COMMENT_MAX = 256
 
 _UINT_MAX = {ValueType.UINT8: 0xFF, ValueType.UINT16: 0xFFFF, ValueType.UINT32: 0xFFFFFFFF,
              ValueType.UINT16_DEC: 0xFFFF}
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}$")
-_IPSET_RE = re.compile(r"^[A-Za-z0-9_.:+ -]{1,31}$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}\Z")
+_IPSET_RE = re.compile(r"^[A-Za-z0-9_.:+ -]{1,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -243,10 +243,10 @@ def _parse_uint(spec: AttrSpec, text: str) -> str:
             if raw.lower() == name.lower():
                 return name
     if spec.vtype is ValueType.UINT16_DEC:
-        if not raw.isdigit():
+        if not _is_decimal(raw):
             raise ValueError(f"expected a decimal number 0..{spec.upper}")
         value, is_hex = int(raw), False
-    elif raw.isdigit():
+    elif _is_decimal(raw):
         value, is_hex = int(raw), False
     else:
         digits = raw[2:] if raw[:2].lower() == "0x" else raw
@@ -262,6 +262,11 @@ def _parse_uint(spec: AttrSpec, text: str) -> str:
         if spec.names_only_decimal:
             return str(value)
     return f"0x{value:x}" if is_hex else str(value)
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII decimal digits only (``str.isdigit`` also accepts other scripts and superscripts)."""
+    return text.isascii() and text.isdigit()
 
 
 def _range_text(spec: AttrSpec) -> str:
@@ -315,7 +320,7 @@ def _parse_ipv6(text: str) -> str:
 
 def _parse_mask(text: str, width: int) -> str:
     raw = text.strip(" \t\n\r")
-    if raw.isdigit():
+    if _is_decimal(raw):
         if int(raw) > width:
             raise ValueError(f"prefix length must be 0..{width}")
         return str(int(raw))

@@ -1,24 +1,35 @@
-"""Use cases: the only layer that sequences parse -> resolve -> compile -> apply -> state."""
+"""Use cases: the only layer that sequences parse -> resolve -> compile -> apply -> state.
+
+Every change runs under the host-wide lock: compile everything first (pure), then one plan for
+the kernel, then the state. A filter redefinition that affects bindings is journalled so that a
+crash at any instant is completed by the next command (roll forward), keeping store, state and
+kernel consistent.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
-from .backends.base import Backend, PortChange
+from . import executor
+from .backends.base import Backend, PortChange, PortRecord
 from .compiler import compile_port
 from .config import BACKENDS, Config
-from .errors import BindingError, NwfilterError
+from .errors import BindingError, FirewallError, InUseError, NwfilterError
 from .ir import PortRuleset
-from .executor import execute
 from .model import Binding, Filter, FilterRef, make_params
-from .resolve import port_variables, resolve
+from .resolve import Lookup, port_variables, resolve
 from .state import AppliedBinding, State
-from .store import FilterStore, Origin
+from .store import FilterStore, Origin, referencing, write_atomically
 from .xml import format_filter, parse_filter
 
 log = logging.getLogger(__name__)
+
+JOURNAL = "update.json"
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,35 @@ class FilterInfo:
     uuid: str
     name: str
     origin: Origin
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A port whose kernel rules, state or filters disagree."""
+
+    port: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One port's transition: ``old`` (None: nothing there) to ``new`` (None: remove)."""
+
+    port: str
+    old: AppliedBinding | None
+    new: Binding | None
+    ruleset: PortRuleset | None = None
+
+
+def with_mac_parameter(binding: Binding) -> Binding:
+    """The binding as libvirt stores it after instantiation: with a ``MAC`` parameter."""
+    params = port_variables(binding.filterref.param_dict(), binding.mac)
+    ref = FilterRef(binding.filterref.filter, make_params(params))
+    return Binding(binding.owner_name, binding.owner_uuid, binding.portdev, binding.mac, ref, binding.linkdev)
+
+
+def ruleset_hash(ruleset: PortRuleset) -> str:
+    return hashlib.sha256(repr(ruleset).encode()).hexdigest()[:32]
 
 
 class Service:
@@ -47,6 +87,13 @@ class Service:
             self._backend = make_backend(self.config)
         return self._backend
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The host-wide lock, after completing any update a crash interrupted."""
+        with self.state.locked():
+            self._recover()
+            yield
+
     # -- filters ------------------------------------------------------------------------
     def list_filters(self) -> list[FilterInfo]:
         return [FilterInfo(flt.uuid or "", name, self.store.origin(name)) for name, flt in self.store.all().items()]
@@ -55,43 +102,113 @@ class Service:
         return format_filter(self.store.find(name_or_uuid))
 
     def define(self, data: bytes, source: str) -> tuple[Filter, bool]:
-        """Define a filter from XML; returns it and whether the stored definition changed."""
-        flt = self.store.prepare(parse_filter(data, source))
-        current = self.store.lookup(flt.name)
-        changed = current is None or format_filter(current) != format_filter(flt)
-        if changed:
-            self.store.write(flt)
-            log.info("filter '%s' defined", flt.name)
-        return flt, changed
+        """Define a filter; every binding using it switches to the new rules, all or nothing.
+
+        Returns the stored filter and whether the definition changed. A definition that any
+        affected binding cannot take is refused and nothing changes.
+        """
+        parsed = parse_filter(data, source)
+        with self.locked():
+            flt = self.store.prepare(parsed)
+            current = self.store.lookup(flt.name)
+            if current is not None and format_filter(current) == format_filter(flt):
+                return flt, False
+            affected = self._users_of(flt.name)
+            if not affected:
+                self.store.write(flt)
+            else:
+                self._update_filter(flt, current, affected)
+            log.info("filter '%s' defined (%d binding(s) updated)", flt.name, len(affected))
+            return flt, True
 
     def undefine(self, name_or_uuid: str) -> Filter:
-        flt = self.store.remove(self.store.find(name_or_uuid).name)
+        with self.locked():
+            name = self.store.find(name_or_uuid).name
+            users = self._users_of(name)
+            if users:
+                ports = ", ".join(a.binding.portdev for a in users)
+                raise InUseError(f"filter '{name}' is in use by the binding(s) on {ports}")
+            flt = self.store.remove(name)
         log.info("filter '%s' undefined", flt.name)
         return flt
 
+    def _users_of(self, name: str) -> list[AppliedBinding]:
+        filters = self.store.all()
+        return [a for a in self.state.all() if referencing(filters, [a.binding.filterref.filter], name)]
+
+    def _update_filter(self, flt: Filter, current: Filter | None, affected: list[AppliedBinding]) -> None:
+        lookup = self._overlay(flt)
+        failures, changes = [], []
+        for applied in affected:
+            try:
+                changes.append(_Change(applied.binding.portdev, applied, applied.binding,
+                                       self.ruleset(applied.binding, lookup)))
+            except NwfilterError as error:
+                failures.append(f"binding on {applied.binding.portdev} (owner {applied.binding.owner_name}): {error}")
+        if failures:
+            raise NwfilterError(f"filter '{flt.name}' not defined, in use and not applicable: " + "; ".join(failures))
+        journal = {"filter": format_filter(flt),
+                   "previous": format_filter(current) if self.store.origin(flt.name) is not Origin.BUILTIN
+                   and current is not None else None}
+        write_atomically(self.state.rundir / JOURNAL, json.dumps(journal) + "\n", mode=0o600)
+        try:
+            self._commit(changes)
+        except BaseException:
+            (self.state.rundir / JOURNAL).unlink(missing_ok=True)
+            raise
+        self.store.write(flt)
+        (self.state.rundir / JOURNAL).unlink(missing_ok=True)
+
+    def _overlay(self, flt: Filter) -> Lookup:
+        return lambda name: flt if name == flt.name else self.store.lookup(name)
+
+    def _recover(self) -> None:
+        """Complete a filter update a crash interrupted: store the new filter, rebuild all."""
+        path = self.state.rundir / JOURNAL
+        if not path.is_file():
+            return
+        journal = json.loads(path.read_text(encoding="utf-8"))
+        new = parse_filter(journal["filter"], str(path))
+        log.warning("completing the interrupted update of filter '%s'", new.name)
+        self.store.write(new)
+        try:
+            self._rebuild(self.state.all())
+        except NwfilterError as error:
+            log.error("cannot complete the update of filter '%s' (%s); restoring the previous one", new.name, error)
+            if journal["previous"] is None:
+                self.store.remove(new.name)
+            else:
+                self.store.write(parse_filter(journal["previous"], str(path)))
+            self._rebuild(self.state.all())
+        path.unlink()
+
     # -- bindings -----------------------------------------------------------------------
-    def ruleset(self, binding: Binding) -> PortRuleset:
-        """The port's ruleset for ``binding`` with the current filter definitions (pure)."""
-        return compile_port(resolve(binding.filterref, binding.mac, self.store.lookup))
+    def ruleset(self, binding: Binding, lookup: Lookup | None = None) -> PortRuleset:
+        """The port's ruleset for ``binding`` with the current (or given) filters (pure)."""
+        return compile_port(resolve(binding.filterref, binding.mac, lookup or self.store.lookup))
 
     def render(self, binding: Binding) -> str:
         """What :meth:`create_binding` would run, as text (nothing is applied)."""
         plan, _ = self.backend.plan([PortChange(binding.portdev, None, self.ruleset(binding))])
         return "".join(f"# {' '.join(step.argv)}\n{step.stdin}" for step in plan.apply + plan.commit)
 
+    def check(self, bindings: Iterable[Binding]) -> None:
+        """Resolve and compile every binding without applying anything (hook ``prepare``)."""
+        for binding in bindings:
+            self.ruleset(binding)
+
     def create_binding(self, binding: Binding) -> AppliedBinding:
         """Instantiate a binding on its port; refused if the port already has one."""
-        with self.state.locked():
+        ruleset = self.ruleset(binding)
+        with self.locked():
             if self.state.get(binding.portdev) is not None:
                 raise BindingError(f"binding '{binding.portdev}' already exists")
-            return self._apply_new([binding])[0]
+            return self._commit([_Change(binding.portdev, None, binding, ruleset)])[0]
 
     def delete_binding(self, port: str) -> AppliedBinding:
-        with self.state.locked():
+        with self.locked():
             applied = self.binding(port)
-            plan, _ = self.backend.plan([PortChange(port, applied.record, None)])
-            execute(plan)
-            self.state.remove(port)
+            self._commit([_Change(port, applied, None)])
             log.info("binding on %s deleted", port)
             return applied
 
@@ -104,68 +221,188 @@ class Service:
     def list_bindings(self) -> list[AppliedBinding]:
         return self.state.all()
 
-    def check(self, bindings: list[Binding]) -> None:
-        """Resolve and compile every binding without applying anything (hook ``prepare``)."""
-        for binding in bindings:
-            self.ruleset(binding)
-
-    def bind_owner(self, bindings: list[Binding]) -> list[AppliedBinding]:
+    def bind_owner(self, bindings: Sequence[Binding]) -> list[AppliedBinding]:
         """Instantiate several bindings (a guest's interfaces) all or nothing.
 
         A port that already has a binding gets the new one in the same transaction (its old
         rules stay until the switch); a binding of another owner there is logged and replaced.
         """
-        with self.state.locked():
-            old = {}
-            for binding in bindings:
+        rulesets = [self.ruleset(b) for b in bindings]
+        with self.locked():
+            changes = []
+            for binding, ruleset in zip(bindings, rulesets):
                 current = self.state.get(binding.portdev)
-                if current is not None:
-                    if current.binding.owner_uuid != binding.owner_uuid:
-                        log.warning("port %s: replacing binding owned by %s", binding.portdev,
-                                    current.binding.owner_name)
-                    old[binding.portdev] = current
-            return self._apply_new(bindings, old)
+                if current is not None and current.binding.owner_uuid != binding.owner_uuid:
+                    log.warning("port %s: replacing the binding owned by %s", binding.portdev,
+                                current.binding.owner_name)
+                changes.append(_Change(binding.portdev, current, binding, ruleset))
+            return self._commit(changes)
 
     def unbind_owner(self, owner_uuid: str) -> list[str]:
         """Remove every binding owned by ``owner_uuid``; returns the ports cleaned."""
-        with self.state.locked():
+        with self.locked():
             owned = [a for a in self.state.all() if a.binding.owner_uuid == owner_uuid]
             if owned:
-                plan, _ = self.backend.plan([PortChange(a.binding.portdev, a.record, None) for a in owned])
-                execute(plan)
+                self._commit([_Change(a.binding.portdev, a, None) for a in owned])
             for applied in owned:
-                self.state.remove(applied.binding.portdev)
                 log.info("binding on %s removed (owner %s)", applied.binding.portdev, applied.binding.owner_name)
             return [a.binding.portdev for a in owned]
 
-    def _other_ids(self, ports) -> list[int]:
-        changing = set(ports)
-        return [pid for port, pid in self.state.ids().items() if port not in changing]
+    def sync(self, bindings: Sequence[Binding]) -> list[str]:
+        """Make the kernel hold ``bindings`` (hook ``reconnect``), skipping ports that are intact.
 
-    def _apply_new(self, bindings: list[Binding], old: dict[str, AppliedBinding] | None = None) -> list[AppliedBinding]:
-        """Compile every binding first, then one plan for all of them, then record the state."""
-        old = old or {}
+        Ports whose recorded ruleset and kernel digest are unchanged are left alone; if any
+        recorded port's kernel rules drifted, every binding is rebuilt in one transaction.
+        Returns the ports that were (re)applied.
+        """
         rulesets = {b.portdev: self.ruleset(b) for b in bindings}
-        changes = [PortChange(b.portdev, old[b.portdev].record if b.portdev in old else None, rulesets[b.portdev])
+        with self.locked():
+            drifted = {d.port for d in self._kernel_drift(self.state.all())}
+            stale = [b for b in bindings if self._needs_apply(b, rulesets[b.portdev], drifted)]
+            if drifted:
+                recorded = {a.binding.portdev: a.binding for a in self.state.all()}
+                recorded.update({b.portdev: b for b in bindings})
+                self._rebuild_bindings(list(recorded.values()), {**rulesets})
+                return sorted(drifted | {b.portdev for b in stale})
+            if stale:
+                self._commit([_Change(b.portdev, self.state.get(b.portdev), b, rulesets[b.portdev]) for b in stale])
+            return [b.portdev for b in stale]
+
+    def _needs_apply(self, binding: Binding, ruleset: PortRuleset, drifted: set[str]) -> bool:
+        current = self.state.get(binding.portdev)
+        return (current is None or binding.portdev in drifted or current.ruleset_hash != ruleset_hash(ruleset)
+                or current.binding != with_mac_parameter(binding))
+
+    def reapply(self) -> list[AppliedBinding]:
+        """Re-instantiate every recorded binding with the current filters, from scratch."""
+        with self.locked():
+            return self._rebuild(self.state.all())
+
+    def remove_bindings(self, ports: Iterable[str]) -> None:
+        """Remove the bindings of ``ports`` (those that exist)."""
+        with self.locked():
+            gone = [a for a in (self.state.get(p) for p in ports) if a is not None]
+            if gone:
+                self._commit([_Change(a.binding.portdev, a, None) for a in gone])
+
+    def verify(self) -> list[Drift]:
+        """Compare kernel, state and filters; every port that drifted, with what is wrong."""
+        with self.locked():
+            recorded = self.state.all()
+            found = self._kernel_drift(recorded)
+            for applied in recorded:
+                try:
+                    current = ruleset_hash(self.ruleset(applied.binding))
+                except NwfilterError as error:
+                    found.append(Drift(applied.binding.portdev, f"its filter no longer resolves: {error}"))
+                    continue
+                if current != applied.ruleset_hash:
+                    found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
+            return found
+
+    def _kernel_drift(self, recorded: Sequence[AppliedBinding]) -> list[Drift]:
+        if not recorded:
+            return []
+        wrong_backend = [Drift(a.binding.portdev, f"applied with backend {a.backend}, configured {self.backend.name}")
+                         for a in recorded if a.backend != self.backend.name]
+        mine = [a for a in recorded if a.backend == self.backend.name]
+        survey = executor.survey(self.backend.survey_steps())
+        kernel = self.backend.kernel_digests(survey, {a.binding.portdev: a.record for a in mine})
+        found = wrong_backend
+        for applied in mine:
+            digest = kernel.get(applied.binding.portdev)
+            if digest is None:
+                found.append(Drift(applied.binding.portdev, "rules missing from the kernel"))
+            elif digest != applied.digest:
+                found.append(Drift(applied.binding.portdev, "kernel rules differ from the recorded ones"))
+        return found
+
+    # -- internals ----------------------------------------------------------------------
+    def _rebuild(self, recorded: Sequence[AppliedBinding]) -> list[AppliedBinding]:
+        bindings = [a.binding for a in recorded]
+        return self._rebuild_bindings(bindings, {b.portdev: self.ruleset(b) for b in bindings})
+
+    def _rebuild_bindings(self, bindings: Sequence[Binding], rulesets: dict[str, PortRuleset]) -> list[AppliedBinding]:
+        changes = [_Change(b.portdev, self.state.get(b.portdev), b, rulesets.get(b.portdev) or self.ruleset(b))
                    for b in bindings]
-        plan, records = self.backend.plan(changes, self._other_ids(b.portdev for b in bindings))
-        execute(plan)
+        survey = executor.survey(self.backend.survey_steps())
+        return self._commit(changes, lambda port_changes: self.backend.rebuild_plan(port_changes, survey, []))
+
+    def _commit(self, changes: Sequence[_Change],
+                planner: Callable[[list[PortChange]], tuple] | None = None) -> list[AppliedBinding]:
+        """One plan for every change, executed, then recorded; the new bindings' state."""
+        port_changes = [PortChange(c.port, self._own_record(c.old), c.ruleset) for c in changes]
+        if planner is None:
+            changing = {c.port for c in changes}
+            ids = [pid for port, pid in self.state.ids().items() if port not in changing]
+            plan, records = self.backend.plan(port_changes, ids)
+        else:
+            plan, records = planner(port_changes)
+        self._require_bridge_netfilter(changes)
+        outputs = executor.execute(plan)
+        digester = getattr(self.backend, "applied_digests", None)  # being added to the backends
+        digests = digester(outputs, {p: r for p, r in records.items() if r is not None}) if digester else {}
         applied = []
-        for b in bindings:
-            entry = AppliedBinding(with_mac_parameter(b), self.backend.name, dict(records[b.portdev]),
-                                   ruleset_hash(rulesets[b.portdev]))
+        for change in changes:
+            if change.new is None:
+                self.state.remove(change.port)
+                continue
+            entry = AppliedBinding(with_mac_parameter(change.new), self.backend.name, dict(records[change.port]),
+                                   ruleset_hash(change.ruleset), digests.get(change.port, ""))
             self.state.put(entry)
             applied.append(entry)
-            log.info("binding on %s: filter '%s' applied", b.portdev, b.filterref.filter)
+            log.info("binding on %s: filter '%s' applied", change.port, change.new.filterref.filter)
         return applied
 
+    def _own_record(self, applied: AppliedBinding | None) -> PortRecord | None:
+        if applied is None or applied.backend != self.backend.name:
+            return None
+        return applied.record
 
-def with_mac_parameter(binding: Binding) -> Binding:
-    """The binding as libvirt stores it after instantiation: with a ``MAC`` parameter."""
-    params = port_variables(binding.filterref.param_dict(), binding.mac)
-    ref = FilterRef(binding.filterref.filter, make_params(params))
-    return Binding(binding.owner_name, binding.owner_uuid, binding.portdev, binding.mac, ref, binding.linkdev)
+    def _require_bridge_netfilter(self, changes: Sequence[_Change]) -> None:
+        """L3 rules see bridged packets only with br_netfilter on: switch it on, or refuse."""
+        from .probe import BRIDGE_NF_SYSCTLS
 
+        if not getattr(self.backend, "needs_br_netfilter", True):
+            return
+        families = set().union(*(c.ruleset.l3_families() for c in changes if c.ruleset is not None))
+        for family, name in zip((4, 6), BRIDGE_NF_SYSCTLS):
+            if family not in families:
+                continue
+            value = executor.read_sysctl(name)
+            if value is None and executor.load_module("br_netfilter"):
+                value = executor.read_sysctl(name)
+            if value is None:
+                raise FirewallError(f"IPv{family} rules need the br_netfilter kernel module, which is not "
+                                    "available: they would not see bridged traffic")
+            if value != "1":
+                log.warning("setting %s = 1 so that IPv%d rules see bridged traffic", name.replace("/", "."), family)
+                executor.write_sysctl(name, "1")
 
-def ruleset_hash(ruleset: PortRuleset) -> str:
-    return hashlib.sha256(repr(ruleset).encode()).hexdigest()[:32]
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> list[tuple[str, str]]:
+        """Label/value lines describing backend, kernel capabilities and counts."""
+        from .probe import BRIDGE_NF_SYSCTLS, capabilities
+
+        caps = capabilities(self.config.rundir)
+        if self.config.backend == "nftables":
+            tracking = ("bridge family (nf_conntrack_bridge)" if caps.bridge_conntrack
+                        else "inet family via br_netfilter, ports carried in the packet mark")
+        else:
+            tracking = "iptables/ip6tables via br_netfilter (physdev)"
+        lines = [("Backend", self.config.backend), ("Connection tracking", tracking),
+                 ("nf_conntrack_bridge", "yes" if caps.bridge_conntrack else "no"),
+                 ("Reject in bridge tables", "yes" if caps.bridge_reject else "no (L2 reject is drop)")]
+        for name in BRIDGE_NF_SYSCTLS:
+            value = executor.read_sysctl(name)
+            shown = "not available (br_netfilter not loaded)" if value is None else value
+            if value == "0":
+                shown += " (L3 rules are switched on when a binding needs them)"
+            lines.append((name.rsplit("/", 1)[1], shown))
+        filters = self.list_filters()
+        bindings = self.state.all()
+        user = sum(1 for f in filters if f.origin is not Origin.BUILTIN)
+        lines += [("Filters", f"{len(filters)} ({len(filters) - user} built in, {user} defined here)"),
+                  ("Bindings", f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"),
+                  ("Configuration", str(self.config.confdir)), ("State", str(self.config.rundir))]
+        return lines

@@ -18,7 +18,7 @@ from typing import Iterable
 from .errors import ConflictError, NwfilterError, UnknownFilterError, ValidationError
 from .model import Filter
 from .syntax import FILTER_NAME_RE
-from .xml import format_filter, parse_filter
+from .xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,11 @@ class FilterStore:
         return None
 
     def _read(self, path: Path, name: str, builtin: bool) -> Filter:
-        flt = parse_filter(path.read_bytes(), str(path))
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise NwfilterError(f"{path}: cannot read: {error.strerror}") from None
+        flt = parse_filter(data, str(path))
         if flt.name != name:
             raise NwfilterError(f"{path}: file name does not match filter name '{flt.name}'")
         if builtin and flt.uuid is None:
@@ -141,10 +145,14 @@ class FilterStore:
                 raise ConflictError(f"filter with same UUID but different name ('{other.name}') already exists")
         existing[flt.name] = flt
         _check_loops(flt.name, existing)
+        size = len(_file_text(flt).encode())
+        if size > MAX_DOCUMENT_BYTES:  # it could not be read back
+            raise ValidationError([f"filter '{flt.name}' is too large: its stored form has {size} bytes "
+                                   f"(at most {MAX_DOCUMENT_BYTES})"])
         return flt
 
     def write(self, flt: Filter) -> None:
-        write_atomically(self._user_path(flt.name), FILE_HEADER.format(name=flt.name) + format_filter(flt))
+        write_atomically(self._user_path(flt.name), _file_text(flt))
         self._cache[flt.name] = flt
 
     def remove(self, name: str) -> Filter:
@@ -159,23 +167,38 @@ class FilterStore:
         return flt
 
 
+def _file_text(flt: Filter) -> str:
+    return FILE_HEADER.format(name=flt.name) + format_filter(flt)
+
+
 def _with_uuid(flt: Filter, uuid: str) -> Filter:
     return Filter(flt.name, flt.chain, flt.priority, uuid, flt.entries)
 
 
 def _check_loops(start: str, filters: dict[str, Filter]) -> None:
-    """ConflictError if ``start`` can reach itself through references (undefined ones skipped)."""
+    """ConflictError if ``start`` can reach itself through references (undefined ones skipped).
 
-    def walk(name: str, path: tuple[str, ...]) -> None:
+    Each filter is visited once: walking every path would take exponential time on a tree of
+    shared sub-filters (diamonds).
+    """
+    parent: dict[str, str] = {}
+    stack = [start]
+    while stack:
+        name = stack.pop()
         flt = filters.get(name)
         for ref in flt.references() if flt else ():
             if ref == start:
-                raise ConflictError(f"filter '{start}' would introduce a loop: "
-                                    + " -> ".join(path + (ref,)))
-            if ref not in path:
-                walk(ref, path + (ref,))
+                raise ConflictError(f"filter '{start}' would introduce a loop: {_loop_path(parent, start, name)}")
+            if ref not in parent:
+                parent[ref] = name
+                stack.append(ref)
 
-    walk(start, (start,))
+
+def _loop_path(parent: dict[str, str], start: str, last: str) -> str:
+    names = [last]
+    while names[-1] != start:
+        names.append(parent[names[-1]])
+    return " -> ".join(reversed(names)) + f" -> {start}"
 
 
 def referencing(filters: dict[str, Filter], roots: Iterable[str], target: str) -> bool:

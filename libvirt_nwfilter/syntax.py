@@ -11,12 +11,12 @@ import re
 from .model import CHAIN_PREFIXES, Direction, Match, VarRef
 from .schema import ICMPV6_GROUP, IP_PROTOCOLS, PORT_PROTOCOLS, decode_uint
 
-FILTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}$")
-PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-PARAM_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:]+$")
-PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-CHAIN_CHARS_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+FILTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}\Z")
+PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_]+\Z")
+PARAM_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:]+\Z")
+PORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}\Z")
+CHAIN_CHARS_RE = re.compile(r"^[A-Za-z0-9_.:-]+\Z")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")
 _VAR_RE = re.compile(r"^\$([A-Za-z0-9_]+)(?:\[\s*(@?)\s*([0-9]+)\s*\])?\s*$")
 MAX_ITERATOR = 1000
 CHAIN_NAME_MAX = 12

@@ -8,19 +8,22 @@ form libvirt's ``nwfilter-dumpxml`` prints (filter-language.md §12).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 
 from lxml import etree
 
 from .errors import ValidationError
-from .model import (DEFAULT_RULE_PRIORITY, Action, Attr, Binding, Direction, Filter, FilterRef,
-                    Match, Rule, VarRef, make_params)
+from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Binding, Direction,
+                    Filter, FilterRef, Match, Rule, VarRef, chain_prefix, make_params)
 from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, parse_literal
 from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
 from .schema import ATTR_ORDER
 
 MAX_DOCUMENT_BYTES = 1 << 20
+_INTEGER_RE = re.compile(r"^[+-]?[0-9]+\Z")
+_CONTROL_ESCAPES = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
 _SPELLING_HINTS = {"port_hi": "port-hi", "msg-age": "age", "msg-age-hi": "age-hi"}
 
 
@@ -36,7 +39,8 @@ class _Problems:
         where = f"{self.source}:{node.sourceline}" if node is not None and node.sourceline else self.source
         element = f"<{node.tag}> " if node is not None else ""
         prefix = f"{self.context}, " if self.context else ""
-        self.items.append(f"{where}: {prefix}{element}{message}")
+        # One line per problem, even when a value holds a character reference such as &#10;.
+        self.items.append(f"{where}: {prefix}{element}{message}".translate(_CONTROL_ESCAPES))
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -47,8 +51,10 @@ def _parse_document(data: bytes | str, source: str, root_tag: str) -> etree._Ele
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise ValidationError([f"{source}: document larger than {MAX_DOCUMENT_BYTES} bytes"])
+    # Text was encoded here as UTF-8, whatever its XML declaration says.
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             remove_comments=True, remove_pis=True, huge_tree=False)
+                             remove_comments=True, remove_pis=True, huge_tree=False,
+                             encoding="utf-8" if isinstance(data, str) else None)
     try:
         tree = etree.fromstring(raw, parser)
     except etree.XMLSyntaxError as error:
@@ -71,23 +77,32 @@ def _check_attributes(node: etree._Element, allowed: tuple[str, ...], problems: 
 
 
 def _hint(name: str, known) -> str:
-    close = _SPELLING_HINTS.get(name) or next(iter(difflib.get_close_matches(name, list(known), 1, 0.75)), None)
+    spelling = _SPELLING_HINTS.get(name)
+    close = spelling if spelling in known else next(iter(difflib.get_close_matches(name, list(known), 1, 0.75)), None)
     return f" (did you mean '{close}'?)" if close else ""
 
 
 def _check_text(node: etree._Element, problems: _Problems) -> None:
-    if node.text and node.text.strip() and node.tag != "uuid":
-        problems.add(node, f"unexpected text '{node.text.strip()}'")
+    """Non-whitespace text inside ``node`` (before or between its children) is an error."""
+    texts = [child.tail for child in node] + ([] if node.tag == "uuid" else [node.text])
+    for text in texts:
+        if text and text.strip():
+            problems.add(node, f"unexpected text '{text.strip()}'")
+
+
+def _check_leaf(node: etree._Element, problems: _Problems) -> None:
+    """An element that may hold neither child elements nor text (except <uuid>'s value)."""
+    _check_text(node, problems)
+    for child in _children(node):
+        problems.add(child, f"unexpected child element inside <{node.tag}>")
 
 
 def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int | None:
     text = node.get(name)
     if text is None:
         return default
-    try:
-        value = int(text.strip(" \t\r\n"), 10)
-    except ValueError:
-        value = None
+    raw = text.strip(" \t\r\n")
+    value = int(raw, 10) if _INTEGER_RE.match(raw) else None
     if value is None or not -1000 <= value <= 1000:
         problems.add(node, f"attribute '{name}': '{text}' is not an integer in -1000..1000")
         return default
@@ -102,7 +117,6 @@ def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
     """Parse and validate a ``<filter>`` document (ValidationError listing every problem)."""
     root = _parse_document(data, source, "filter")
     problems = _Problems(source)
-    _check_attributes(root, ("name", "chain", "priority"), problems)
     name = root.get("name")
     if not name:
         problems.add(root, "attribute 'name' is required")
@@ -111,6 +125,7 @@ def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
         problems.add(root, f"attribute 'name': '{name}' is not a valid filter name "
                      "(letters, digits, _ . -; not starting with a digit, '.' or '-'; at most 200)")
     problems.context = f"filter '{name}'"
+    _check_attributes(root, ("name", "chain", "priority"), problems)
     chain_given = root.get("chain") is not None
     chain = root.get("chain", "root")
     chain_problem = chain_name_problem(chain)
@@ -120,15 +135,29 @@ def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
     priority = _int_attr(root, "priority", problems, None)
     uuid, entries = _parse_filter_children(root, problems)
     problems.raise_if_any()
-    return Filter(name=name, chain=chain, priority=priority if chain_given else None, uuid=uuid,
-                  entries=tuple(entries))
+    return Filter(name=name, chain=chain, priority=_chain_priority(chain, priority if chain_given else None),
+                  uuid=uuid, entries=tuple(entries))
+
+
+def _chain_priority(chain: str, priority: int | None) -> int | None:
+    """The explicit chain priority as the canonical output reads back (None = the default).
+
+    §12 prints the prefix default when none was given and never prints 0, so an explicit 0 or
+    an explicit default must mean what the absent attribute means; otherwise a stored (canonical)
+    file would read back with another chain priority than the definition had.
+    """
+    if priority in (0, LIBVIRT_CHAIN_DEFAULTS[chain_prefix(chain)]):
+        return None
+    return priority
 
 
 def _parse_filter_children(root, problems: _Problems):
-    uuid, entries = None, []
+    uuid, entries, rules = None, [], 0
     _check_text(root, problems)
     for child in _children(root):
         if child.tag == "uuid":
+            _check_attributes(child, (), problems)
+            _check_leaf(child, problems)
             if uuid is not None:
                 problems.add(child, "more than one <uuid>")
             try:
@@ -136,7 +165,8 @@ def _parse_filter_children(root, problems: _Problems):
             except ValueError as error:
                 problems.add(child, str(error))
         elif child.tag == "rule":
-            entries.append(_parse_rule(child, problems, len([e for e in entries if isinstance(e, Rule)]) + 1))
+            rules += 1
+            entries.append(_parse_rule(child, problems, rules))
         elif child.tag == "filterref":
             entries.append(parse_filterref(child, problems))
         else:
@@ -205,9 +235,7 @@ def _parse_match(elements, problems: _Problems) -> Match | None:
 
 def _parse_element(element, merged: dict[str, Attr], problems: _Problems) -> None:
     spec = PROTOCOLS[element.tag]
-    _check_text(element, problems)
-    for child in _children(element):
-        problems.add(child, f"unexpected child element inside <{element.tag}>")
+    _check_leaf(element, problems)
     match_text = element.get("match", "yes")
     if match_text not in ("yes", "no"):
         problems.add(element, f"attribute 'match': '{match_text}' is not 'yes' or 'no'")
@@ -282,10 +310,11 @@ def parse_filterref(node, problems: _Problems) -> FilterRef:
         problems.add(node, f"attribute 'filter': '{name}' is not a valid filter name")
     params: dict[str, list[str]] = {}
     for child in _children(node):
-        if etree.QName(child).localname != "parameter":
+        if child.tag != "parameter":  # a namespaced <x:parameter> is another element
             problems.add(child, "unknown element (expected <parameter>)")
             continue
         _check_attributes(child, ("name", "value"), problems)
+        _check_leaf(child, problems)
         pname, pvalue = child.get("name"), child.get("value")
         if not pname or not PARAM_NAME_RE.match(pname):
             problems.add(child, f"parameter name '{pname or ''}' is invalid (allowed: A-Z a-z 0-9 _)")

@@ -101,7 +101,7 @@ def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int 
     text = node.get(name)
     if text is None:
         return default
-    raw = text.strip(" \t\r\n")
+    raw = text.lstrip(" \t\r\n")  # libvirt (strtol) skips leading blanks only
     value = int(raw, 10) if _INTEGER_RE.match(raw) else None
     if value is None or not -1000 <= value <= 1000:
         problems.add(node, f"attribute '{name}': '{text}' is not an integer in -1000..1000")

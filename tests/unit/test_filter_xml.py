@@ -270,7 +270,7 @@ HAND = {
         "<filter name='t'><rule action='drop' direction='inout'/></filter>",
         "<filter name='t' chain='root'>\n  <rule action='drop' direction='inout' priority='500'/>\n</filter>\n"),
     "statematch-false": (
-        rule_doc("<all/>", direction="in", extra=" statematch='FALSE' priority=' -1000 '"),
+        rule_doc("<all/>", direction="in", extra=" statematch='FALSE' priority=' -1000'"),
         rule_out(["<all/>"], direction="in", priority=-1000, extra=" statematch='false'")),
     "statematch-0": (
         rule_doc("<all/>", extra=" statematch='0'"),
@@ -394,7 +394,7 @@ def test_invalid_chain_names(chain, words):
     ("chain='rarp'", "chain='rarp' priority='-400'", -400),
     ("chain='arp' priority='-510'", "chain='arp' priority='-510'", -510),
     ("chain='arp' priority='1000'", "chain='arp' priority='1000'", 1000),
-    ("chain='arp' priority=' 7 '", "chain='arp' priority='7'", 7),
+    ("chain='arp' priority=' 7'", "chain='arp' priority='7'", 7),
     ("chain='stp'", "chain='stp'", -810),  # never printed unless explicit
     ("chain='stp-x' priority='-810'", "chain='stp-x' priority='-810'", -810),
     ("chain='stp' priority='-5'", "chain='stp' priority='-5'", -5),

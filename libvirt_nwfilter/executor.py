@@ -6,11 +6,13 @@ the sbin directories themselves (libvirtd runs hooks with a short ``PATH``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 from functools import lru_cache
+from typing import Iterator
 
 from .backends.base import Plan, Step
 from .errors import FirewallError
@@ -33,9 +35,12 @@ def tool(name: str) -> str:
     return found
 
 
-def run(step: Step) -> subprocess.CompletedProcess:
-    """Run one step and return the finished process (no exception on a non-zero exit)."""
+def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
+    """Run one step (in network namespace ``netns`` if given) and return the finished process
+    (no exception on a non-zero exit)."""
     argv = [tool(step.argv[0]), *step.argv[1:]]
+    if netns is not None:
+        argv = [tool("ip"), "netns", "exec", netns, *argv]
     log.debug("running %s (%d bytes of input)", " ".join(argv), len(step.stdin))
     try:
         return subprocess.run(argv, input=step.stdin, capture_output=True, text=True, env=_ENV,
@@ -50,35 +55,54 @@ def _failure(step: Step, result: subprocess.CompletedProcess) -> FirewallError:
     return FirewallError(f"{step.argv[0]} refused the change: {detail}")
 
 
-def execute(plan: Plan) -> list[str]:
-    """Run a plan: apply (rolled back on failure), then commit. FirewallError on failure.
-
-    Returns the standard output of every apply and commit step, in order (backends read
-    what the kernel echoed back from it)."""
-    outputs = []
+def execute(plan: Plan, netns: str | None = None) -> None:
+    """Run a plan: apply (rolled back on failure), then commit. FirewallError on failure."""
     for step in plan.apply:
-        result = run(step)
+        result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
             error = _failure(step, result)
             for undo in plan.rollback:
-                run(undo)
+                run(undo, netns)
             raise error
-        outputs.append(result.stdout)
     for step in plan.commit:
-        result = run(step)
+        result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
             raise _failure(step, result)
-        outputs.append(result.stdout)
-    return outputs
 
 
-def survey(steps: tuple[Step, ...]) -> list[str]:
+def survey(steps: tuple[Step, ...], netns: str | None = None) -> list[str]:
     """Run read-only listing steps; the stdout of each ("" where one failed)."""
     outputs = []
     for step in steps:
-        result = run(step)
+        result = run(step, netns)
         outputs.append(result.stdout if result.returncode == 0 else "")
     return outputs
+
+
+REFERENCE_PREFIX = "libvirt-nwfilter-ref-"
+
+
+@contextlib.contextmanager
+def reference_namespace() -> Iterator[str]:
+    """A fresh, empty network namespace to build reference rules in; always deleted."""
+    _remove_stale_references()
+    name = f"{REFERENCE_PREFIX}{os.getpid()}"
+    if run(Step(("ip", "netns", "add", name))).returncode != 0:
+        raise FirewallError(f"cannot create the reference network namespace {name}")
+    try:
+        yield name
+    finally:
+        run(Step(("ip", "netns", "delete", name)))
+
+
+def _remove_stale_references() -> None:
+    """Delete reference namespaces left by killed processes of ours."""
+    listing = run(Step(("ip", "netns", "list"))).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        pid = name.removeprefix(REFERENCE_PREFIX)
+        if name.startswith(REFERENCE_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            run(Step(("ip", "netns", "delete", name)))
 
 
 def query(argv: tuple[str, ...], stdin: str = "") -> tuple[bool, str]:

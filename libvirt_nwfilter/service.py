@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import executor
-from .backends.base import Backend, PortChange, PortRecord
+from .backends.base import Backend, PortChange, PortRecord, Step
 from .compiler import compile_port
 from .config import BACKENDS, Config
 from .errors import BindingError, FirewallError, InUseError, NwfilterError
-from .ir import PortRuleset
+from .ir import Field, PortRuleset
 from .model import Binding, Filter, FilterRef, make_params
 from .resolve import Lookup, port_variables, resolve
 from .state import AppliedBinding, State
@@ -62,6 +62,18 @@ def with_mac_parameter(binding: Binding) -> Binding:
     params = port_variables(binding.filterref.param_dict(), binding.mac)
     ref = FilterRef(binding.filterref.filter, make_params(params))
     return Binding(binding.owner_name, binding.owner_uuid, binding.portdev, binding.mac, ref, binding.linkdev)
+
+
+def _copy_ipsets(changes: Sequence[PortChange], netns: str) -> None:
+    """Copy the kernel ipsets the rules name into ``netns`` (rules referring to a missing set
+    are refused by iptables)."""
+    names = {cond.value.name for change in changes if change.new is not None
+             for rule in change.new.fi + change.new.fo + change.new.hi
+             for cond in rule.conds if cond.field is Field.IPSET}
+    for name in sorted(names):
+        found, saved = executor.query(("ipset", "save", name))
+        if found:
+            executor.run(Step(("ipset", "restore", "-exist"), saved), netns)
 
 
 def ruleset_hash(ruleset: PortRuleset) -> str:
@@ -251,27 +263,30 @@ class Service:
     def sync(self, bindings: Sequence[Binding]) -> list[str]:
         """Make the kernel hold ``bindings`` (hook ``reconnect``), skipping ports that are intact.
 
-        Ports whose recorded ruleset and kernel digest are unchanged are left alone; if any
-        recorded port's kernel rules drifted, every binding is rebuilt in one transaction.
-        Returns the ports that were (re)applied.
+        A port is left alone when its binding and compiled rules are what the state records and
+        the kernel holds exactly those rules. If a recorded port's rules were damaged or wiped,
+        every binding is rebuilt in one transaction. Returns the ports that were (re)applied.
         """
         rulesets = {b.portdev: self.ruleset(b) for b in bindings}
         with self.locked():
-            drifted = {d.port for d in self._kernel_drift(self.state.all())}
-            stale = [b for b in bindings if self._needs_apply(b, rulesets[b.portdev], drifted)]
-            if drifted:
-                recorded = {a.binding.portdev: a.binding for a in self.state.all()}
-                recorded.update({b.portdev: b for b in bindings})
-                self._rebuild_bindings(list(recorded.values()), {**rulesets})
-                return sorted(drifted | {b.portdev for b in stale})
-            if stale:
-                self._commit([_Change(b.portdev, self.state.get(b.portdev), b, rulesets[b.portdev]) for b in stale])
-            return [b.portdev for b in stale]
+            current = {b.portdev: self.state.get(b.portdev) for b in bindings}
+            recorded = [a for a in current.values() if a is not None]
+            intact = self._intact_ports(recorded)
+            todo = [b for b in bindings if not self._unchanged(current[b.portdev], b, rulesets[b.portdev], intact)]
+            if not todo:
+                return []
+            if any(a.binding.portdev not in intact for a in recorded):
+                everything = {a.binding.portdev: a.binding for a in self.state.all()}
+                everything.update({b.portdev: b for b in bindings})
+                self._rebuild_bindings(list(everything.values()), rulesets)
+            else:
+                self._commit([_Change(b.portdev, current[b.portdev], b, rulesets[b.portdev]) for b in todo])
+            return [b.portdev for b in todo]
 
-    def _needs_apply(self, binding: Binding, ruleset: PortRuleset, drifted: set[str]) -> bool:
-        current = self.state.get(binding.portdev)
-        return (current is None or binding.portdev in drifted or current.ruleset_hash != ruleset_hash(ruleset)
-                or current.binding != with_mac_parameter(binding))
+    @staticmethod
+    def _unchanged(current: AppliedBinding | None, binding: Binding, ruleset: PortRuleset, intact: set[str]) -> bool:
+        return (current is not None and binding.portdev in intact and current.ruleset_hash == ruleset_hash(ruleset)
+                and current.binding == with_mac_parameter(binding))
 
     def reapply(self) -> list[AppliedBinding]:
         """Re-instantiate every recorded binding with the current filters, from scratch."""
@@ -289,33 +304,53 @@ class Service:
         """Compare kernel, state and filters; every port that drifted, with what is wrong."""
         with self.locked():
             recorded = self.state.all()
-            found = self._kernel_drift(recorded)
+            found, resolvable = [], []
             for applied in recorded:
                 try:
                     current = ruleset_hash(self.ruleset(applied.binding))
                 except NwfilterError as error:
                     found.append(Drift(applied.binding.portdev, f"its filter no longer resolves: {error}"))
                     continue
+                resolvable.append(applied)
                 if current != applied.ruleset_hash:
                     found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
-            return found
+            return self._kernel_drift(resolvable) + found
 
     def _kernel_drift(self, recorded: Sequence[AppliedBinding]) -> list[Drift]:
-        if not recorded:
-            return []
-        wrong_backend = [Drift(a.binding.portdev, f"applied with backend {a.backend}, configured {self.backend.name}")
-                         for a in recorded if a.backend != self.backend.name]
-        mine = [a for a in recorded if a.backend == self.backend.name]
-        survey = executor.survey(self.backend.survey_steps())
-        kernel = self.backend.kernel_digests(survey, {a.binding.portdev: a.record for a in mine})
-        found = wrong_backend
-        for applied in mine:
-            digest = kernel.get(applied.binding.portdev)
-            if digest is None:
-                found.append(Drift(applied.binding.portdev, "rules missing from the kernel"))
-            elif digest != applied.digest:
-                found.append(Drift(applied.binding.portdev, "kernel rules differ from the recorded ones"))
+        found = []
+        live, intact = self._kernel_check(recorded)
+        for applied in recorded:
+            port = applied.binding.portdev
+            if applied.backend != self.backend.name:
+                found.append(Drift(port, f"applied with backend {applied.backend}, configured {self.backend.name}"))
+            elif live.get(port) is None:
+                found.append(Drift(port, "rules missing from the kernel"))
+            elif port not in intact:
+                found.append(Drift(port, "kernel rules differ from the recorded ones (missing, extra or changed)"))
         return found
+
+    def _intact_ports(self, recorded: Sequence[AppliedBinding]) -> set[str]:
+        return self._kernel_check(recorded)[1]
+
+    def _kernel_check(self, recorded: Sequence[AppliedBinding]) -> tuple[dict[str, str | None], set[str]]:
+        """The live digest of each port, and the ports whose kernel rules are intact.
+
+        A port is intact when the kernel holds what the same kernel makes of its recorded rules:
+        the reference is built in a throw-away network namespace from the state (same backend),
+        so both sides are in the kernel's own printed form."""
+        mine = [a for a in recorded if a.backend == self.backend.name]
+        if not mine:
+            return {}, set()
+        steps = self.backend.survey_steps()
+        live = self.backend.kernel_digests(executor.survey(steps), {a.binding.portdev: a.record for a in mine})
+        changes = [PortChange(a.binding.portdev, a.record, self.ruleset(a.binding)) for a in mine]
+        with executor.reference_namespace() as netns:
+            _copy_ipsets(changes, netns)
+            plan, records = self.backend.rebuild_plan(changes, ["" for _ in steps], [])
+            executor.execute(plan, netns)
+            survey = executor.survey(steps, netns)
+        reference = self.backend.kernel_digests(survey, {p: r for p, r in records.items() if r is not None})
+        return live, {port for port, digest in live.items() if digest is not None and digest == reference.get(port)}
 
     # -- internals ----------------------------------------------------------------------
     def _rebuild(self, recorded: Sequence[AppliedBinding]) -> list[AppliedBinding]:
@@ -339,16 +374,14 @@ class Service:
         else:
             plan, records = planner(port_changes)
         self._require_bridge_netfilter(changes)
-        outputs = executor.execute(plan)
-        digester = getattr(self.backend, "applied_digests", None)  # being added to the backends
-        digests = digester(outputs, {p: r for p, r in records.items() if r is not None}) if digester else {}
+        executor.execute(plan)
         applied = []
         for change in changes:
             if change.new is None:
                 self.state.remove(change.port)
                 continue
             entry = AppliedBinding(with_mac_parameter(change.new), self.backend.name, dict(records[change.port]),
-                                   ruleset_hash(change.ruleset), digests.get(change.port, ""))
+                                   ruleset_hash(change.ruleset))
             self.state.put(entry)
             applied.append(entry)
             log.info("binding on %s: filter '%s' applied", change.port, change.new.filterref.filter)

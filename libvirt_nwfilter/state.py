@@ -33,7 +33,6 @@ class AppliedBinding:
     backend: str
     record: dict[str, Any]
     ruleset_hash: str  # hash of the compiled ruleset: changes when the filters change
-    digest: str = ""  # the backend's digest of what the kernel held right after applying
 
 
 class State:
@@ -68,7 +67,7 @@ class State:
         except (OSError, ValueError) as error:
             raise NwfilterError(f"state file {path} is unreadable: {error}") from None
         return AppliedBinding(parse_binding(data["binding"], str(path)), data["backend"], data["record"],
-                              data["hash"], data.get("digest", ""))
+                              data["hash"])
 
     def ports(self) -> list[str]:
         if not self.bindings_dir.is_dir():
@@ -89,7 +88,7 @@ class State:
 
     def put(self, applied: AppliedBinding) -> None:
         data = {"binding": format_binding(applied.binding), "backend": applied.backend,
-                "record": applied.record, "hash": applied.ruleset_hash, "digest": applied.digest}
+                "record": applied.record, "hash": applied.ruleset_hash}
         self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
                          mode=0o600)

@@ -2,7 +2,8 @@
 
 Pure: everything here turns :class:`~libvirt_nwfilter.ir.PortRuleset` values into a
 :class:`~libvirt_nwfilter.backends.base.Plan` of ``*-restore --noflush`` invocations (argv and
-stdin) and per-port records. Nothing here runs a process or reads the system.
+stdin) and per-port records, and reads ``*-save`` outputs it is given. Nothing here runs a
+process or reads the system.
 
 Layout (semantics.md §7, with our prefixes so libvirtd's chains are never touched)
 ------------------------------------------------------------------------------------
@@ -62,6 +63,17 @@ kernel transaction: it applies completely or not at all.
     per tool, errors ignored: unlink and delete the temporary chains, and the ``nwf-in-post`` rule
     if this plan added it (libvirt's tearNewRules). A tool whose apply step failed has nothing to
     roll back (its transaction was not applied), so its rollback fails harmlessly.
+
+Drift detection and recovery (``verify``, ``reapply``, hook ``reconnect``): the three ``*-save``
+steps of :meth:`EbiptablesBackend.survey_steps` list the kernel's state, and
+:meth:`~EbiptablesBackend.kernel_digests` digests each port from them (:func:`port_structure`).
+Digests compare the live kernel with a reference kernel built from the records
+(:meth:`~EbiptablesBackend.rebuild_plan` in a throw-away network namespace), never with what a
+change applied (plans run no survey): a port's digest depends only on its own chains, rules,
+dispatch rules and the global hooks, not on the other ports, and temporary names (an
+interrupted change) count as drift. :meth:`~EbiptablesBackend.rebuild_plan` (``reapply``) takes
+the old state from a survey instead of the records: leftovers go, every binding is rebuilt, and
+the global chains' hooks are repaired.
 
 Record (``PortRecord``, JSON)
 -----------------------------
@@ -143,7 +155,7 @@ from ..ir import (
     TcpFlags,
     Verdict,
 )
-from .base import Plan, PortChange, PortRecord, Step
+from .base import Plan, PortChange, PortRecord, Step, canonical_digest
 
 NAME = "ebiptables"
 RECORD_FORMAT = 1
@@ -859,17 +871,30 @@ class EbiptablesBackend:
 
     name = NAME
 
-    def __init__(self, restore_argv: Mapping[str, Sequence[str]] | None = None):
+    def __init__(self, restore_argv: Mapping[str, Sequence[str]] | None = None,
+                 save_argv: Mapping[str, Sequence[str]] | None = None):
         argv = dict(RESTORE_ARGV)
         if restore_argv:
             argv.update({k: tuple(v) for k, v in restore_argv.items()})
         self.restore_argv = {k: tuple(v) for k, v in argv.items()}
+        saves = dict(SAVE_ARGV)
+        if save_argv:
+            saves.update({k: tuple(v) for k, v in save_argv.items()})
+        self.save_argv = {k: tuple(v) for k, v in saves.items()}
 
     # The Backend protocol --------------------------------------------------------------------
 
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
              ) -> tuple[Plan, dict[str, PortRecord | None]]:
         """One plan for all changes (``ids_in_use`` is for backends that number ports; unused)."""
+        return self._plan(changes)
+
+    def _plan(self, changes: Sequence[PortChange], globals_repair: Mapping[str, "_Save"] | None = None,
+              ) -> tuple[Plan, dict[str, PortRecord | None]]:
+        """:meth:`plan`; with ``globals_repair`` (a survey per tool: :meth:`rebuild_plan`), each
+        ip(6)tables apply transaction that needs the global chains first makes them and their
+        FORWARD/INPUT hooks exactly right, instead of the "ensure" step that changes nothing
+        when any of them exists."""
         seen: set[str] = set()
         rendered: list[tuple[PortChange, PortParts | None]] = []
         for ch in changes:
@@ -919,7 +944,10 @@ class EbiptablesBackend:
         apply: list[Step] = []
         for tool in TOOLS:
             if tool in needs_globals and needs_globals[tool]:
-                apply.append(Step(self.restore_argv[tool], ensure_globals_text(), ignore_errors=True))
+                if globals_repair is None:
+                    apply.append(Step(self.restore_argv[tool], ensure_globals_text(), ignore_errors=True))
+                else:
+                    apply_lines[tool][:0] = _repair_globals_lines(globals_repair.get(tool) or _Save())
             if apply_lines[tool]:
                 apply.append(Step(self.restore_argv[tool], _wrap(tool, apply_lines[tool])))
         commit = [
@@ -933,6 +961,51 @@ class EbiptablesBackend:
             if rollback_lines[tool]
         ]
         return Plan(apply=tuple(apply), commit=tuple(commit), rollback=tuple(rollback)), records
+
+    def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str],
+                     ids_in_use: Iterable[int] | None = None,
+                     ) -> tuple[Plan, dict[str, PortRecord | None]]:
+        """For ``reapply``: ``changes`` lists EVERY port that should have rules; ``survey`` is
+        the output of :meth:`survey_steps`. The stored records (``old``) are ignored: what the
+        survey shows is the old state (:func:`records_from_snapshot`), so objects a record lists
+        but the kernel lost are never deleted, and leftovers (damaged chains, temporary chains,
+        ports without a binding) are removed. The two-phase protocol is kept: apply builds the
+        new chains beside whatever is left and repairs the global chains and their hooks
+        (ip(6)tables), commit removes the old ones and renames; a refused apply rolls back."""
+        del ids_in_use  # ports are not numbered here
+        snapshots = _survey_map(survey)
+        found = records_from_snapshot(snapshots)
+        wanted = {c.port for c in changes}
+        rebuilt = [PortChange(c.port, found.get(c.port), c.new) for c in changes]
+        # leftovers: ports with objects of ours but no binding (names we cannot have made are
+        # someone else's chains that merely look like ours: left alone)
+        rebuilt += [PortChange(port, rec, None) for port, rec in sorted(found.items())
+                    if port not in wanted and _PORT_RE.fullmatch(port) and not port.startswith("-")]
+        saves = {tool: _parse_save_full(snapshots.get(tool, ""), _table(tool)) for tool in (IPTABLES, IP6TABLES)}
+        return self._plan(rebuilt, globals_repair=saves)
+
+    def survey_steps(self) -> tuple[Step, ...]:
+        """``ebtables-save -t nat``, ``iptables-save -t filter``, ``ip6tables-save -t filter``
+        (errors ignored), in the order :meth:`kernel_digests` expects their outputs."""
+        return tuple(Step(self.save_argv[t], ignore_errors=True) for t in TOOLS)
+
+    def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
+                       ) -> dict[str, str | None]:
+        """Per recorded port, the digest of what the kernel has for it (:func:`port_structure`)
+        from the survey outputs; None when nothing of it is found but its record expects rules.
+        Equal for the same port in two kernels holding the same rules for it, whatever else
+        they hold."""
+        saves = {tool: _parse_save_full(text, _table(tool)) for tool, text in _survey_map(outputs).items()}
+        out: dict[str, str | None] = {}
+        for port, record in records.items():
+            if record is None:
+                continue
+            structure = port_structure(saves, port)
+            if structure is None and not _expects_nothing(record):
+                out[port] = None
+            else:
+                out[port] = port_digest(structure)
+        return out
 
     # Extras for status, recovery and tests --------------------------------------------------
 
@@ -1123,6 +1196,140 @@ def purge_steps(
     return tuple(steps)
 
 
+# --------------------------------------------------------------------------------------------
+# Digests of what the kernel has per port (verify, reapply, reconnect)
+#
+# From the ``*-save`` outputs of the survey, per port: its chains (role = the chain's kind and
+# sub-chain name, e.g. ``I``, ``I:arp-ip``, ``FI``, temporary ones ``J``…; policy; rules in order,
+# this port's chain names replaced by their roles), the rules elsewhere that lead to them
+# (``PREROUTING -i P -j nwf-I-P``, ``nwf-in … --physdev-in P -g NFI-P``) and its ``nwf-in-post``
+# ACCEPT, and for ip(6)tables the FORWARD/INPUT hooks into the global chains. Counters are
+# dropped (``[n:m]``, ``-c n m``).
+
+DIGEST_FORMAT = 1
+_COUNTERS_PREFIX_RE = re.compile(r"\A\[\d+:\d+\]\s+")
+_COUNTERS_SUFFIX_RE = re.compile(r"\s+-c\s+\d+\s+\d+\s*\Z")
+_TOKEN_RE = re.compile(r"\S+")
+_PHYSDEV_IN_RE = re.compile(r"--physdev-in\s+(\S+)")
+
+
+@dataclass
+class _Save:
+    """One table of a ``*-save`` output, with the lookups the digests need."""
+
+    policies: dict[str, str] = field(default_factory=dict)  # chain → policy ("-" for user chains)
+    rules: dict[str, list[str]] = field(default_factory=dict)  # chain → "-A …" lines, in order
+    lines: list[tuple[str, str | None, str]] = field(default_factory=list)  # (source, target, line)
+    owned: dict[str, list[str]] = field(default_factory=dict)  # port → its chains
+    by_target: dict[str, list[str]] = field(default_factory=dict)  # target chain → lines outside ours
+    in_post: dict[str, list[str]] = field(default_factory=dict)  # port → nwf-in-post lines
+    hooks: list[str] = field(default_factory=list)  # lines into the global chains, in order
+
+
+def _parse_save_full(text: str, table: str, tool: str | None = None) -> _Save:
+    save = _Save()
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = line[1:]
+            continue
+        if current != table or line == "COMMIT":
+            continue
+        if line.startswith(":"):
+            words = line[1:].split()
+            save.policies[words[0]] = words[1] if len(words) > 1 else "-"
+            save.rules.setdefault(words[0], [])
+            continue
+        line = _COUNTERS_SUFFIX_RE.sub("", _COUNTERS_PREFIX_RE.sub("", line))
+        if not line.startswith("-A "):
+            continue
+        source = line.split()[1]
+        target = _rule_target(line)
+        save.rules.setdefault(source, []).append(line)
+        save.lines.append((source, target, line))
+    tool = tool or (EBTABLES if table == "nat" else IPTABLES)
+    owner = {c: owner_of_chain(tool, c) for c in save.rules}
+    for chain, port in owner.items():
+        if port is not None:
+            save.owned.setdefault(port, []).append(chain)
+    for source, target, line in save.lines:
+        if target is not None and owner.get(target) is not None and owner.get(source) != owner[target]:
+            save.by_target.setdefault(target, []).append(line)
+        if source == GLOBAL_IN_POST:
+            m = _PHYSDEV_IN_RE.search(line)
+            if m:
+                save.in_post.setdefault(m.group(1), []).append(line)
+        if target in GLOBAL_CHAINS and source not in GLOBAL_CHAINS and owner.get(source) is None:
+            save.hooks.append(line)
+    return save
+
+
+def _survey_map(outputs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """Survey outputs (a sequence in :data:`TOOLS` order, or a mapping tool → text) as a mapping."""
+    if isinstance(outputs, Mapping):
+        return {t: outputs.get(t, "") or "" for t in TOOLS}
+    outputs = list(outputs)
+    return {t: (outputs[i] if i < len(outputs) else "") or "" for i, t in enumerate(TOOLS)}
+
+
+def _chain_role(tool: str, chain: str) -> str:
+    if tool == EBTABLES:
+        m = _EB_SUB_RE.fullmatch(chain)
+        if m:
+            return f"{m.group(1)}:{m.group(3)}"
+        m = _EB_ROOT_RE.fullmatch(chain)
+        return m.group(1) if m else chain
+    m = _IPT_RE.fullmatch(chain)
+    return m.group(1) if m else chain
+
+
+def port_structure(saves: Mapping[str, _Save], port: str) -> dict | None:
+    """What the kernel has for ``port`` (see the section comment), None when nothing."""
+    chains, dispatch, hooks = [], [], {}
+    for tool in TOOLS:
+        save = saves.get(tool) or _Save()
+        owned = save.owned.get(port, [])
+        roles = {c: f"<{_chain_role(tool, c)}>" for c in owned}
+
+        def subst(line: str) -> str:
+            return _TOKEN_RE.sub(lambda m: roles.get(m.group(0), m.group(0)), line)
+
+        for chain in owned:
+            chains.append([tool, roles[chain], save.policies.get(chain, "-"),
+                           [subst(r) for r in save.rules.get(chain, [])]])
+        leading = [line for chain in owned for line in save.by_target.get(chain, [])]
+        leading += [line for line in save.in_post.get(port, []) if line not in leading]
+        dispatch += [[tool, subst(line)] for line in leading]
+        if tool != EBTABLES and (owned or leading):
+            hooks[tool] = list(save.hooks)
+    if not chains and not dispatch:
+        return None
+    return {"chains": sorted(chains), "dispatch": sorted(dispatch), "hooks": hooks}
+
+
+def port_digest(structure: dict | None) -> str:
+    """sha256 (hex) of a port's normalised structure (``None``: nothing of the port)."""
+    return canonical_digest({"backend": NAME, "format": DIGEST_FORMAT, "port": structure})
+
+
+def _expects_nothing(record: PortRecord) -> bool:
+    return not any((record.get(t) or {}).get("chains") or (record.get(t) or {}).get("rules") for t in TOOLS)
+
+
+def _repair_globals_lines(save: _Save) -> list[str]:
+    """Lines making the global chains and their hooks exactly right, given the current state:
+    every rule leading into a global chain is deleted, the missing global chains are created
+    (``-N``: a stale survey makes the transaction fail rather than flush a chain in use), and
+    the hooks are inserted at the top of FORWARD/INPUT."""
+    lines = [_delete_line(line) for line in save.hooks]
+    lines += [f"-N {chain}" for chain in GLOBAL_CHAINS if chain not in save.policies]
+    lines += [f"-I {hook} {pos} -j {chain}" for chain, hook, pos in GLOBAL_HOOKS]
+    return lines
+
+
 def describe_plan(plan: Plan) -> str:
     """Readable text of a plan (golden files, logs)."""
     out = []
@@ -1144,6 +1351,8 @@ __all__ = [
     "l2_root_chain",
     "l2_sub_chain",
     "l3_chain",
+    "port_digest",
+    "port_structure",
     "purge_steps",
     "records_from_snapshot",
     "render_l2_conds",

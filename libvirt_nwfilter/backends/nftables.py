@@ -50,6 +50,22 @@ base chain is flushed and refilled with its 1-2 dispatch rules), add the new cha
 their rules, ``delete element`` the elements the old record lists, ``add element`` the new ones,
 then flush and delete the old chains and sets. A refused batch changes nothing.
 
+Drift detection and recovery (``verify``, ``reapply``, hook ``reconnect``)
+==========================================================================
+
+* :meth:`NftablesBackend.survey_steps`: one ``nft list ruleset`` (never fails because a table of
+  ours is missing; foreign tables are skipped unparsed).
+* :meth:`~NftablesBackend.kernel_digests`: parses the survey into one view of our tables and
+  digests each port (:func:`port_digest`). Digests compare the live kernel with a reference
+  kernel built from the records (:meth:`~NftablesBackend.rebuild_plan` in a throw-away network
+  namespace), never with what a change applied: plans stay plain ``nft -f -`` (``nft -e`` would
+  make every change load nft's whole cache, 22 → 142 ms for a one-port change at 1000 ports).
+  So a port's digest is independent of its generation (chain and set names become roles), of
+  the other ports and of its mark id (the id, which each kernel may assign differently, becomes
+  a role token in the map keys and the mark rules; an id that differs between them does not).
+* :meth:`~NftablesBackend.rebuild_plan`: deletes both tables and re-creates every port in one
+  transaction.
+
 Rendering of conditions (``!=`` when negated)
 =============================================
 
@@ -105,7 +121,7 @@ from ..ir import (
     TcpFlags,
     Verdict,
 )
-from .base import Plan, PortChange, PortRecord, Step
+from .base import Plan, PortChange, PortRecord, Step, canonical_digest
 
 TABLE = "libvirt_nwfilter"
 PROBE_TABLE = "libvirt_nwfilter_probe"
@@ -556,14 +572,53 @@ class NftablesBackend:
         text, records = self.render(changes, others, ids_in_use=ids_in_use or ())
         return self._plan_for(text), records
 
-    def rebuild_plan(self, changes: Sequence[PortChange], others=None, *,
-                     ids_in_use: Iterable[int] = ()) -> tuple[Plan, dict[str, PortRecord | None]]:
+    def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str] = (),
+                     ids_in_use: Iterable[int] | None = None,
+                     ) -> tuple[Plan, dict[str, PortRecord | None]]:
         """Like :meth:`plan`, but the transaction first deletes our tables and re-creates only the
         ports in ``changes`` (which must therefore be ALL filtered ports; ``old`` records only keep
-        ids and generations). For ``reapply`` when the kernel may not match the records (e.g.
-        after ``nft flush ruleset``): atomic, and never fails because of missing old objects."""
-        text, records = self.render(changes, others, ids_in_use=ids_in_use, rebuild=True)
+        ids and generations, and may be stale, missing or of another backend). For ``reapply``
+        when the kernel may not match the records (e.g. after ``nft flush ruleset``): atomic, and
+        never fails because of missing old objects. ``survey`` (the outputs of
+        :meth:`survey_steps`) is not needed: deleting both tables removes whatever is left."""
+        del survey  # deleting the tables makes the plan independent of what the kernel has
+        cleaned: list[PortChange] = []
+        claimed: set[int] = set()
+        for change in changes:
+            old = _reusable(change.old, self.name, self.conntrack)
+            if old is not None:
+                pid = port_id(old)
+                if pid is not None and (pid in claimed or not 1 <= pid <= self.max_id):
+                    old["id"] = None  # a corrupt state gave two ports one id: renumber
+                elif pid is not None:
+                    claimed.add(pid)
+            cleaned.append(PortChange(change.port, old, change.new))
+        text, records = self.render(cleaned, {}, ids_in_use=ids_in_use or (), rebuild=True)
         return self._plan_for(text), records
+
+    # -- reading the kernel back: survey and digests ------------------------------------------
+    def survey_steps(self) -> tuple[Step, ...]:
+        """One read-only step listing the whole ruleset (never fails for missing tables of ours;
+        foreign tables are skipped by the parser)."""
+        return (Step((self.nft, "list", "ruleset"), ignore_errors=True),)
+
+    def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
+                       ) -> dict[str, str | None]:
+        """Per recorded port, the digest of what the kernel has for it (see :func:`port_digest`),
+        from the outputs of :meth:`survey_steps` ("" for a failed step). None: nothing of the
+        port was found although its record expects something. Equal for the same port in two
+        kernels holding the same rules for it, whatever its generation and mark id there."""
+        index = _Index.build(parse_listing("".join(outputs)))
+        out: dict[str, str | None] = {}
+        for port, record in records.items():
+            if record is None:
+                continue
+            structure = _port_structure(index, port, record, self._id_forms(record))
+            if structure is None and not _expects_nothing(record):
+                out[port] = None
+            else:
+                out[port] = port_digest(structure)
+        return out
 
     def render(self, changes: Sequence[PortChange], others=None, *, ids_in_use: Iterable[int] = (),
                rebuild: bool = False) -> tuple[str, dict[str, PortRecord | None]]:
@@ -649,6 +704,26 @@ class NftablesBackend:
     # -- internals -------------------------------------------------------------------------------
     def _plan_for(self, text: str) -> Plan:
         return Plan(apply=(Step((self.nft, "-f", "-"), text),))
+
+    def _id_forms(self, record: PortRecord) -> _IdForms:
+        """How the mark id of ``record`` shows in a listing, per role token (nothing when the
+        record has no sane id)."""
+        try:
+            pid = port_id(record) if record.get("mode", "inet") == "inet" else None
+        except (TypeError, ValueError):
+            pid = None
+        if pid is None or isinstance(record.get("id"), bool) or not 1 <= pid <= self.max_id:
+            return _IdForms()
+        ingress, egress = pid << self.in_shift, pid << self.out_shift
+        keep_in, keep_out = 0xFFFFFFFF ^ self.in_mask, 0xFFFFFFFF ^ self.out_mask
+        return _IdForms(
+            keys={("fi", ingress): "<id:in>", ("hi", ingress): "<id:in>", ("fo", egress): "<id:out>",
+                  ("port_ids", pid): "<id>"},
+            # nft lists ``& KEEP | V`` as ``& (KEEP | V) | V``; both forms are the same statement
+            marks={(keep_in, ingress): "<keep:in> | <id:in>", (keep_in | ingress, ingress): "<keep:in> | <id:in>",
+                   (keep_out, egress): "<keep:out> | <id:out>",
+                   (keep_out | egress, egress): "<keep:out> | <id:out>"},
+        )
 
     def _allocate(self, taken: set[int], port: str, know_others: bool) -> int:
         start = 0 if know_others else zlib.crc32(port.encode()) % self.max_id
@@ -811,6 +886,20 @@ class NftablesBackend:
         return _join(parts)
 
 
+def _reusable(record: PortRecord | None, backend: str, mode: str) -> dict | None:
+    """What a rebuild keeps of a stored record: its generation and mark id, when the record is
+    one of ours in this mode and those are sane (anything else: start afresh)."""
+    if not isinstance(record, Mapping) or record.get("backend") != backend or record.get("mode", "inet") != mode:
+        return None
+    try:
+        gen = int(record.get("gen", 0))
+        pid = record.get("id")
+        pid = None if pid is None or isinstance(pid, bool) else int(pid)
+    except (TypeError, ValueError):
+        return None
+    return {"backend": backend, "format": RECORD_FORMAT, "mode": mode, "gen": max(gen, 0), "id": pid}
+
+
 def _key_text(key: object) -> str:
     if isinstance(key, bool):
         raise NwfilterError(f"bad map key {key!r} in a record")
@@ -840,6 +929,326 @@ def _check_record(port: str, record: PortRecord) -> None:
             problems.append(f"port {port}: bad element entry {entry!r} in record")
     if problems:
         raise NwfilterError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the kernel back: listings and digests
+#
+# ``nft list ruleset`` (the survey) is parsed into one view of our two tables:
+#
+#   {family: _Table(chains={name: _Chain(spec, [rule, ...])}, sets={name: (spec, ...)},
+#                   maps={name: [(key, value), ...]})}
+#
+# Layout: ``table bridge libvirt_nwfilter {`` / ``\tchain NAME {`` / ``\t\t<rule>`` / ``\t}``;
+# a base chain's first line is its spec (``type filter hook … policy accept;``), a set's or map's
+# lines are ``type …``, ``size …``, ``flags …`` and ``elements = { k : v, … }`` (wrapped over
+# several lines).
+#
+# Normalisation: counters lose their numbers (``counter packets N bytes M`` → ``counter``),
+# handles (``nft -a``) are dropped, chain specs become tuples of ``;``-separated statements,
+# dynamic sets' elements (addresses counted by ``ct count``) are ignored. Per port, its chain and
+# set names become roles and its mark id a role token (:func:`_port_structure`).
+
+_PORT_OBJECT_RE = re.compile(r"(I|O|FI|FO|HI|MO|CL)-(\d+)/([^/\s]+)(?:/(\S+))?\Z")
+_NAME_TOKEN_RE = re.compile(r"(?<![^\s@])([A-Z]{1,2}-\d+/[^\s,{}]+)")
+_COUNTER_RE = re.compile(r"\bcounter packets \d+ bytes \d+")
+_HANDLE_COMMENT_RE = re.compile(r"\s+# handle \d+\s*\Z")
+_MARK_SET_RE = re.compile(r"\bmeta mark set meta mark & (0x[0-9a-fA-F]+) \| (0x[0-9a-fA-F]+)\b")
+DIGEST_FORMAT = 2
+
+
+@dataclass
+class _Chain:
+    spec: tuple[str, ...] | None = None  # base chains: ("type filter hook … priority …", "policy accept")
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Table:
+    chains: dict[str, _Chain] = field(default_factory=dict)
+    sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    maps: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
+
+
+def _brace_depth(text: str) -> int:
+    """``{`` minus ``}`` outside double-quoted strings."""
+    depth, quoted = 0, False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            depth += (ch == "{") - (ch == "}")
+    return depth
+
+
+def _logical_lines(lines: Iterable[str]) -> Iterable[str]:
+    """Stripped lines, continuation lines (an open ``{ …``) joined with a space."""
+    pending: list[str] = []
+    depth = 0
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        pending.append(line)
+        depth += _brace_depth(line)
+        if depth <= 0:
+            yield " ".join(pending)
+            pending, depth = [], 0
+    if pending:
+        yield " ".join(pending)
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` characters outside quotes and braces, parts stripped."""
+    parts, current, depth, quoted = [], [], 0, False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            elif ch == sep and depth == 0:
+                parts.append("".join(current).strip())
+                current = []
+                continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
+
+
+def _braced(text: str) -> str:
+    """The inside of ``{ … }`` (text without braces is returned stripped)."""
+    text = text.strip()
+    if text.startswith("{") and text.endswith("}"):
+        return text[1:-1].strip()
+    return text
+
+
+def _spec(text: str) -> tuple[str, ...]:
+    return tuple(" ".join(part.split()) for part in _split_top(_braced(text), ";"))
+
+
+def _norm_rule(text: str) -> str:
+    text = _HANDLE_COMMENT_RE.sub("", text.strip())
+    return _COUNTER_RE.sub("counter", text)
+
+
+def _elements(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in _split_top(_braced(text), ","):
+        key, sep, value = item.partition(" : ")
+        out.append((key.strip(), value.strip()) if sep else (item, ""))
+    return out
+
+
+def _skip_block(lines: list[str], i: int) -> int:
+    """Index after the ``}`` closing the top-level block opened on line ``i - 1``."""
+    while i < len(lines) and lines[i].rstrip() != "}":
+        i += 1
+    return i + 1
+
+
+def parse_listing(text: str) -> dict[str, _Table]:
+    """Our tables in ``nft list ruleset`` (or ``nft list table``) output: family → table."""
+    view: dict[str, _Table] = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if not line.startswith("table "):
+            continue
+        words = line.split()
+        if len(words) < 3 or _unquote(words[2]) != TABLE or words[1] not in _FAMILIES:
+            i = _skip_block(lines, i)
+            continue
+        table = view.setdefault(words[1], _Table())
+        body: list[str] = []
+        while i < len(lines) and lines[i].rstrip() != "}":
+            body.append(lines[i])
+            i += 1
+        i += 1
+        _parse_table_body(table, body)
+    return view
+
+
+def _parse_table_body(table: _Table, body: list[str]) -> None:
+    kind = name = None
+    content: list[str] = []
+    for raw in body:
+        stripped = raw.strip()
+        if kind is None:
+            words = stripped.split()
+            if len(words) == 3 and words[2] == "{":
+                kind, name, content = words[0], _unquote(words[1]), []
+            continue
+        if raw.rstrip() == "\t}" or (stripped == "}" and not raw.startswith("\t\t")):
+            _add_listed(table, kind, name, list(_logical_lines(content)))
+            kind = None
+            continue
+        content.append(raw)
+
+
+def _add_listed(table: _Table, kind: str, name: str, lines: list[str]) -> None:
+    if kind == "chain":
+        chain = table.chains.setdefault(name, _Chain())
+        for line in lines:
+            if chain.spec is None and not chain.rules and line.startswith("type ") and " hook " in line:
+                chain.spec = _spec(line)
+            else:
+                chain.rules.append(_norm_rule(line))
+    elif kind == "set":
+        table.sets[name] = tuple(" ".join(line.rstrip(";").split()) for line in lines
+                                 if not line.startswith("elements "))
+    elif kind == "map":
+        elements = table.maps.setdefault(name, [])
+        for line in lines:
+            if line.startswith("elements "):
+                elements += _elements(line.partition("=")[2])
+
+
+@dataclass(frozen=True)
+class _IdForms:
+    """How one port's mark id shows in a listing (:meth:`NftablesBackend._id_forms`): map keys
+    ``(map, value)`` and mark rules ``(mask, value)`` → the role token written instead."""
+
+    keys: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    marks: Mapping[tuple[int, int], str] = field(default_factory=dict)
+
+    def key(self, map_name: str, key: str) -> str:
+        try:
+            value = int(key, 16) if key.lower().startswith("0x") else None
+        except ValueError:
+            value = None
+        return self.keys.get((map_name, value), key) if value is not None else key
+
+    def rule(self, text: str) -> str:
+        def mark(m: re.Match) -> str:
+            token = self.marks.get((int(m.group(1), 16), int(m.group(2), 16)))
+            return f"meta mark set meta mark & {token}" if token else m.group(0)
+        return _MARK_SET_RE.sub(mark, text) if self.marks else text
+
+
+@dataclass
+class _Index:
+    """A view indexed by port (the encoded port name in our object names)."""
+
+    view: dict[str, _Table]
+    objects: dict[str, list[tuple[str, str, str, str]]] = field(default_factory=dict)  # enc → (fam, kind, name, role)
+    by_target: dict[str, list[tuple[str, str, str, str]]] = field(default_factory=dict)  # enc → elements
+    by_key: dict[tuple[str, str, str], list[tuple[str, str, str, str]]] = field(default_factory=dict)
+    dispatch: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (fam, map) → base chains
+    id_owner: dict[str, list[tuple[str, str, str, str]]] = field(default_factory=dict)  # '"port"' → port_ids elements
+
+    @classmethod
+    def build(cls, view: dict[str, _Table]) -> "_Index":
+        index = cls(view)
+        for family, table in view.items():
+            for kind, names in (("chain", table.chains), ("set", table.sets)):
+                for name in names:
+                    m = _PORT_OBJECT_RE.match(name)
+                    if m:
+                        role = m.group(1) + ("/" + m.group(4) if m.group(4) else "")
+                        index.objects.setdefault(m.group(3), []).append((family, kind, name, role))
+            for map_name, elements in table.maps.items():
+                for key, value in elements:
+                    element = (family, map_name, key, value)
+                    index.by_key.setdefault((family, map_name, key), []).append(element)
+                    if map_name == "port_ids":
+                        index.id_owner.setdefault(value, []).append(element)
+                    for token in _NAME_TOKEN_RE.findall(value):
+                        m = _PORT_OBJECT_RE.match(token)
+                        if m:
+                            index.by_target.setdefault(m.group(3), []).append(element)
+            for chain_name, chain in table.chains.items():
+                if chain.spec is None:
+                    continue
+                for rule in chain.rules:
+                    for word in rule.split():
+                        if word.startswith("@"):
+                            index.dispatch.setdefault((family, word[1:]), []).append(chain_name)
+        return index
+
+
+def _element_keys(port: str, record: PortRecord) -> list[tuple[str, str, str]]:
+    keys = []
+    for entry in record.get("elements", ()) or ():
+        try:
+            family, map_name, key = entry
+            keys.append((family, map_name, _key_text(key)))
+        except (NwfilterError, ValueError, TypeError):
+            continue
+    return keys
+
+
+def _port_structure(index: _Index, port: str, record: PortRecord, ids: _IdForms) -> dict | None:
+    """What the kernel has for ``port``, normalised (see :func:`port_digest`; ``ids``: the forms
+    of the record's mark id); None when nothing of it is found."""
+    enc = _encode(port)
+    qport = f'"{port}"'
+    objects = index.objects.get(enc, [])
+    roles = {name: f"<{role}>" for _, _, name, role in objects}
+
+    def subst(text: str) -> str:
+        return ids.rule(_NAME_TOKEN_RE.sub(lambda m: roles.get(m.group(1), m.group(1)), text))
+
+    elements: dict[tuple[str, str, str, str], None] = {}
+    for element in index.by_target.get(enc, ()):
+        if any(roles.get(t) for t in _NAME_TOKEN_RE.findall(element[3])):
+            elements[element] = None
+    for family in index.view:
+        for map_name in ("l2_from_vm", "l2_to_vm", "mark_out", "fi", "fo", "hi"):
+            for element in index.by_key.get((family, map_name, qport), ()):
+                elements[element] = None
+    for element in index.id_owner.get(qport, ()):
+        elements[element] = None
+    for key in _element_keys(port, record):
+        for element in index.by_key.get(key, ()):
+            elements[element] = None
+    if not objects and not elements:
+        return None
+
+    chains, sets = [], []
+    for family, kind, name, role in objects:
+        table = index.view[family]
+        if kind == "chain":
+            chain = table.chains[name]
+            chains.append([family, role, list(chain.spec or ()), [subst(r) for r in chain.rules]])
+        else:
+            sets.append([family, role, list(table.sets[name])])
+    dispatch = {}
+    for family, map_name, _, _ in elements:
+        for chain_name in index.dispatch.get((family, map_name), ()):
+            chain = index.view[family].chains[chain_name]
+            dispatch[(family, chain_name)] = [family, chain_name, list(chain.spec or ()), list(chain.rules)]
+    return {
+        "chains": sorted(chains),
+        "sets": sorted(sets),
+        "elements": sorted([f, m, ids.key(m, k), subst(v)] for f, m, k, v in elements),
+        "dispatch": [dispatch[k] for k in sorted(dispatch)],
+    }
+
+
+def _expects_nothing(record: PortRecord) -> bool:
+    return not (record.get("chains") or record.get("sets") or record.get("elements"))
+
+
+def port_digest(structure: dict | None) -> str:
+    """sha256 (hex) of a port's normalised structure: its chains (role = kind and sub-chain name,
+    generation-free; base-chain spec; rules in order with this port's chain and set names
+    replaced by roles, counters without numbers, no handles), its sets (spec), the map elements
+    that lead to it or carry its name or record keys (``l2_*``, ``fi``/``fo``/``hi``,
+    ``mark_out``, ``port_ids``), and the base chains (spec and every rule) that dispatch through
+    those maps. The record's mark id, in map keys and in ``meta mark set`` rules, is replaced by
+    role tokens (``<id>``, ``<id:in>``, ``<id:out>``), so the digest does not depend on which id
+    a kernel's port has, only on its being the same everywhere."""
+    return canonical_digest({"backend": "nftables", "format": DIGEST_FORMAT, "port": structure})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -363,6 +363,18 @@ class Service:
         survey = executor.survey(self.backend.survey_steps())
         return self._commit(changes, lambda port_changes: self.backend.rebuild_plan(port_changes, survey, []))
 
+    def _rebuild_with(self, changes: Sequence[_Change]) -> list[AppliedBinding]:
+        """Rebuild all bindings, with ``changes`` applied; the bindings of ``changes``' ports."""
+        changing = {c.port: c for c in changes}
+        keep = [a.binding for a in self.state.all() if a.binding.portdev not in changing]
+        wanted = keep + [c.new for c in changes if c.new is not None]
+        rulesets = {c.port: c.ruleset for c in changes if c.ruleset is not None}
+        applied = self._rebuild_bindings(wanted, rulesets)
+        for change in changes:
+            if change.new is None:
+                self.state.remove(change.port)
+        return [a for a in applied if a.binding.portdev in changing]
+
     def _commit(self, changes: Sequence[_Change],
                 planner: Callable[[list[PortChange]], tuple] | None = None) -> list[AppliedBinding]:
         """One plan for every change, executed, then recorded; the new bindings' state."""
@@ -374,7 +386,15 @@ class Service:
         else:
             plan, records = planner(port_changes)
         self._require_bridge_netfilter(changes)
-        executor.execute(plan)
+        try:
+            executor.execute(plan)
+        except FirewallError as error:
+            if planner is not None or not any(c.old for c in changes):
+                raise
+            # The kernel refused to replace or remove recorded rules: most likely they were
+            # wiped (nft flush ruleset, a firewall reload). Build the whole intended state anew.
+            log.warning("%s; rebuilding every binding in one transaction", error)
+            return self._rebuild_with(changes)
         applied = []
         for change in changes:
             if change.new is None:

@@ -279,6 +279,14 @@ class Libvirtd:
         if ns != self.lab.host_ns:
             raise LibvirtdError(f"libvirtd runs in namespace {ns!r}, not {self.lab.host_ns}")
 
+    def restart(self) -> None:
+        """Stop the daemon by its PID and start it again in the same namespace. Running
+        guests survive; the new daemon reconnects to them (the ``reconnect`` hook runs)."""
+        if self.pid is None or self.lab is None:
+            raise LibvirtdError("the test libvirtd is not running")
+        self._kill_pid(self.pid)
+        self._spawn()
+
     def _remove_stale_guests(self) -> None:
         names = virsh("list", "--all", "--name").stdout.split()
         for name in names:

@@ -1,0 +1,380 @@
+"""The real hook under a real libvirtd: disk-less guests whose metadata names our filters.
+
+The wrapper is written by ``libvirt-nwfilter install-hook`` (configuration and run directories in
+temporary directories, nftables backend) and installed by the libvirtd fixture before the daemon
+starts. The CLI runs inside libvirtd's namespace, where the taps and our tables are.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import libvirtd as lv
+import netlab
+
+NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
+TABLES = (("bridge", "libvirt_nwfilter"), ("inet", "libvirt_nwfilter"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nwf-hook")
+    paths = {"conf": base / "conf", "run": base / "run", "hooks": base / "hooks", "log": base / "hook.log"}
+    paths["conf"].mkdir()
+    return paths
+
+
+def nwf_argv(dirs, *args: str) -> list[str]:
+    return [sys.executable, "-m", "libvirt_nwfilter", "--confdir", str(dirs["conf"]), "--rundir", str(dirs["run"]),
+            *args]
+
+
+@pytest.fixture(scope="module")
+def libvirtd_hook(dirs):
+    """The wrapper exactly as install-hook writes it (here into a scratch hooks directory)."""
+    done = subprocess.run(nwf_argv(dirs, "--backend", "nftables", "install-hook", "--hooks-dir", str(dirs["hooks"]),
+                                   "--log-file", str(dirs["log"])),
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return (dirs["hooks"] / "qemu.d" / "libvirt-nwfilter").read_text()
+
+
+@pytest.fixture
+def nwf(libvirtd, dirs):
+    """Run the CLI in libvirtd's namespace: nwf(*args, check=True) -> CompletedProcess."""
+    def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        return netlab.run_in(libvirtd.lab.host_ns, nwf_argv(dirs, *args), check=check, input=input, timeout=180)
+    return run
+
+
+@pytest.fixture
+def clean(libvirt_lab, libvirtd, nwf, dirs):
+    """Every test starts and must end without our bindings and without libvirt's."""
+    assert bindings(nwf) == {}
+    yield libvirt_lab
+    for name in list(libvirtd.guests):
+        lv.virsh("destroy", name, check=False)
+    assert bindings(nwf) == {}, (dirs["log"].read_text() if dirs["log"].exists() else "")
+    assert libvirtd.bindings() == []  # libvirt's own engine was never involved
+
+
+def bindings(nwf) -> dict[str, tuple[str, str]]:
+    """Our binding-list: port -> (filter, owner)."""
+    rows = nwf("-q", "binding-list").stdout.splitlines()
+    return {cols[0]: (cols[1], cols[2]) for cols in (row.split() for row in rows) if cols}
+
+
+def metadata(mac: str, filter: str = "clean-traffic", params: dict | None = None, prefix: str = "nwf") -> str:
+    params = {"IP": "10.0.0.5"} if params is None else params
+    inner = "".join(f'<{prefix}:parameter name="{n}" value="{v}"/>' for n, v in params.items())
+    return (f'    <{prefix}:nwfilter xmlns:{prefix}="{NS}">\n      <{prefix}:interface mac="{mac}">'
+            f'<{prefix}:filterref filter="{filter}">{inner}</{prefix}:filterref></{prefix}:interface>\n'
+            f'    </{prefix}:nwfilter>')
+
+
+def our_rules(lab) -> str:
+    """Our tables in libvirtd's namespace ('' when there are none)."""
+    return "".join(lab.host_run(["nft", "list", "table", fam, name], check=False).stdout for fam, name in TABLES)
+
+
+def wipe_rules(lab) -> None:
+    for fam, name in TABLES:
+        lab.host_run(["nft", "delete", "table", fam, name], check=False)
+    assert our_rules(lab) == ""
+
+
+def assert_filtered(lab, port: str) -> None:
+    rules = our_rules(lab)
+    assert re.search(rf'"{re.escape(port)}"|\b{re.escape(port)}\b', rules), f"{port} not in:\n{rules}"
+
+
+def assert_not_filtered(lab, port: str) -> None:
+    rules = our_rules(lab)
+    assert not re.search(rf'"{re.escape(port)}"', rules), f"{port} still in:\n{rules}"
+
+
+def start_error(name: str) -> str:
+    done = lv.virsh("start", name, check=False)
+    assert done.returncode != 0, f"{name} started"
+    return done.stderr
+
+
+def running(name: str) -> bool:
+    return lv.virsh("domstate", name).stdout.strip() == "running"
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_start_binds_the_tap_and_destroy_unbinds(clean, libvirtd, nwf, dirs):
+    mac = "52:54:00:a1:00:01"
+    guest = libvirtd.start_guest("nwft-hook-one", mac, metadata=metadata(mac, prefix="x"))
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+    dump = nwf("binding-dumpxml", guest.tap).stdout
+    assert f"<uuid>{guest.uuid}</uuid>" in dump and f"<mac address='{mac}'/>" in dump
+    assert "<parameter name='IP' value='10.0.0.5'/>" in dump and "<parameter name='MAC'" in dump
+    assert_filtered(clean, guest.tap)
+    log = dirs["log"].read_text()
+    assert f"domain '{guest.name}' start: INFO: interface {mac}: port {guest.tap} filtered by 'clean-traffic'" in log
+
+    lv.virsh("destroy", guest.name)
+    assert bindings(nwf) == {}
+    assert_not_filtered(clean, guest.tap)
+
+
+def test_guest_without_metadata_is_not_touched(clean, libvirtd, nwf):
+    libvirtd.start_guest("nwft-hook-plain", "52:54:00:a1:00:02")
+    assert bindings(nwf) == {}
+
+
+@pytest.mark.parametrize("meta, expected", [
+    (metadata("52:54:00:a1:00:03", params={}), r"missing variables: IP"),
+    (metadata("52:54:00:a1:00:03", filter="nwft-no-such-filter"), r"'nwft-no-such-filter' is missing"),
+    (metadata("52:54:00:a1:00:03", params={"IP": "10.0.0.5;"}), r"parameter 'IP': value '10.0.0.5;' is invalid"),
+    (metadata("52:54:00:a1:00:99"), r"the domain has no interface with this MAC address"),
+], ids=["missing-parameter", "unknown-filter", "bad-parameter", "unknown-mac"])
+def test_refused_start_names_the_problem_and_leaves_nothing(clean, libvirtd, nwf, meta, expected):
+    name = "nwft-hook-refused"
+    libvirtd.define_guest(name, "52:54:00:a1:00:03", metadata=meta)
+    error = start_error(name)
+    assert "Hook script execution failed" in error
+    assert re.search(r"libvirt-nwfilter: domain 'nwft-hook-refused'.*" + expected, error), error
+    assert lv.virsh("domstate", name).stdout.strip() == "shut off"
+    assert bindings(nwf) == {}
+    assert "vnet" not in our_rules(clean)
+
+
+def test_six_guests_started_and_destroyed_in_parallel(clean, libvirtd, nwf):
+    guests = {f"nwft-hook-par{i}": f"52:54:00:a2:00:{i:02x}" for i in range(6)}
+    for i, (name, mac) in enumerate(guests.items()):
+        libvirtd.define_guest(name, mac, metadata=metadata(mac, params={"IP": f"10.0.1.{i + 1}"}))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda n: lv.virsh("start", n, check=False), guests))
+    assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
+    taps = {name: libvirtd.guest_tap(name) for name in guests}
+    assert bindings(nwf) == {taps[name]: ("clean-traffic", name) for name in guests}
+    for i, name in enumerate(guests):
+        assert f"value='10.0.1.{i + 1}'" in nwf("binding-dumpxml", taps[name]).stdout
+        assert_filtered(clean, taps[name])
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda n: lv.virsh("destroy", n, check=False), guests))
+    assert [r.returncode for r in results] == [0] * 6
+    assert bindings(nwf) == {}
+    for tap in taps.values():
+        assert_not_filtered(clean, tap)
+
+
+def test_reapply_domain_and_all_rebind_running_guests(clean, libvirtd, nwf):
+    mac = "52:54:00:a3:00:01"
+    guest = libvirtd.start_guest("nwft-hook-reapply", mac, metadata=metadata(mac))
+    done = nwf("reapply", guest.name)
+    assert done.stdout == f"domain '{guest.name}': filtered {guest.tap}\n"
+    done = nwf("reapply", "--all")
+    assert f"domain '{guest.name}': filtered {guest.tap}" in done.stdout
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+    assert_filtered(clean, guest.tap)
+    refused = nwf("reapply", "nwft-hook-no-such-guest", check=False)
+    assert refused.returncode == 1 and "not found" in refused.stderr
+
+
+def test_reapply_all_removes_orphans_and_keeps_foreign_bindings(clean, libvirtd, nwf):
+    mac = "52:54:00:a3:00:11"
+    guest = libvirtd.start_guest("nwft-hook-orphans", mac, metadata=metadata(mac))
+    # A binding made with the CLI on a port that is no guest's (e.g. a container's veth).
+    clean.host_run(["ip", "link", "add", "nwftorph", "type", "veth", "peer", "name", "nwftorphp"])
+    nwf("binding-create", "-", input=lv.binding_xml("nwftorph", "52:54:00:a3:00:12", "allow-arp", owner="nwft-gone"))
+    assert "kept the binding on nwftorph" in nwf("reapply", "--all").stdout
+    assert set(bindings(nwf)) == {guest.tap, "nwftorph"}
+    # Once its port is gone, it is an orphan.
+    clean.host_run(["ip", "link", "del", "nwftorph"])
+    assert "removed the binding on nwftorph" in nwf("reapply", "--all").stdout
+    assert set(bindings(nwf)) == {guest.tap}
+    # A guest that went away without the stopped hook (here: forgotten by hand) leaves an
+    # orphan too: its owner is a domain libvirt knows that is not running.
+    lv.virsh("destroy", guest.name)
+    nwf("binding-create", "-", input=lv.binding_xml("nwftorph2", mac, "allow-arp", owner=guest.name,
+                                                    owner_uuid=guest.uuid))
+    assert "removed the binding on nwftorph2" in nwf("reapply", "--all").stdout
+    assert bindings(nwf) == {}
+
+
+def test_reapply_all_restores_wiped_rules(clean, libvirtd, nwf):
+    mac = "52:54:00:a3:00:21"
+    guest = libvirtd.start_guest("nwft-hook-wipe", mac, metadata=metadata(mac))
+    assert_filtered(clean, guest.tap)
+    wipe_rules(clean)
+    done = nwf("reapply", "--all", check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"domain '{guest.name}': filtered {guest.tap}" in done.stdout
+    assert_filtered(clean, guest.tap)
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+    wipe_rules(clean)
+    nwf("reapply", guest.name)
+    assert_filtered(clean, guest.tap)
+
+
+def test_guests_stop_and_start_after_rules_were_wiped(clean, libvirtd, nwf, dirs):
+    """The stopped hook must forget a binding whose rules vanished, and a guest that gets the
+    same tap name next must start."""
+    mac, mac2 = "52:54:00:a3:00:31", "52:54:00:a3:00:32"
+    first = libvirtd.start_guest("nwft-hook-wipe1", mac, metadata=metadata(mac))
+    wipe_rules(clean)
+    lv.virsh("destroy", first.name)
+    assert bindings(nwf) == {}, dirs["log"].read_text()
+    second = libvirtd.start_guest("nwft-hook-wipe2", mac2, metadata=metadata(mac2, params={"IP": "10.0.0.6"}))
+    assert bindings(nwf) == {second.tap: ("clean-traffic", second.name)}
+    assert_filtered(clean, second.tap)
+    # Wiped while a guest runs, then another starts: the new one is filtered at once (a start
+    # does not survey the kernel); reapply --all restores the running one.
+    wipe_rules(clean)
+    lv.virsh("start", first.name)
+    tap = libvirtd.guest_tap(first.name)
+    assert bindings(nwf) == {second.tap: ("clean-traffic", second.name), tap: ("clean-traffic", first.name)}
+    assert_filtered(clean, tap)
+    nwf("reapply", "--all")
+    assert_filtered(clean, second.tap)
+    assert_filtered(clean, tap)
+
+
+def wait_for_log(dirs, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = dirs["log"].read_text()
+        if text in log or time.monotonic() > deadline:
+            return log
+        time.sleep(0.2)
+
+
+def test_libvirtd_restart_reconnects_and_keeps_guests_filtered(clean, libvirtd, nwf, dirs):
+    mac = "52:54:00:a4:00:01"
+    guest = libvirtd.start_guest("nwft-hook-reconnect", mac, metadata=metadata(mac))
+    libvirtd.restart()
+    line = f"domain '{guest.name}' reconnect: INFO: interface {mac}: port {guest.tap} filtered by 'clean-traffic'"
+    assert line in wait_for_log(dirs, line)
+    assert running(guest.name)
+    assert_filtered(clean, guest.tap)
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+
+
+def test_libvirtd_restart_with_wiped_rules_reconnect_restores_them(clean, libvirtd, nwf, dirs):
+    mac = "52:54:00:a4:00:11"
+    guest = libvirtd.start_guest("nwft-hook-reconnect2", mac, metadata=metadata(mac))
+    wipe_rules(clean)
+    libvirtd.restart()
+    line = f"domain '{guest.name}' reconnect: INFO: interface {mac}: port {guest.tap} filtered by 'clean-traffic'"
+    assert line in wait_for_log(dirs, line)
+    assert running(guest.name)
+    assert_filtered(clean, guest.tap)
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+
+
+def test_attach_and_detach_filter_live_and_persistent(clean, libvirtd, nwf):
+    mac = "52:54:00:a5:00:01"
+    guest = libvirtd.start_guest("nwft-hook-attach", mac)
+    assert bindings(nwf) == {}
+
+    done = nwf("attach-filter", guest.name, mac.upper(), "clean-traffic", "--param", "IP=10.0.2.1",
+               "--param", "IP=10.0.2.2")
+    assert "live and persistent configuration" in done.stdout
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+    assert_filtered(clean, guest.tap)
+    for flag in ("--live", "--config"):
+        text = lv.virsh("metadata", guest.name, "--uri", NS, flag).stdout
+        assert f"<interface mac=\"{mac}\">" in text.replace("'", '"') and "10.0.2.2" in text
+    assert f'xmlns:nwf="{NS}"' in lv.virsh("dumpxml", "--inactive", guest.name).stdout
+
+    # Refusals change nothing.
+    refused = nwf("attach-filter", guest.name, mac, "clean-traffic", check=False)
+    assert refused.returncode == 1 and "missing variables: IP" in refused.stderr
+    refused = nwf("attach-filter", guest.name, "52:54:00:a5:00:99", "allow-arp", check=False)
+    assert refused.returncode == 1 and "no bridge/network/ethernet interface with MAC" in refused.stderr
+    assert "10.0.2.2" in nwf("binding-dumpxml", guest.tap).stdout
+
+    done = nwf("detach-filter", guest.name, mac)
+    assert f"Removed the binding on {guest.tap}" in done.stdout
+    assert bindings(nwf) == {}
+    assert_not_filtered(clean, guest.tap)
+    for flag in ("--live", "--config"):
+        assert lv.virsh("metadata", guest.name, "--uri", NS, flag, check=False).returncode != 0
+    assert nwf("detach-filter", guest.name, mac, check=False).returncode == 1
+
+    # --config only: nothing now, applied at the next start.
+    nwf("attach-filter", guest.name, mac, "allow-arp", "--config")
+    assert bindings(nwf) == {}
+    lv.virsh("destroy", guest.name)
+    lv.virsh("start", guest.name)
+    tap = libvirtd.guest_tap(guest.name)
+    assert bindings(nwf) == {tap: ("allow-arp", guest.name)}
+
+    # --live only: the persistent definition keeps allow-arp.
+    nwf("attach-filter", guest.name, mac, "no-mac-spoofing", "--live")
+    assert bindings(nwf) == {tap: ("no-mac-spoofing", guest.name)}
+    assert "allow-arp" in lv.virsh("metadata", guest.name, "--uri", NS, "--config").stdout
+    lv.virsh("destroy", guest.name)
+    nwf("detach-filter", guest.name, mac)  # not running: the persistent definition
+    assert lv.virsh("metadata", guest.name, "--uri", NS, "--config", check=False).returncode != 0
+
+
+def test_hot_plugged_interface_is_covered_by_reapply(clean, libvirtd, nwf):
+    """libvirt runs no hook for hot-plug: the metadata names the new NIC, reapply filters it."""
+    mac, mac2 = "52:54:00:a6:00:01", "52:54:00:a6:00:02"
+    name = "nwft-hook-hotplug"
+    xml = libvirtd.guest_xml(name, mac, metadata=metadata(mac)).replace("</os>", "</os>\n  <features><acpi/></features>")  # PCI hotplug
+    libvirtd.define_guest(name, mac, xml=xml)
+    lv.virsh("start", name)
+    both = metadata(mac).replace("</nwf:interface>", f'</nwf:interface><nwf:interface mac="{mac2}">'
+                                 '<nwf:filterref filter="allow-arp"/></nwf:interface>', 1)
+    both = both.replace("nwf:", "").replace(f' xmlns:nwf="{NS}"', "")
+    lv.virsh("metadata", name, "--uri", NS, "--key", "nwf", "--live", "--set", both)
+    nic = (f"<interface type='bridge'><mac address='{mac2}'/><source bridge='{netlab.BRIDGE}'/>"
+           "<model type='virtio'/></interface>")
+    lv.virsh("attach-device", name, "/dev/stdin", "--live", input=nic)
+    taps = re.findall(r"<target dev='([^']+)'", lv.virsh("dumpxml", name).stdout)
+    assert len(taps) == 2
+    assert bindings(nwf) == {taps[0]: ("clean-traffic", name)}
+    done = nwf("reapply", name)
+    assert done.stdout == f"domain '{name}': filtered {', '.join(sorted(taps))}\n"
+    assert bindings(nwf) == {taps[0]: ("clean-traffic", name), taps[1]: ("allow-arp", name)}
+    assert_filtered(clean, taps[1])
+
+
+def test_convert_domain_moves_native_filterref(clean, libvirtd, nwf):
+    mac = "52:54:00:a7:00:01"
+    name = "nwft-hook-convert"
+    native = "      <filterref filter='clean-traffic'><parameter name='IP' value='10.0.3.1'/></filterref>\n"
+    libvirtd.define_guest(name, mac, interface_extra=native)
+    done = nwf("convert-domain", name)
+    assert f"interface {mac}: filter 'clean-traffic' moved" in done.stdout
+    xml = lv.virsh("dumpxml", "--inactive", name).stdout
+    assert "<filterref" not in xml.split("<devices>")[1] and NS in xml
+    lv.virsh("start", name)
+    tap = libvirtd.guest_tap(name)
+    assert libvirtd.bindings() == []  # not libvirt's any more
+    assert bindings(nwf) == {tap: ("clean-traffic", name)}
+    assert "no native <filterref> to convert" in nwf("convert-domain", name).stdout
+
+
+def test_import_libvirt_filters(libvirtd, nwf, tmp_path):
+    own = tmp_path / "nwft-imported.xml"
+    own.write_text("<filter name='nwft-imported' chain='ipv4'>\n"
+                   "  <rule action='drop' direction='out' priority='100'><ip protocol='udp' dstportstart='9'/></rule>\n"
+                   "</filter>\n")
+    lv.virsh("nwfilter-define", str(own))
+    try:
+        done = nwf("import-libvirt")
+        lines = done.stdout.splitlines()
+        assert "clean-traffic: identical, skipped" in lines
+        assert "nwft-imported: imported" in lines
+        assert lines[-1] == f"{len(lines) - 1} filter(s) in libvirt: 1 imported, {len(lines) - 2} identical, 0 not imported"
+        assert "dstportstart='9'" in nwf("dumpxml", "nwft-imported").stdout
+        assert "nwft-imported: identical, skipped" in nwf("import-libvirt").stdout.splitlines()
+    finally:
+        lv.virsh("nwfilter-undefine", "nwft-imported", check=False)

@@ -10,8 +10,6 @@ import enum
 import logging
 import os
 import tempfile
-import uuid as uuidlib
-from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
@@ -23,7 +21,7 @@ from .xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
 log = logging.getLogger(__name__)
 
 # Built-in filters carry no UUID in their files; they get a stable one derived from the name.
-_BUILTIN_UUID_NAMESPACE = uuidlib.UUID("6f2c4c1e-3d55-4c8e-9a51-5b0f0b7d1a24")
+_BUILTIN_UUID_NAMESPACE = "6f2c4c1e-3d55-4c8e-9a51-5b0f0b7d1a24"
 FILE_HEADER = "<!-- managed by libvirt-nwfilter: change it with 'libvirt-nwfilter edit {name}' -->\n"
 
 
@@ -34,7 +32,7 @@ class Origin(enum.Enum):
 
 
 def builtin_dir() -> Path:
-    return Path(str(resources.files("libvirt_nwfilter") / "filters"))
+    return Path(__file__).resolve().parent / "filters"
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
@@ -81,15 +79,23 @@ class FilterStore:
         flt = parse_filter(data, str(path))
         if flt.name != name:
             raise NwfilterError(f"{path}: file name does not match filter name '{flt.name}'")
-        if builtin and flt.uuid is None:
-            flt = _with_uuid(flt, str(uuidlib.uuid5(_BUILTIN_UUID_NAMESPACE, name)))
         return flt
 
-    def lookup(self, name: str) -> Filter | None:
-        """The filter called ``name``, or None."""
+    def source(self, name: str) -> Filter | None:
+        """The filter called ``name`` as its file says (a built-in one without its UUID), or
+        None: what the resolver needs, without the cost of generating UUIDs."""
         if name not in self._cache:
             self._cache[name] = self._load(name)
         return self._cache[name]
+
+    def lookup(self, name: str) -> Filter | None:
+        """The filter called ``name`` (built-in ones with their stable UUID), or None."""
+        flt = self.source(name)
+        if flt is not None and flt.uuid is None:
+            import uuid  # only here: the module costs the hook's start-up time
+
+            flt = _with_uuid(flt, str(uuid.uuid5(uuid.UUID(_BUILTIN_UUID_NAMESPACE), name)))
+        return flt
 
     def get(self, name: str) -> Filter:
         flt = self.lookup(name)
@@ -137,7 +143,9 @@ class FilterStore:
         existing = self.all()
         current = existing.get(flt.name)
         if flt.uuid is None:
-            flt = _with_uuid(flt, current.uuid if current else str(uuidlib.uuid4()))
+            import uuid
+
+            flt = _with_uuid(flt, current.uuid if current else str(uuid.uuid4()))
         elif current is not None and current.uuid != flt.uuid:
             raise ConflictError(f"filter '{flt.name}' already exists with uuid {current.uuid}")
         for other in existing.values():

@@ -17,7 +17,6 @@ the same digest in every kernel holding the same rules for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence
@@ -98,5 +97,7 @@ class Backend(Protocol):
 def canonical_digest(value: Any) -> str:
     """sha256 (hex) of the canonical JSON of ``value`` (sorted keys, no spaces): digests of
     kernel state, comparable across processes and versions of the same digest format."""
+    import hashlib  # only verify and reconnect need it
+
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

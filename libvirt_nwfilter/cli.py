@@ -146,7 +146,8 @@ def cmd_verify(service: Service, args: argparse.Namespace) -> int:
     for item in drift:
         print(f"{item.port}: {item.problem}")
     if drift:
-        print(f"error: {len(drift)} port(s) drifted; 'libvirt-nwfilter reapply' restores them", file=sys.stderr)
+        ports = len({item.port for item in drift})
+        print(f"error: {ports} port(s) drifted; 'libvirt-nwfilter reapply' restores them", file=sys.stderr)
         return EXIT_REFUSED
     print(f"All {len(service.list_bindings())} binding(s) match the kernel and the filters.")
     return EXIT_OK

@@ -103,8 +103,10 @@ class Service:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """The host-wide lock, after completing any update a crash interrupted."""
+        """The host-wide lock, after completing any update a crash interrupted. Filters are
+        read afresh under it: another process may have redefined them meanwhile."""
         with self.state.locked():
+            self.store = FilterStore(self.config.confdir)
             self._recover()
             yield
 
@@ -213,11 +215,10 @@ class Service:
 
     def create_binding(self, binding: Binding) -> AppliedBinding:
         """Instantiate a binding on its port; refused if the port already has one."""
-        ruleset = self.ruleset(binding)
         with self.locked():
             if self.state.get(binding.portdev) is not None:
                 raise BindingError(f"binding '{binding.portdev}' already exists")
-            return self._commit([_Change(binding.portdev, None, binding, ruleset)])[0]
+            return self._commit([_Change(binding.portdev, None, binding, self.ruleset(binding))])[0]
 
     def delete_binding(self, port: str) -> AppliedBinding:
         with self.locked():
@@ -241,10 +242,10 @@ class Service:
         A port that already has a binding gets the new one in the same transaction (its old
         rules stay until the switch); a binding of another owner there is logged and replaced.
         """
-        rulesets = [self.ruleset(b) for b in bindings]
         with self.locked():
             changes = []
-            for binding, ruleset in zip(bindings, rulesets):
+            for binding in bindings:
+                ruleset = self.ruleset(binding)
                 current = self.state.get(binding.portdev)
                 if current is not None and current.binding.owner_uuid != binding.owner_uuid:
                     log.warning("port %s: replacing the binding owned by %s", binding.portdev,
@@ -269,8 +270,8 @@ class Service:
         the kernel holds exactly those rules. If a recorded port's rules were damaged or wiped,
         every binding is rebuilt in one transaction. Returns the ports that were (re)applied.
         """
-        rulesets = {b.portdev: self.ruleset(b) for b in bindings}
         with self.locked():
+            rulesets = {b.portdev: self.ruleset(b) for b in bindings}
             current = {b.portdev: self.state.get(b.portdev) for b in bindings}
             recorded = [a for a in current.values() if a is not None]
             intact = self._intact_ports(recorded)
@@ -305,18 +306,18 @@ class Service:
     def verify(self) -> list[Drift]:
         """Compare kernel, state and filters; every port that drifted, with what is wrong."""
         with self.locked():
-            recorded = self.state.all()
-            found, resolvable = [], []
-            for applied in recorded:
+            found, unchanged = [], []
+            for applied in self.state.all():
                 try:
                     current = ruleset_hash(self.ruleset(applied.binding))
                 except NwfilterError as error:
                     found.append(Drift(applied.binding.portdev, f"its filter no longer resolves: {error}"))
                     continue
-                resolvable.append(applied)
-                if current != applied.ruleset_hash:
+                if current == applied.ruleset_hash:
+                    unchanged.append(applied)
+                else:  # what the kernel should hold is unknown: the filters changed since
                     found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
-            return self._kernel_drift(resolvable) + found
+            return self._kernel_drift(unchanged) + found
 
     def _kernel_drift(self, recorded: Sequence[AppliedBinding]) -> list[Drift]:
         found = []

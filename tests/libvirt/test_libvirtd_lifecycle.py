@@ -33,7 +33,10 @@ def test_stop_restores_everything(kernel_env):
     assert not lv.QEMU_CONF_BACKUP.exists()
     assert not hook.exists()
     assert not (lv.BINDING_DIR / f"{vm.port}.xml").exists()
-    assert set(netlab.list_namespaces()) <= namespaces_before
+    # only this lab's namespaces (its host namespace name is the prefix of its VMs'): other
+    # test sessions on the machine may create their own meanwhile
+    lab_prefix = lab.host_ns
+    assert {n for n in netlab.list_namespaces() if n.startswith(lab_prefix)} <= namespaces_before
     assert not netlab.run(["pgrep", "-x", "libvirtd"], check=False).stdout.strip()
     for p in qemu_pids + [pid]:
         comm = Path(f"/proc/{p}/comm")

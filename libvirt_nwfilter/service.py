@@ -110,11 +110,19 @@ class Service:
             self._recover()
             yield
 
+    def _settled(self) -> None:
+        """Before reading: complete an update a crash interrupted (a quick check otherwise)."""
+        if (self.state.rundir / JOURNAL).is_file():
+            with self.locked():
+                pass
+
     # -- filters ------------------------------------------------------------------------
     def list_filters(self) -> list[FilterInfo]:
+        self._settled()
         return [FilterInfo(flt.uuid or "", name, self.store.origin(name)) for name, flt in self.store.all().items()]
 
     def dumpxml(self, name_or_uuid: str) -> str:
+        self._settled()
         return format_filter(self.store.find(name_or_uuid))
 
     def define(self, data: bytes, source: str) -> tuple[Filter, bool]:
@@ -228,12 +236,14 @@ class Service:
             return applied
 
     def binding(self, port: str) -> AppliedBinding:
+        self._settled()
         applied = self.state.get(port)
         if applied is None:
             raise BindingError(f"no nwfilter binding for port dev '{port}'")
         return applied
 
     def list_bindings(self) -> list[AppliedBinding]:
+        self._settled()
         return self.state.all()
 
     def bind_owner(self, bindings: Sequence[Binding]) -> list[AppliedBinding]:
@@ -394,10 +404,13 @@ class Service:
         except FirewallError as error:
             if planner is not None or not any(c.old for c in changes):
                 raise
-            # The kernel refused to replace or remove recorded rules: most likely they were
-            # wiped (nft flush ruleset, a firewall reload). Build the whole intended state anew.
-            log.warning("%s; rebuilding every binding in one transaction", error)
-            return self._rebuild_with(changes)
+            # Refused while replacing or removing recorded rules: if they were wiped behind our
+            # back (nft flush ruleset, a firewall reload), building everything anew works.
+            log.info("%s; retrying as one rebuild of every binding", error)
+            try:
+                return self._rebuild_with(changes)
+            except FirewallError:
+                raise error from None
         applied = []
         for change in changes:
             if change.new is None:

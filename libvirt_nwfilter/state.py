@@ -49,9 +49,16 @@ class State:
         fd = os.open(self.rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._remove_partial_writes()
             yield
         finally:
             os.close(fd)
+
+    def _remove_partial_writes(self) -> None:
+        """Temporary files of writes a killed process left (nobody else writes under the lock)."""
+        for directory in (self.rundir, self.bindings_dir):
+            for leftover in directory.glob(".*.json.*") if directory.is_dir() else ():
+                leftover.unlink(missing_ok=True)
 
     def _path(self, port: str) -> Path:
         if not PORT_NAME_RE.match(port) or port in (".", ".."):

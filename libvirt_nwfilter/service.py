@@ -177,7 +177,7 @@ class Service:
         write_atomically(self.state.rundir / JOURNAL, json.dumps(journal) + "\n", mode=0o600)
         try:
             self._commit(changes)
-        except BaseException:
+        except NwfilterError:  # refused: nothing changed (an interruption keeps the journal)
             (self.state.rundir / JOURNAL).unlink(missing_ok=True)
             raise
         self.store.write(flt)

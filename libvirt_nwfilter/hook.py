@@ -73,15 +73,15 @@ def make_service(config: Config) -> "Service":
 
 
 def has_bindings(config: Config, owner_uuid: str | None = None, ports: Sequence[str] = ()) -> bool:
-    """Whether our state holds a binding on one of ``ports`` or (a scan of every binding)
-    owned by ``owner_uuid``; read without the lock and without importing the service: a quick
+    """Whether our state holds a binding on one of ``ports`` or 
+    owned by ``owner_uuid`` (the state's index); read without the lock and without importing the service: a quick
     way out for guests we have nothing to do for."""
     from .state import State
 
     state = State(config.rundir)
     if any(state.get(port) is not None for port in ports):
         return True
-    return owner_uuid is not None and any(a.binding.owner_uuid == owner_uuid for a in state.all())
+    return owner_uuid is not None and bool(state.owned_ports(owner_uuid))
 
 
 # ------------------------------------------------------------------------------------------

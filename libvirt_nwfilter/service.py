@@ -266,7 +266,7 @@ class Service:
     def unbind_owner(self, owner_uuid: str) -> list[str]:
         """Remove every binding owned by ``owner_uuid``; returns the ports cleaned."""
         with self.locked():
-            owned = [a for a in self.state.all() if a.binding.owner_uuid == owner_uuid]
+            owned = [a for a in map(self.state.get, self.state.owned_ports(owner_uuid)) if a is not None]
             if owned:
                 self._commit([_Change(a.binding.portdev, a, None) for a in owned])
             for applied in owned:
@@ -367,13 +367,17 @@ class Service:
 
     # -- internals ----------------------------------------------------------------------
     def _rebuild(self, recorded: Sequence[AppliedBinding]) -> list[AppliedBinding]:
-        bindings = [a.binding for a in recorded]
-        return self._rebuild_bindings(bindings, {b.portdev: self.ruleset(b) for b in bindings})
+        current = {a.binding.portdev: a for a in recorded}
+        return self._rebuild_bindings([a.binding for a in recorded], {}, current)
 
-    def _rebuild_bindings(self, bindings: Sequence[Binding], rulesets: dict[str, PortRuleset]) -> list[AppliedBinding]:
-        changes = [_Change(b.portdev, self.state.get(b.portdev), b, rulesets.get(b.portdev) or self.ruleset(b))
+    def _rebuild_bindings(self, bindings: Sequence[Binding], rulesets: dict[str, PortRuleset],
+                          current: dict[str, AppliedBinding] | None = None) -> list[AppliedBinding]:
+        """Every binding that should exist, built anew in one plan (whatever the kernel holds)."""
+        current = current if current is not None else {b.portdev: self.state.get(b.portdev) for b in bindings}
+        changes = [_Change(b.portdev, current.get(b.portdev), b, rulesets.get(b.portdev) or self.ruleset(b))
                    for b in bindings]
-        survey = executor.survey(self.backend.survey_steps())
+        steps = self.backend.survey_steps()
+        survey = executor.survey(steps) if self.backend.rebuild_reads_kernel else ["" for _ in steps]
         return self._commit(changes, lambda port_changes: self.backend.rebuild_plan(port_changes, survey, []))
 
     def _rebuild_with(self, changes: Sequence[_Change]) -> list[AppliedBinding]:

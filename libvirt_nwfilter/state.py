@@ -99,46 +99,53 @@ class State:
         self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
                          mode=0o600)
-        self._remember_id(applied.binding.portdev, applied.record)
+        self._update_index(applied.binding.portdev, _index_entry(applied))
 
     def remove(self, port: str) -> None:
         self._path(port).unlink(missing_ok=True)
-        self._forget_id(port)
+        self._update_index(port, None)
 
-    # -- mark ids: a small index so a change need not read every binding's file ----------
+    # -- the index: owner and mark id per port, so a change need not read every file ------
     @property
-    def _ids_path(self) -> Path:
-        return self.rundir / "ids.json"
+    def _index_path(self) -> Path:
+        return self.rundir / "index.json"
+
+    def index(self) -> dict[str, dict[str, Any]]:
+        """Port -> {"owner": owner UUID, "id": mark id or None} (rebuilt from the files if needed)."""
+        try:
+            found = json.loads(self._index_path.read_text(encoding="utf-8"))
+            if isinstance(found, dict):
+                return found
+        except (OSError, ValueError):
+            pass
+        return self.rebuild_index()
+
+    def rebuild_index(self) -> dict[str, dict[str, Any]]:
+        index = {a.binding.portdev: _index_entry(a) for a in self.all()}
+        self._write_index(index)
+        return index
 
     def ids(self) -> dict[str, int]:
-        """Port -> mark id of every binding that has one (rebuilt from the files if needed)."""
-        try:
-            return {k: int(v) for k, v in json.loads(self._ids_path.read_text(encoding="utf-8")).items()}
-        except (OSError, ValueError, AttributeError):
-            return self.rebuild_ids()
+        """Port -> mark id of every binding that has one."""
+        return {port: int(entry["id"]) for port, entry in self.index().items() if entry.get("id") is not None}
 
-    def rebuild_ids(self) -> dict[str, int]:
-        ids = {a.binding.portdev: int(a.record["id"]) for a in self.all() if a.record.get("id") is not None}
-        self._write_ids(ids)
-        return ids
+    def owned_ports(self, owner_uuid: str) -> list[str]:
+        return sorted(port for port, entry in self.index().items() if entry.get("owner") == owner_uuid)
 
-    def _write_ids(self, ids: dict[str, int]) -> None:
+    def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(self._ids_path, json.dumps(ids, sort_keys=True) + "\n", mode=0o600)
+        write_atomically(self._index_path, json.dumps(index, sort_keys=True) + "\n", mode=0o600)
 
-    def _remember_id(self, port: str, record: dict[str, Any]) -> None:
-        ids = self.ids()
-        if record.get("id") is not None:
-            if ids.get(port) == record["id"]:
-                return
-            ids[port] = int(record["id"])
-        elif port not in ids:
+    def _update_index(self, port: str, entry: dict[str, Any] | None) -> None:
+        index = self.index()
+        if index.get(port) == entry:
             return
+        if entry is None:
+            del index[port]
         else:
-            del ids[port]
-        self._write_ids(ids)
+            index[port] = entry
+        self._write_index(index)
 
-    def _forget_id(self, port: str) -> None:
-        ids = self.ids()
-        if ids.pop(port, None) is not None:
-            self._write_ids(ids)
+
+def _index_entry(applied: AppliedBinding) -> dict[str, Any]:
+    return {"owner": applied.binding.owner_uuid, "id": applied.record.get("id")}

@@ -58,6 +58,7 @@ class PortChange:
 
 class Backend(Protocol):
     name: str
+    rebuild_reads_kernel: bool  # does rebuild_plan need the survey's outputs?
 
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
              ) -> tuple[Plan, dict[str, PortRecord | None]]:

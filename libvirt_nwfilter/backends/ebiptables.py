@@ -870,6 +870,7 @@ class EbiptablesBackend:
     """libvirt-compatible layout with ebtables/iptables/ip6tables restore transactions."""
 
     name = NAME
+    rebuild_reads_kernel = True  # rebuild_plan removes what the survey found
 
     def __init__(self, restore_argv: Mapping[str, Sequence[str]] | None = None,
                  save_argv: Mapping[str, Sequence[str]] | None = None):

@@ -523,6 +523,7 @@ class NftablesBackend:
     """Renders port changes as one nftables transaction (see the module docstring)."""
 
     name = "nftables"
+    rebuild_reads_kernel = False  # rebuild_plan deletes and re-creates our tables
 
     def __init__(self, conntrack: str = "inet", l2_reject: bool = False, nft: str = DEFAULT_NFT,
                  *, mark_shift: int = 8, id_bits: int = 12):

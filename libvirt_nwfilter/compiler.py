@@ -293,7 +293,7 @@ def _insert_state(conds: list[Cond], instance: RuleInstance, copy: Copy, is_reve
         return conds if state == "NONE" else conds + [Cond(Field.CT_STATE, tuple(state.split(",")))]
     if rule.action is not Action.ACCEPT or rule.direction is Direction.INOUT:
         return conds
-    opening = (rule.direction is Direction.OUT) != is_reversed
+    opening = not is_reversed  # the copy that sees the traffic as written opens connections
     states = ("NEW", "ESTABLISHED") if opening else ("ESTABLISHED",)
     extra = [Cond(Field.CT_STATE, states)]
     if not any(c.field is Field.ICMP_TYPE for c in conds):

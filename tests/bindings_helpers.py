@@ -13,7 +13,14 @@ the machine's ``python3`` as well as with ``.venv/bin/python``.
   whether it arrived (one sniffer per receiver, one sender per source): a whole batch costs
   about one ``settle``.
 * :func:`kernel_snapshot` captures the firewall state of a namespace (nft ruleset, ebtables,
-  iptables, ip6tables) with counters removed, for "nothing changed" assertions.
+  iptables, ip6tables) with counters removed, for "nothing changed" assertions;
+  :func:`dispatch_entries` lists the ports our backend dispatches.
+* :func:`exchange` / :func:`run_concurrently`: thread-safe TCP/UDP checks, run side by side;
+  :class:`HostEndpoint` makes the host namespace a connection source.
+* Fixtures ``backend`` (both backends), ``cli`` and ``pair`` (VMs a and b): import them.
+
+Others import this module too (tests/kernel/test_live_update.py): keep the names and signatures
+stable.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 from xml.sax.saxutils import quoteattr
 
 import netlab
@@ -507,3 +514,26 @@ class HostEndpoint:
 
     def __init__(self, lab: netlab.Lab):
         self.ns = lab.host_ns
+
+
+def exchange(lab: netlab.Lab, kind: str, src, dst_ip: str, port: int, timeout: float = 1.0,
+             dst_ns: str | None = None) -> tuple[bool, str]:
+    """Like ``lab.tcp_connect``/``lab.udp_exchange`` (``kind`` ``tcp``/``udp``) but thread-safe:
+    returns ``(ok, client report)`` instead of setting ``lab.last_exchange``."""
+    dst_ns = dst_ns or lab.ns_of_ip(dst_ip)
+    server = lab._server(f"{kind}-listen", dst_ns, dst_ip, port)
+    try:
+        verb = "udp-request" if kind == "udp" else "tcp-connect"
+        proc = netlab.run_in(src.ns, [netlab.PYTHON, str(netlab.FRAMETOOL), verb, dst_ip, str(port),
+                                      "--timeout", str(timeout)], check=False, timeout=timeout + 10)
+    finally:
+        netlab._close_proc(server)
+    return proc.returncode == 0, proc.stdout.strip()
+
+
+def run_concurrently(checks: Mapping[str, object], *args, workers: int = 8) -> dict:
+    """Call every ``checks[name](*args)`` in a thread pool; ``{name: result}`` in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(check, *args) for name, check in checks.items()}
+        return {name: fut.result() for name, fut in futures.items()}

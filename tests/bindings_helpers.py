@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from xml.sax.saxutils import quoteattr
 
+import libvirtd
 import netlab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,19 +131,8 @@ class Cli:
 def binding_xml(port: str, mac: str, filter: str,
                 params: Mapping[str, str | Sequence[str]] | None = None,
                 owner: str = "nwft-bindings", owner_uuid: str | None = None) -> str:
-    """A libvirt ``<filterbinding>`` (what ``virsh nwfilter-binding-create`` takes); list values
-    become one ``<parameter>`` per value, in order."""
-    import uuid as uuidlib
-    lines = ["<filterbinding>", "  <owner>", f"    <name>{owner}</name>",
-             f"    <uuid>{owner_uuid or uuidlib.uuid4()}</uuid>", "  </owner>",
-             f"  <portdev name={quoteattr(port)}/>", f"  <mac address={quoteattr(mac)}/>",
-             f"  <filterref filter={quoteattr(filter)}>"]
-    for name, value in (params or {}).items():
-        values = [value] if isinstance(value, str) else list(value)
-        for v in values:
-            lines.append(f"    <parameter name={quoteattr(name)} value={quoteattr(str(v))}/>")
-    lines += ["  </filterref>", "</filterbinding>", ""]
-    return "\n".join(lines)
+    """A libvirt ``<filterbinding>`` owned by ``owner`` (see :func:`libvirtd.binding_xml`)."""
+    return libvirtd.binding_xml(port, mac, filter, params, owner, owner_uuid)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,17 +8,13 @@ name to (port, builder).
 from __future__ import annotations
 
 from libvirt_nwfilter.ir import (
-    Cond,
     Field,
     Icmpv6Range,
     IcmpType,
-    IpNet,
     IpRange,
     IpSet,
     Jump,
-    L2Rule,
     L2Side,
-    L3Rule,
     MacMatch,
     NumRange,
     PortRuleset,
@@ -26,36 +22,15 @@ from libvirt_nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
+from ir_builders import c, l2, l3  # noqa: E402  (tests/ is on the path)
+from ir_builders import ethertype as etype  # noqa: E402
+from ir_builders import net4 as ip4  # noqa: E402
+from ir_builders import net6 as ip6  # noqa: E402
 
 F = Field
 V = Verdict
 BCAST = "ff:ff:ff:ff:ff:ff"
 STP_DEST = MacMatch("01:80:c2:00:00:00")
-
-
-def c(field: Field, value: object, negated: bool = False) -> Cond:
-    return Cond(field, value, negated)
-
-
-def l2(verdict: Verdict, *conds: Cond, origin: str = "test") -> L2Rule:
-    return L2Rule(tuple(conds), verdict, origin)
-
-
-def l3(family: int, protocol: str, verdict: Verdict, *conds: Cond, comment: str | None = None,
-       origin: str = "test") -> L3Rule:
-    return L3Rule(family, protocol, tuple(conds), verdict, origin, comment)
-
-
-def ip4(addr: str, prefix: int = 32) -> IpNet:
-    return IpNet(addr, prefix, 4)
-
-
-def ip6(addr: str, prefix: int = 128) -> IpNet:
-    return IpNet(addr, prefix, 6)
-
-
-def etype(value: int) -> Cond:
-    return c(F.ETHER_TYPE, value)
 
 
 # ---------------------------------------------------------------------------------------------

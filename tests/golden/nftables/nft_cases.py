@@ -13,16 +13,12 @@ from typing import Callable
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend
 from libvirt_nwfilter.ir import (
-    Cond,
     Field,
     Icmpv6Range,
     IcmpType,
-    IpNet,
     IpRange,
     Jump,
-    L2Rule,
     L2Side,
-    L3Rule,
     MacMatch,
     NumRange,
     PortRuleset,
@@ -30,36 +26,13 @@ from libvirt_nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
+from ir_builders import c, l2, l3, net4, net6  # noqa: E402  (tests/ is on the path)
+from ir_builders import ethertype as et  # noqa: E402
 
 MAC = "52:54:00:00:00:01"
 IP = "10.0.0.1"
 BCAST = "ff:ff:ff:ff:ff:ff"
 A, D, R, C, X = Verdict.ACCEPT, Verdict.DROP, Verdict.RETURN, Verdict.CONTINUE, Verdict.REJECT
-
-
-def c(fld: Field, value, negated: bool = False) -> Cond:
-    return Cond(fld, value, negated)
-
-
-def et(value: int) -> Cond:
-    return c(Field.ETHER_TYPE, value)
-
-
-def l2(verdict: Verdict, *conds: Cond, origin: str = "filter 'test' rule 1") -> L2Rule:
-    return L2Rule(tuple(conds), verdict, origin)
-
-
-def l3(family: int, protocol: str, verdict: Verdict, *conds: Cond, comment: str | None = None,
-       origin: str = "filter 'test' rule 1") -> L3Rule:
-    return L3Rule(family, protocol, tuple(conds), verdict, origin, comment)
-
-
-def net4(address: str, prefix: int = 32) -> IpNet:
-    return IpNet(address, prefix, 4)
-
-
-def net6(address: str, prefix: int = 128) -> IpNet:
-    return IpNet(address, prefix, 6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -275,11 +275,6 @@ def to_bindings(domain: Domain, require_target: bool = True) -> list[Binding]:
     return bindings
 
 
-def native_interfaces(domain: Domain) -> tuple[Interface, ...]:
-    """Interfaces with libvirt's own ``<filterref>`` (left to libvirt)."""
-    return tuple(i for i in domain.interfaces if i.native_filterref)
-
-
 # ------------------------------------------------------------------------------------------
 # Formatting and editing
 

@@ -71,8 +71,3 @@ def make_backend(config: Config) -> Backend:
 
     caps = capabilities(config.rundir)
     return NftablesBackend(conntrack=caps.conntrack_mode, l2_reject=caps.bridge_reject)
-
-
-def bridge_nf_settings() -> dict[str, str | None]:
-    """Current values of the bridge-netfilter sysctls (None where the module is not loaded)."""
-    return {name: executor.read_sysctl(name) for name in BRIDGE_NF_SYSCTLS}

@@ -15,7 +15,7 @@ from lxml import etree
 
 from .errors import ValidationError
 from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Binding, Direction,
-                    Filter, FilterRef, Match, Rule, VarRef, chain_prefix, make_params)
+                    Filter, FilterRef, Match, Rule, chain_prefix, make_params)
 from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, parse_literal
 from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
@@ -474,8 +474,3 @@ def format_binding(binding: Binding) -> str:
     lines.append(f"  <mac address='{binding.mac}'/>")
     lines += format_filterref(binding.filterref)
     return "\n".join(lines + ["</filterbinding>"]) + "\n"
-
-
-def variable_text(value) -> str:
-    """A model value as text (variables in their printed form)."""
-    return str(value) if isinstance(value, VarRef) else value

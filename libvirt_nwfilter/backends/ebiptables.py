@@ -1010,10 +1010,6 @@ class EbiptablesBackend:
 
     # Extras for status, recovery and tests --------------------------------------------------
 
-    def snapshot_steps(self) -> dict[str, Step]:
-        """Steps whose stdout :func:`records_from_snapshot` / :func:`purge_steps` read."""
-        return {t: Step(SAVE_ARGV[t]) for t in TOOLS}
-
     def purge_steps(self, snapshots: Mapping[str, str], *, globals: bool = True) -> tuple[Step, ...]:
         return purge_steps(snapshots, globals=globals, restore_argv=self.restore_argv)
 

@@ -548,12 +548,6 @@ class NftablesBackend:
         """True when L3 rules only work with br_netfilter and bridge-nf-call-ip(6)tables=1."""
         return self.conntrack == "inet"
 
-    def describe(self) -> str:
-        if self.conntrack == "inet":
-            return ("nftables (L3 connection tracking in the inet family via br_netfilter; "
-                    "needs net.bridge.bridge-nf-call-iptables/ip6tables=1)")
-        return "nftables (L3 connection tracking in the bridge family, nf_conntrack_bridge)"
-
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
              others: Mapping[str, PortRecord] | Iterable[PortRecord] | None = None,
              ) -> tuple[Plan, dict[str, PortRecord | None]]:

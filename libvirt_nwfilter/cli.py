@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import cli_libvirt
+from . import __version__, cli_libvirt
 from .config import BACKENDS, Config
 from .errors import NwfilterError
 from .service import Service
@@ -33,15 +33,24 @@ no-mac-spoofing, ...) are built in; filters you define are stored in CONFDIR/fil
 precedence over a built-in filter of the same name."""
 
 EPILOG = """\
+exit status:
+  0  success
+  1  the input was refused or the operation failed (nothing was changed)
+  2  wrong usage
+
 environment:
   LIBVIRT_NWFILTER_CONFDIR  configuration directory (default /etc/libvirt-nwfilter)
   LIBVIRT_NWFILTER_RUNDIR   run-time state directory (default /run/libvirt-nwfilter)
   LIBVIRT_NWFILTER_BACKEND  firewall backend: nftables (default) or ebiptables
   EDITOR, VISUAL            editor used by 'edit' (default vi)
 
-exit status:
-  0 success; 1 the input was refused or the operation failed (nothing was changed);
-  2 wrong usage."""
+files:
+  CONFDIR/libvirt-nwfilter.conf  configuration: 'backend = nftables' or 'backend = ebiptables'
+  CONFDIR/filters/NAME.xml       filters defined with 'define' or 'edit'
+  RUNDIR/                        applied bindings, the host-wide lock and the update journal
+                                 (kept in memory: gone after a reboot, like the kernel's rules)
+  /etc/libvirt/hooks/qemu.d/libvirt-nwfilter
+                                 the qemu hook written by 'install-hook'"""
 
 
 def one_line(text: str) -> str:
@@ -181,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, help="firewall backend (overrides LIBVIRT_NWFILTER_BACKEND)")
     parser.add_argument("-q", "--quiet", action="store_true", help="tables without headers, like virsh -q")
     parser.add_argument("--debug", action="store_true", help="log debug messages and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
     _verb(sub, "list", cmd_list, "List defined filters.",

@@ -56,6 +56,38 @@ FILTER_OPERATIONS = ("migrate", "restore")
 OPERATIONS = CHECK_OPERATIONS + START_OPERATIONS + STOP_OPERATIONS + SYNC_OPERATIONS + FILTER_OPERATIONS
 
 USAGE = "usage: qemu GUEST OPERATION SUB-OPERATION EXTRA (domain XML on standard input)"
+HELP = f"""\
+{USAGE}
+
+libvirt's qemu hook of libvirt-nwfilter. libvirtd runs it for every guest operation, with the
+guest's domain XML on standard input, and waits for it. It filters each interface that names a
+filter in the guest's libvirt-nwfilter metadata; guests without such metadata are left alone.
+Interface hot-plug runs no hook: 'libvirt-nwfilter reapply GUEST' filters a new interface.
+
+operations:
+  prepare            check every filtered interface's filter and parameters; refuse the
+                     start early
+  start              filter every filtered interface on its tap, all or nothing
+  stopped, release   remove every binding the guest owns (never fails)
+  reconnect, attach  make the rules match the guest again (libvirtd restarted)
+  migrate, restore   check that the filters exist here; print the domain XML unchanged
+  others             nothing (exit status 0)
+
+exit status:
+  0  done, or nothing to do
+  1  the operation is refused: one line on standard error, which libvirt shows as the error of
+     the operation (a guest does not start)
+
+environment:
+  LIBVIRT_NWFILTER_CONFDIR    configuration directory (default /etc/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_RUNDIR     run-time state directory (default /run/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_BACKEND    firewall backend: nftables (default) or ebiptables
+  {LOG_FILE_VARIABLE}   also log to this file
+
+logging:
+  Everything but a refusal goes to syslog (facility daemon, identifier {SYSLOG_IDENT}) and to
+  {LOG_FILE_VARIABLE} when set. libvirtd runs hooks with an almost empty environment:
+  the wrapper that 'libvirt-nwfilter install-hook' writes sets these variables."""
 
 
 class Refusal(Exception):
@@ -295,6 +327,9 @@ def _setup_logging(guest: str, operation: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The hook process: logging set up, then :func:`run`."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if args == ["--help"]:  # libvirtd always passes four arguments
+        print(HELP)
+        return EXIT_OK
     if len(args) >= 2 and args[1] in OPERATIONS:
         try:
             _setup_logging(args[0], args[1])

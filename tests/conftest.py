@@ -1,6 +1,7 @@
 """Shared fixtures.
 
-Kernel tests (``tests/kernel``, marker ``kernel``) need root, ``nft`` and network namespaces;
+Kernel tests (``tests/kernel``, marker ``kernel``) need root, ``nft`` and network namespaces
+(so do the Debian package tests in ``tests/package``, which carry the same marker);
 libvirt tests (``tests/libvirt``, markers ``libvirt`` and ``kernel``) also need libvirtd and
 QEMU. They are never skipped silently: when something is missing they *fail*. To leave them
 out on purpose set ``LIBVIRT_NWFILTER_SKIP_KERNEL=1`` (skips both kinds) or
@@ -38,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.fspath)).resolve()
         parts = path.relative_to(TESTS_DIR).parts if path.is_relative_to(TESTS_DIR) else ()
-        if parts[:1] == ("kernel",):
+        if parts[:1] in (("kernel",), ("package",)):
             item.add_marker(pytest.mark.kernel)
         if parts[:1] == ("libvirt",):
             item.add_marker(pytest.mark.libvirt)

@@ -163,19 +163,22 @@ def test_install_use_remove_reinstall_and_purge_on_clean_debian_12(package_build
     assert complete(root, "libvirt-nwfilter undefine site") == ["site-web"]
     assert complete(root, "libvirt-nwfilter binding-delete ") == ["vnet0"]
 
-    root.run(["env", "-i", HOOK, "guest1", "stopped", "end", "-"], netns=netns, input=domain_xml("vnet0"))
-    assert nwfilter(root, "-q", "binding-list") == ""
-
-    # remove: the hook goes (its code goes), configuration stays; reinstalling puts it back
-    hook_text = wrapper.read_text()
+    # remove: the hook goes (its code goes), the configuration and the guest's rules stay;
+    # installing again puts the hook back
+    hook_text, rules = wrapper.read_text(), netlab.run_in(netns, ["nft", "list", "ruleset"]).stdout
     removed = root.apt("remove", "libvirt-nwfilter").stdout
     assert f"removed the qemu hook {HOOK}" in removed
+    assert "1 binding(s) stay in the kernel" in removed
     assert not wrapper.exists() and root.package_status("libvirt-nwfilter") == "rc"
+    assert netlab.run_in(netns, ["nft", "list", "ruleset"]).stdout == rules and "vnet0" in rules
     assert root.file(CONFFILE).exists() and root.file("/etc/libvirt-nwfilter/filters/site-web.xml").exists()
     reinstalled = root.apt("install", deb).stdout
     assert f"put back the qemu hook {HOOK}" in reinstalled
     assert wrapper.read_text() == hook_text
     assert "site-web" in nwfilter(root, "-q", "list")
+    root.run(["env", "-i", HOOK, "guest1", "stopped", "end", "-"], netns=netns, input=domain_xml("vnet0"))
+    assert nwfilter(root, "-q", "binding-list") == ""
+    assert "vnet0" not in netlab.run_in(netns, ["nft", "list", "ruleset"]).stdout
 
     # purge: nothing of ours is left
     root.apt("purge", "libvirt-nwfilter")

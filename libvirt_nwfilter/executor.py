@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 from functools import lru_cache
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 TOOL_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/local/sbin"
 _ENV = {"LC_ALL": "C", "PATH": TOOL_PATH}
 TIMEOUT_SECONDS = 120
+# How the tools name the input line they refused: nft -f "/dev/stdin:12:5-9: Error: …", the
+# restore tools "line 12 failed" (kernel) or "Error occurred at line: 12" (parser).
+_REFUSED_LINE_RE = re.compile(r"/dev/stdin:(\d+):|\bline:? (\d+)")
 
 
 @lru_cache(maxsize=None)
@@ -50,9 +54,21 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
 
 
 def _failure(step: Step, result: subprocess.CompletedProcess) -> FirewallError:
+    """The tool's first lines of complaint, after the input line it names and that line's port."""
     lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
     detail = " | ".join(lines[:3]) or f"exit status {result.returncode}"
-    return FirewallError(f"{step.argv[0]} refused the change: {detail}")
+    return FirewallError(f"{step.argv[0]} refused the change{_refused_line(step, result.stderr or '')}: {detail}")
+
+
+def _refused_line(step: Step, stderr: str) -> str:
+    """`` of port P (input line N: TEXT)`` for the input line the tool names, if any."""
+    found = _REFUSED_LINE_RE.search(stderr)
+    number = int(found.group(1) or found.group(2)) if found else 0
+    inputs = step.stdin.splitlines()
+    if not 1 <= number <= len(inputs):
+        return ""
+    port = step.port_of_line(number)
+    return f"{f' of port {port}' if port else ''} (input line {number}: {inputs[number - 1]})"
 
 
 def execute(plan: Plan, netns: str | None = None) -> None:

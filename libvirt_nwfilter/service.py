@@ -436,7 +436,7 @@ class Service:
         """L3 rules see bridged packets only with br_netfilter on: switch it on, or refuse."""
         from .probe import BRIDGE_NF_SYSCTLS
 
-        if not getattr(self.backend, "needs_br_netfilter", True):
+        if not self.backend.needs_br_netfilter:
             return
         families = set().union(*(c.ruleset.l3_families() for c in changes if c.ruleset is not None))
         for family, name in zip((4, 6), BRIDGE_NF_SYSCTLS):

@@ -1,18 +1,24 @@
-"""What every backend provides, and the plan the executor runs.
+"""The contract every backend fulfils, and the plan the executor runs.
 
 A backend is pure: it turns port changes into a :class:`Plan` (argument lists and stdin texts)
 and says what to record about each port so the next change can find the old rules. Only
-``executor.py`` runs the plan.
+``executor.py`` runs the plan. :class:`Backend` lists everything the service asks of a backend;
+there is nothing else to call and nothing to probe for.
 
 Drift detection and recovery (``verify``, ``reapply``, hook ``reconnect``), the same for every
 backend: ``survey_steps()`` lists everything of ours (run each with ``executor.run``; stdout, or
 "" for a failed step); ``kernel_digests(survey outputs, records)`` gives each port's digest of
-what a kernel has; ``rebuild_plan(changes, survey)`` removes everything of ours and builds
+what a kernel has; ``kernel_ports(survey outputs)`` names every port of which the kernel holds
+anything of ours; ``rebuild_plan(changes, survey)`` removes everything of ours and builds
 exactly the given ports. Applying a change computes no digest (the per-binding path stays as
 cheap as the change itself): the expected digest of a port is that of a reference kernel (a
 throw-away network namespace) into which ``rebuild_plan`` put the recorded rulesets. Digests are
 therefore independent of generations, of the other ports and of per-namespace ids: a port has
 the same digest in every kernel holding the same rules for it.
+
+A refused step is reported with the input line the tool names and the port that line serves:
+backends build each step's input with :class:`Batch`, which remembers the port of every block
+of lines (:attr:`Step.owners`).
 """
 
 from __future__ import annotations
@@ -29,11 +35,52 @@ PortRecord = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Step:
-    """One process run: ``argv`` with ``stdin``; a failure is fatal unless ``ignore_errors``."""
+    """One process run: ``argv`` with ``stdin``; a failure is fatal unless ``ignore_errors``.
+
+    ``owners``: (first line, port) of each block of ``stdin`` lines that serves one port, in
+    order ("" for lines that serve none); a line belongs to the last block starting at or
+    before it."""
 
     argv: tuple[str, ...]
     stdin: str = ""
     ignore_errors: bool = False
+    owners: tuple[tuple[int, str], ...] = ()
+
+    def port_of_line(self, number: int) -> str:
+        """The port that line ``number`` (1-based) of ``stdin`` serves; "" when none."""
+        port = ""
+        for first, owner in self.owners:
+            if first > number:
+                break
+            port = owner
+        return port
+
+
+class Batch:
+    """The input of one step, built block by block; each block serves one port (or none)."""
+
+    __slots__ = ("lines", "owners", "_header")
+
+    def __init__(self, *header: str):
+        self.lines: list[str] = list(header)
+        self.owners: list[tuple[int, str]] = []
+        self._header = len(header)
+
+    def add(self, lines: Iterable[str], port: str = "") -> None:
+        first = len(self.lines) + 1
+        self.lines.extend(lines)
+        if len(self.lines) >= first and (self.owners[-1][1] if self.owners else "") != port:
+            self.owners.append((first, port))
+
+    def __bool__(self) -> bool:
+        """Whether anything beyond the header was added."""
+        return len(self.lines) > self._header
+
+    def step(self, argv: Sequence[str], *footer: str, ignore_errors: bool = False) -> Step:
+        """The step running ``argv`` on these lines, then ``footer`` (which serves no port)."""
+        owners = self.owners + [(len(self.lines) + 1, "")] if footer and self.owners else self.owners
+        text = "\n".join([*self.lines, *footer]) + "\n"
+        return Step(tuple(argv), text, ignore_errors, tuple(owners))
 
 
 @dataclass(frozen=True)
@@ -57,8 +104,9 @@ class PortChange:
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # stored with every binding: a record is only ever given back to its backend
     rebuild_reads_kernel: bool  # does rebuild_plan need the survey's outputs?
+    needs_br_netfilter: bool  # do L3 rules see bridged packets only through br_netfilter?
 
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
              ) -> tuple[Plan, dict[str, PortRecord | None]]:
@@ -77,10 +125,14 @@ class Backend(Protocol):
         generations only). Never fails because recorded objects are missing (``reapply``)."""
         ...
 
+    def teardown_plan(self, survey: Sequence[str]) -> Plan:
+        """A plan removing everything of ours the survey shows, global objects included."""
+        ...
+
     def survey_steps(self) -> tuple[Step, ...]:
-        """Read-only steps listing everything of ours in the kernel. Run them with
+        """Read-only steps listing everything of ours in the kernel, and only that. Run them with
         ``executor.run`` (no exception on failure) and pass their stdout ("" for a failed step),
-        in order, to :meth:`kernel_digests` or :meth:`rebuild_plan`."""
+        in order, to :meth:`kernel_digests`, :meth:`kernel_ports` or :meth:`rebuild_plan`."""
         ...
 
     def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
@@ -94,11 +146,20 @@ class Backend(Protocol):
         ruleset (:meth:`rebuild_plan`) in another kernel has the same digest."""
         ...
 
+    def kernel_ports(self, outputs: Sequence[str]) -> set[str]:
+        """Pure: every port of which the survey outputs show any object of ours (chains, sets,
+        dispatch entries, port ids), whatever the records say: with the records, the orphans."""
+        ...
+
 
 def canonical_digest(value: Any) -> str:
     """sha256 (hex) of the canonical JSON of ``value`` (sorted keys, no spaces): digests of
     kernel state, comparable across processes and versions of the same digest format."""
     import hashlib  # only verify and reconnect need it
 
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON with sorted keys and no spaces (also a sort key for mixed values)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -19,33 +19,27 @@ test fails. The root namespace's firewall is never touched.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import re
-import shutil
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
 
 import netlab
-from golden.nftables import nft_cases
+from golden.ebiptables import cases as eb_cases
+from golden.nftables import cases as nft_cases
 from libvirt_nwfilter import executor
-from libvirt_nwfilter.backends import ebiptables as eb
-from libvirt_nwfilter.backends import nftables
-from libvirt_nwfilter.backends.base import Plan, PortChange, Step
+from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.ebiptables import EbiptablesBackend
-from libvirt_nwfilter.backends.nftables import NftablesBackend
-from libvirt_nwfilter.ir import Field
+from libvirt_nwfilter.backends.ebiptables.digest import port_digest as eb_empty_digest
+from libvirt_nwfilter.backends.ebiptables.names import GLOBAL_CHAINS, is_temp_chain
+from libvirt_nwfilter.backends.ebiptables.tools import TOOLS
+from libvirt_nwfilter.backends.nftables import NftablesBackend, probe_bridge_conntrack_text
+from libvirt_nwfilter.backends.nftables.digest import port_digest as nft_empty_digest
+from libvirt_nwfilter.backends.nftables.names import TABLE, chain_name
 
-_spec = importlib.util.spec_from_file_location(
-    "ebiptables_cases", Path(__file__).resolve().parents[1] / "golden" / "ebiptables" / "cases.py")
-eb_cases = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eb_cases)
-
-T = nftables.TABLE
+T = TABLE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,22 +71,9 @@ def fresh_ns(kernel_env):
             raise failures[0]
 
 
-def in_ns(ns: str, step: Step) -> Step:
-    return Step(("ip", "netns", "exec", ns, *step.argv), step.stdin, step.ignore_errors)
-
-
-def execute(ns: str, plan: Plan) -> None:
-    wrap = lambda steps: tuple(in_ns(ns, s) for s in steps)  # noqa: E731
-    executor.execute(Plan(wrap(plan.apply), wrap(plan.commit), wrap(plan.rollback)))
-
-
 def survey(ns: str, backend) -> list[str]:
-    """The survey as the service runs it: executor.run, "" for a failed step."""
-    outputs = []
-    for step in backend.survey_steps():
-        result = executor.run(in_ns(ns, step))
-        outputs.append(result.stdout if result.returncode == 0 else "")
-    return outputs
+    """The survey as the service runs it: executor.survey, "" for a failed step."""
+    return executor.survey(backend.survey_steps(), ns)
 
 
 class Ports:
@@ -111,13 +92,13 @@ class Ports:
         ports = list(self.rulesets) if ports is None else ports
         changes = [PortChange(p, self.records.get(p), self.rulesets[p]) for p in ports]
         plan, records = self.backend.plan(changes)
-        execute(self.ns, plan)
+        executor.execute(plan, self.ns)
         self.records.update(records)
 
     def rebuild(self) -> None:
         changes = [PortChange(p, self.records.get(p), rs) for p, rs in self.rulesets.items()]
         plan, records = self.backend.rebuild_plan(changes, survey(self.ns, self.backend))
-        execute(self.ns, plan)
+        executor.execute(plan, self.ns)
         self.records = dict(records)
 
     def kernel(self) -> dict[str, str | None]:
@@ -139,11 +120,26 @@ class Ports:
             self.prepare(ns)
             ids = [] if together else live_ids
             plan, records = self.backend.rebuild_plan(changes, survey(ns, self.backend), ids)
-            execute(ns, plan)
+            executor.execute(plan, ns)
             live = {p: r for p, r in records.items() if r is not None}
             self.reference_records.update(live)
             out.update(self.backend.kernel_digests(survey(ns, self.backend), live))
         return out
+
+    def check_damage(self, do: Callable[["Ports"], object], expect_changed: set, expect_none: set) -> None:
+        """``do`` damages the applied ports: exactly the expected ports then differ from their
+        references (None: nothing of them left); a rebuild restores them, also when repeated on
+        an intact kernel."""
+        self.apply()
+        reference = self.reference()
+        assert self.kernel() == reference
+        do(self)
+        after = self.kernel()
+        assert changed(reference, after) == expect_changed
+        assert {p for p, d in after.items() if d is None} == expect_none
+        for _ in range(2):
+            self.rebuild()
+            assert self.kernel() == reference
 
     def sh(self, *argv: str, input: str | None = None) -> str:
         return netlab.run_in(self.ns, list(argv), input=input).stdout
@@ -168,15 +164,15 @@ def nft_handle(ports: Ports, family: str, chain: str, rule_text: str) -> str:
 
 def chain_of(ports: Ports, port: str, kind: str, sub: str | None = None) -> str:
     gen = ports.records[port]["gen"]
-    return nftables._chain_name(kind, gen, port, sub)
+    return chain_name(kind, gen, port, sub)
 
 
 def listed_mark_rule(ports: Ports, port: str, pid: int | None = None) -> str:
     """The ingress mark rule of ``port`` (id ``pid``, default its own) as nft lists it."""
     backend = ports.backend
-    value = (ports.records[port]["id"] if pid is None else pid) << backend.in_shift
-    keep = 0xFFFFFFFF ^ backend.in_mask
-    return f"meta mark set meta mark & {nftables._hex(keep | value, 8)} | {nftables._hex(value, 8)}"
+    value = (ports.records[port]["id"] if pid is None else pid) << backend.marks.in_shift
+    keep = 0xFFFFFFFF ^ backend.marks.in_mask
+    return f"meta mark set meta mark & 0x{keep | value:08x} | 0x{value:08x}"
 
 
 def free_id(ports: Ports) -> int:
@@ -264,7 +260,7 @@ NFT_DAMAGE = {
     "base chain flushed": (lambda p: p.sh("nft", "flush", "chain", "bridge", T, "l2-to-vm"),
                            {"vp2"}, set()),  # only vp2 has to-VM rules
     "chain of a port deleted": (lambda p: p.sh("nft", "-f", "-", input=(
-        f'delete element inet {T} fo {{ {nftables._hex(p.records["vp3"]["id"] << 8, 8)} }}\n'
+        f'delete element inet {T} fo {{ 0x{p.records["vp3"]["id"] << 8:08x} }}\n'
         f'flush chain inet {T} {chain_of(p, "vp3", "FO")}\n'
         f'delete chain inet {T} {chain_of(p, "vp3", "FO")}\n')),
                                 {"vp3"}, set()),
@@ -276,19 +272,7 @@ NFT_DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(NFT_DAMAGE))
 def test_nft_damage_is_seen_and_rebuild_restores(nft_ports, damage):
-    do, expect_changed, expect_none = NFT_DAMAGE[damage]
-    nft_ports.apply()
-    reference = nft_ports.reference()
-    assert nft_ports.kernel() == reference
-    do(nft_ports)
-    after = nft_ports.kernel()
-    assert changed(reference, after) == expect_changed
-    assert {p for p, d in after.items() if d is None} == expect_none
-    nft_ports.rebuild()
-    assert nft_ports.kernel() == reference
-    # a rebuild on an intact kernel is harmless as well
-    nft_ports.rebuild()
-    assert nft_ports.kernel() == reference
+    nft_ports.check_damage(*NFT_DAMAGE[damage])
 
 
 def test_nft_rebuild_removes_ports_without_binding(nft_ports):
@@ -317,14 +301,14 @@ def test_nft_every_golden_ruleset_digests_alike_in_a_reference_kernel(lab, fresh
     assert live == ports.reference()
     ports.apply()  # generation 2
     assert ports.kernel() == live
-    assert live["vnet8"] == nftables.port_digest(None) and len(set(live.values())) == len(live)
+    assert live["vnet8"] == nft_empty_digest(None) and len(set(live.values())) == len(live)
 
 
 def test_nft_bridge_mode(lab, fresh_ns):
     ns = lab.host_ns
     backend = NftablesBackend(conntrack="bridge")
     rulesets = {"vp1": nft_cases.l3_no_ct(), "vp2": nft_cases.root_only()}
-    probe = netlab.run_in(ns, ["nft", "-c", "-f", "-"], input=nftables.probe_bridge_conntrack_text(), check=False)
+    probe = netlab.run_in(ns, ["nft", "-c", "-f", "-"], input=probe_bridge_conntrack_text(), check=False)
     if probe.returncode == 0:
         rulesets["vp3"] = nft_cases.l3_every_field_v4()
     ports = Ports(ns, backend, rulesets, fresh_ns)
@@ -363,11 +347,11 @@ def test_nft_one_port_change_and_digests_with_1000_ports(lab, fresh_ns, capsys):
     reference = ports.reference(together=True)
     t5 = time.monotonic()
     assert live == reference and None not in live.values()
-    lines = len(outputs[0].splitlines())
+    size = sum(map(len, outputs)) // 1024
     with capsys.disabled():
         print(f"\n[1000 nft ports] apply all {t1 - t0:.2f}s; one-port change (plan + nft -f) median "
               f"{statistics.median(changes) * 1000:.0f} ms (min {min(changes) * 1000:.0f}, max "
-              f"{max(changes) * 1000:.0f}); survey ({lines} lines) {t3 - t2:.2f}s; kernel_digests "
+              f"{max(changes) * 1000:.0f}); survey ({size} KiB) {t3 - t2:.2f}s; kernel_digests "
               f"{t4 - t3:.2f}s; reference kernel (rebuild + survey + digests) {t5 - t4:.2f}s")
     assert statistics.median(changes) < 0.5
     assert t5 - t2 < 60
@@ -401,26 +385,19 @@ def test_eb_kernel_equals_reference_and_survives_reapply(eb_ports):
     assert changed(live, after) == {"vp2"} and eb_ports.reference() == after
 
 
-def _without_ipsets(rs):
-    keep = lambda rules: tuple(r for r in rules if not any(x.field is Field.IPSET for x in r.conds))  # noqa: E731
-    return dataclasses.replace(rs, fi=keep(rs.fi), fo=keep(rs.fo), hi=keep(rs.hi))
-
-
 def test_eb_every_golden_ruleset(lab, fresh_ns):
-    rulesets = {port: build() for port, build in eb_cases.CASES.values()}
-    prepare = None
-    if shutil.which("ipset"):
-        def prepare(ns: str) -> None:
-            for name in ("trusted", "my set"):  # sets named by the l3-fields case (per namespace)
-                netlab.run_in(ns, ["ipset", "create", name, "hash:ip"])
-        prepare(lab.host_ns)
-    else:
-        rulesets = {port: _without_ipsets(rs) for port, rs in rulesets.items()}
+    rulesets = {case.port: case.build() for case in eb_cases.CASES}
+
+    def prepare(ns: str) -> None:
+        for name in eb_cases.IPSETS:  # the kernel ipsets the cases name (per namespace)
+            netlab.run_in(ns, ["ipset", "create", name, "hash:ip"])
+
+    prepare(lab.host_ns)
     ports = Ports(lab.host_ns, EbiptablesBackend(), rulesets, fresh_ns, prepare)
     ports.apply()
     live = ports.kernel()
     assert live == ports.reference()
-    assert live[eb_cases.CASES["empty"][0]] == eb.port_digest(None)
+    assert live[next(case.port for case in eb_cases.CASES if case.name == "empty")] == eb_empty_digest(None)
     ports.rebuild()
     assert ports.kernel() == live
 
@@ -455,23 +432,12 @@ EB_DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(EB_DAMAGE))
 def test_eb_damage_is_seen_and_rebuild_restores(eb_ports, damage):
-    do, expect_changed, expect_none = EB_DAMAGE[damage]
-    eb_ports.apply()
-    reference = eb_ports.reference()
-    assert eb_ports.kernel() == reference
-    do(eb_ports)
-    after = eb_ports.kernel()
-    assert changed(reference, after) == expect_changed
-    assert {p for p, d in after.items() if d is None} == expect_none
-    eb_ports.rebuild()
-    assert eb_ports.kernel() == reference
-    eb_ports.rebuild()
-    assert eb_ports.kernel() == reference
+    eb_ports.check_damage(*EB_DAMAGE[damage])
     # exactly our objects: no temporary chains, one hook per global chain
-    saved = {tool: eb_ports.sh(*eb.SAVE_ARGV[tool]) for tool in eb.TOOLS}
-    assert not [c for c in re.findall(r"^:(\S+)", saved["ebtables"], re.M) if eb._is_temp_chain(c)]
+    saved = {tool.name: eb_ports.sh(*tool.save) for tool in TOOLS}
+    assert not [c for c in re.findall(r"^:(\S+)", saved["ebtables"], re.M) if is_temp_chain(c)]
     for tool in ("iptables", "ip6tables"):
-        assert sorted(re.findall(r"^-A (?:FORWARD|INPUT) -j (nwf-\S+)$", saved[tool], re.M)) == sorted(eb.GLOBAL_CHAINS)
+        assert sorted(re.findall(r"^-A (?:FORWARD|INPUT) -j (nwf-\S+)$", saved[tool], re.M)) == sorted(GLOBAL_CHAINS)
 
 
 def test_eb_rebuild_removes_ports_without_binding_and_ignores_stale_records(eb_ports):
@@ -485,5 +451,37 @@ def test_eb_rebuild_removes_ports_without_binding_and_ignores_stale_records(eb_p
     eb_ports.rebuild()
     assert eb_ports.kernel() == intact == eb_ports.reference()
     assert stray.kernel() == {"vp9": None}
-    text = "".join(eb_ports.sh(*eb.SAVE_ARGV[t]) for t in eb.TOOLS)
+    text = "".join(eb_ports.sh(*t.save) for t in TOOLS)
     assert "vp9" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Both: the inventory of what the kernel holds per port (orphans: ports no record names)
+
+
+@pytest.mark.parametrize("ports_fixture, stray_ruleset",
+                         [("nft_ports", nft_cases.only_fo), ("eb_ports", eb_cases.mixed)], ids=["nftables", "ebiptables"])
+def test_kernel_ports_name_every_port_of_ours_and_the_inventory_removes_one(request, ports_fixture, stray_ruleset):
+    ports = request.getfixturevalue(ports_fixture)
+    backend = ports.backend
+    ports.apply()
+    intact = ports.kernel()
+    assert backend.kernel_ports(survey(ports.ns, backend)) == set(ports.rulesets)
+    # a port no record names: seen all the same
+    stray = Ports(ports.ns, backend, {"vp9": stray_ruleset()})
+    stray.apply()
+    assert backend.kernel_ports(survey(ports.ns, backend)) == set(ports.rulesets) | {"vp9"}
+    # its inventory record removes exactly what the kernel holds of it; the others are untouched
+    held = backend.inventory(survey(ports.ns, backend))
+    assert {"vp1", "vp9"} <= set(held)
+    plan, _ = backend.plan([PortChange("vp9", held["vp9"], None)], [])
+    executor.execute(plan, ports.ns)
+    assert backend.kernel_ports(survey(ports.ns, backend)) == set(ports.rulesets)
+    assert ports.kernel() == intact
+    assert "vp9" not in "".join(survey(ports.ns, backend))
+    # one port's objects deleted behind our back: it is no longer named
+    plan, _ = backend.plan([PortChange("vp2", held["vp2"], None)], [])
+    executor.execute(plan, ports.ns)
+    assert backend.kernel_ports(survey(ports.ns, backend)) == set(ports.rulesets) - {"vp2"}
+    ports.rebuild()
+    assert backend.kernel_ports(survey(ports.ns, backend)) == set(ports.rulesets) and ports.kernel() == intact

@@ -1,7 +1,8 @@
 """The nftables backend against a real kernel, in throw-away namespaces (tests/netlab.py).
 
 apply → replace → delete of a port (old generations gone, foreign tables byte-identical), a
-refused batch leaves everything as it was, an id clash is refused, and real traffic through a
+refused batch leaves everything as it was (its error names the refused line and its port), an id
+clash is refused, and real traffic through a
 bridge with two veth "VMs": spoofed source MACs are dropped at L2 and only TCP to port 22 reaches
 VM A at L3 (default state matching: A may answer), with the inet conntrack mode (br_netfilter).
 """
@@ -17,10 +18,12 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 
 import netlab
-from golden.nftables import nft_cases
-from libvirt_nwfilter.backends import nftables
+from golden.nftables import cases as nft_cases
+from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend
+from libvirt_nwfilter.backends.nftables.names import TABLE
+from libvirt_nwfilter.errors import FirewallError
 from libvirt_nwfilter.ir import PortRuleset
 
 MAC_A = "52:54:00:00:00:01"
@@ -66,7 +69,7 @@ def chains(ns: str) -> set[str]:
     """Our per-port (non-base) chains, as "family name"."""
     data = json.loads(netlab.run_in(ns, ["nft", "-j", "list", "chains"]).stdout)
     return {f"{item['chain']['family']} {item['chain']['name']}" for item in data["nftables"]
-            if "chain" in item and item["chain"]["table"] == nftables.TABLE
+            if "chain" in item and item["chain"]["table"] == TABLE
             and "hook" not in item["chain"]}  # per-port chains only
 
 
@@ -87,37 +90,37 @@ def test_apply_replace_delete(host):
     foreign_nat = listing(ns, "bridge", "nat")
     backend = NftablesBackend(conntrack="inet")
 
-    plan, records = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], others={})
+    plan, records = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], [])
     run_plan(ns, plan)
     first = records["vp1"]
     assert first["gen"] == 1 and first["id"] == 1
     assert {f"{f} {n}" for f, n in first["chains"]} == chains(ns)
-    assert "I-1/vp1" in listing(ns, "bridge", nftables.TABLE)
+    assert "I-1/vp1" in listing(ns, "bridge", TABLE)
 
     plan, records = backend.plan([PortChange("vp1", first, nft_cases.clean_traffic())])
     run_plan(ns, plan)
     second = records["vp1"]
     assert second["gen"] == 2 and second["id"] is None  # no L3 rules: no id
     assert chains(ns) == {f"{f} {n}" for f, n in second["chains"]}
-    text = listing(ns, "bridge", nftables.TABLE)
+    text = listing(ns, "bridge", TABLE)
     assert "I-1/" not in text and "MO-1/" not in text
     assert '"vp1" : jump I-2/vp1' in text and '"vp1" : jump O-2/vp1' in text
-    inet = listing(ns, "inet", nftables.TABLE)
+    inet = listing(ns, "inet", TABLE)
     assert "FI-1" not in inet and "0x00000001" not in inet
 
     plan, records = backend.plan([PortChange("vp1", second, None)])
     run_plan(ns, plan)
     assert records == {"vp1": None}
     assert chains(ns) == set()
-    assert "vp1" not in listing(ns, "bridge", nftables.TABLE)
+    assert "vp1" not in listing(ns, "bridge", TABLE)
 
     assert listing(ns, "inet", "foreign") == foreign_inet
     assert listing(ns, "bridge", "nat") == foreign_nat
 
-    run_plan(ns, backend.teardown_plan())
-    run_plan(ns, backend.teardown_plan())  # idempotent
+    run_plan(ns, backend.teardown_plan([]))
+    run_plan(ns, backend.teardown_plan([]))  # idempotent
     tables = netlab.run_in(ns, ["nft", "list", "tables"]).stdout
-    assert nftables.TABLE not in tables
+    assert TABLE not in tables
     assert "table inet foreign" in tables and "table bridge nat" in tables
 
 
@@ -135,6 +138,11 @@ def test_refused_batch_leaves_previous_rules(host):
     proc = try_plan(ns, plan)
     assert proc.returncode != 0
     assert ruleset(ns) == before
+    # through the executor, the error names the refused input line and the port it serves
+    with pytest.raises(FirewallError, match=r"refused the change of port vp1 \(input line \d+: "
+                                            r"flush chain bridge libvirt_nwfilter I-7/vp1\): /dev/stdin:"):
+        executor.execute(plan, ns)
+    assert ruleset(ns) == before
     # a rule the kernel cannot take (bridge-family ct without nf_conntrack_bridge, or a bogus
     # protocol) also leaves everything as it was
     bad = plan.apply[0].stdin + "add rule bridge libvirt_nwfilter I-2/vp2 meta l4proto 6 th dport 99999 drop\n"
@@ -146,17 +154,17 @@ def test_refused_batch_leaves_previous_rules(host):
 def test_id_clash_is_refused_not_shared(host):
     ns = host.host_ns
     backend = NftablesBackend(conntrack="inet")
-    plan, records = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], others={})
+    plan, records = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], [])
     run_plan(ns, plan)
     before = ruleset(ns)
     # the caller wrongly claims there are no other ports: vp2 would get id 1 as well
-    plan, clash = backend.plan([PortChange("vp2", None, nft_cases.ssh_to_a(MAC_B, "10.0.0.2"))], others={})
+    plan, clash = backend.plan([PortChange("vp2", None, nft_cases.ssh_to_a(MAC_B, "10.0.0.2"))], [])
     assert clash["vp2"]["id"] == 1
     assert try_plan(ns, plan).returncode != 0
     assert ruleset(ns) == before
     # with the records it gets the next free id
     plan, fine = backend.plan([PortChange("vp2", None, nft_cases.ssh_to_a(MAC_B, "10.0.0.2"))],
-                              others=records)
+                              [r["id"] for r in records.values()])
     assert fine["vp2"]["id"] == 2
     run_plan(ns, plan)
 
@@ -171,7 +179,7 @@ def test_rebuild_after_flush_ruleset(host):
     expected = chains(ns)
     netlab.run_in(ns, ["nft", "flush", "ruleset"])
     # a normal change now fails (the old elements are gone) ...
-    plan, _ = backend.plan([PortChange("vp1", records["vp1"], nft_cases.ssh_to_a())], others=records)
+    plan, _ = backend.plan([PortChange("vp1", records["vp1"], nft_cases.ssh_to_a())], [records["vp2"]["id"]])
     assert try_plan(ns, plan).returncode != 0
     # ... a rebuild of every port works, keeps ids, and also works on an intact kernel
     for _ in range(2):
@@ -189,7 +197,7 @@ def test_odd_port_and_chain_names(lab):
     plan, records = backend.plan([PortChange(n, None, nft_cases.odd_names()) for n in names])
     run_plan(ns, plan)
     assert len(chains(ns)) == 3 * len(names)
-    text = listing(ns, "bridge", nftables.TABLE)
+    text = listing(ns, "bridge", TABLE)
     for n in names:
         assert f'"{n}" : jump' in text
     plan, _ = backend.plan([PortChange(n, records[n], None) for n in names])
@@ -361,8 +369,12 @@ def test_change_cost_with_many_ports(lab, capsys):
     backend = NftablesBackend(conntrack="inet")
     records: dict = {}
 
+    def ids(but: str = "") -> list[int]:
+        return [r["id"] for p, r in records.items() if p != but and r["id"] is not None]
+
     def change(port: str) -> tuple[str, float]:
-        text, new = backend.render([PortChange(port, records.get(port), nft_cases.clean_traffic())], others=records)
+        plan, new = backend.plan([PortChange(port, records.get(port), nft_cases.clean_traffic())], ids(port))
+        text = plan.apply[0].stdin
         started = time.perf_counter()
         proc = netlab.run_in(ns, ["nft", "-f", "-"], input=text, check=False)
         elapsed = time.perf_counter() - started
@@ -373,9 +385,9 @@ def test_change_cost_with_many_ports(lab, capsys):
     empty = sorted(change("tap0")[1] for _ in range(5))[2]
     alone_text = change("tap0")[0]
     for start in range(1, 501, 250):
-        text, new = backend.render([PortChange(f"vnet{i}", None, nft_cases.clean_traffic())
-                                    for i in range(start, start + 250)], others=records)
-        run_plan(ns, backend._plan_for(text))
+        plan, new = backend.plan([PortChange(f"vnet{i}", None, nft_cases.clean_traffic())
+                                  for i in range(start, start + 250)], ids())
+        run_plan(ns, plan)
         records.update(new)
     crowded = sorted(change("tap0")[1] for _ in range(5))[2]
     crowded_text = change("tap0")[0]
@@ -394,14 +406,14 @@ def test_switching_conntrack_mode_keeps_working(lab):
     bridge-mode backend (its inet objects are removed from the inet table) and back."""
     ns = lab.host_ns
     inet, bridge = NftablesBackend(conntrack="inet"), NftablesBackend(conntrack="bridge")
-    plan, records = inet.plan([PortChange("vp1", None, nft_cases.l3_no_ct())], others={})
+    plan, records = inet.plan([PortChange("vp1", None, nft_cases.l3_no_ct())], [])
     run_plan(ns, plan)
-    plan, records = bridge.plan([PortChange("vp1", records["vp1"], nft_cases.l3_no_ct())], others={})
+    plan, records = bridge.plan([PortChange("vp1", records["vp1"], nft_cases.l3_no_ct())], [])
     run_plan(ns, plan)
     assert records["vp1"]["mode"] == "bridge" and records["vp1"]["id"] is None
     assert {c.split()[0] for c in chains(ns)} == {"bridge"}
-    assert "jump" not in listing(ns, "inet", nftables.TABLE).split("chain l3-fwd")[0]
-    plan, records = inet.plan([PortChange("vp1", records["vp1"], nft_cases.l3_no_ct())], others={})
+    assert "jump" not in listing(ns, "inet", TABLE).split("chain l3-fwd")[0]
+    plan, records = inet.plan([PortChange("vp1", records["vp1"], nft_cases.l3_no_ct())], [])
     run_plan(ns, plan)
     assert {c.split()[0] for c in chains(ns)} == {"bridge", "inet"}
-    assert 'jump FI-3/vp1' in listing(ns, "inet", nftables.TABLE)
+    assert 'jump FI-3/vp1' in listing(ns, "inet", TABLE)

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from libvirt_nwfilter.backends import ebiptables as eb
+from golden.ebiptables import cases
 from libvirt_nwfilter.backends.base import PortChange
+from libvirt_nwfilter.backends.ebiptables import EbiptablesBackend, listing, names
+from libvirt_nwfilter.backends.ebiptables.plan import ensure_globals_text, render_port
+from libvirt_nwfilter.backends.ebiptables.render import fmt_comment, render_l2_conds, render_l2_rule, render_l3_args
+from libvirt_nwfilter.backends.ebiptables.tools import TOOLS
 from libvirt_nwfilter.errors import UnsupportedError
-from libvirt_nwfilter.ir import (
-    Cond,
-    Field,
-    Icmpv6Range,
-    IcmpType,
-    IpNet,
-    IpRange,
-    IpSet,
-    Jump,
-    L2Rule,
-    L2Side,
-    L3Rule,
-    MacMatch,
-    NumRange,
-    PortRuleset,
-    Side,
-    SubChain,
-    TcpFlags,
-    Verdict,
-)
-
-_spec = importlib.util.spec_from_file_location(
-    "ebiptables_cases", Path(__file__).resolve().parents[1] / "golden" / "ebiptables" / "cases.py"
-)
-cases = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cases)
+from libvirt_nwfilter.ir import Cond, Field, Icmpv6Range, IcmpType, IpNet, IpRange, IpSet, Jump, L2Rule, L2Side
+from libvirt_nwfilter.ir import L3Rule, MacMatch, NumRange, PortRuleset, Side, SubChain, TcpFlags, Verdict
 
 F = Field
 MAC = "52:54:00:12:34:56"
@@ -47,11 +25,11 @@ def c(field, value, negated=False):
 
 
 def l2args(*conds, jump=False):
-    return " ".join(eb.render_l2_conds(conds, jump=jump))
+    return " ".join(render_l2_conds(conds, jump=jump))
 
 
 def l3args(protocol, *conds, family=4, verdict=Verdict.ACCEPT, comment=None):
-    return " ".join(eb.render_l3_args(L3Rule(family, protocol, tuple(conds), verdict, "t", comment)))
+    return " ".join(render_l3_args(L3Rule(family, protocol, tuple(conds), verdict, "t", comment)))
 
 
 ET_IP, ET_IP6, ET_ARP, ET_RARP, ET_VLAN = (c(F.ETHER_TYPE, v) for v in (0x800, 0x86DD, 0x806, 0x8035, 0x8100))
@@ -168,7 +146,7 @@ def test_jump_conditions(conds, expected):
 )
 def test_l2_refusals(conds, message):
     with pytest.raises(UnsupportedError, match=message):
-        eb.render_l2_conds(conds)
+        render_l2_conds(conds)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +155,7 @@ def test_l2_refusals(conds, message):
      (Verdict.RETURN, "RETURN"), (Verdict.CONTINUE, "CONTINUE")],
 )
 def test_l2_targets(verdict, target):
-    assert eb.render_l2_rule("X", L2Rule((), verdict, "t")) == f"-A X -j {target}"
+    assert render_l2_rule("X", L2Rule((), verdict, "t")) == f"-A X -j {target}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +258,8 @@ def test_comment_quoting(text, rendered):
 
 
 def test_comment_truncated_to_255_bytes_on_a_character_boundary():
-    assert len(eb.fmt_comment("x" * 300)) == 255
-    text = eb.fmt_comment("é" * 200)  # 2 bytes each
+    assert len(fmt_comment("x" * 300)) == 255
+    text = fmt_comment("é" * 200)  # 2 bytes each
     assert len(text.encode()) == 254 and text == "é" * 127
 
 
@@ -310,59 +288,59 @@ def test_l3_refusals(protocol, cond, message):
 
 def test_chain_names_and_budget():
     port, suffix = "a" * 15, "b" * 12
-    assert eb.l2_root_chain(Side.FROM_VM, "vnet0") == "nwf-I-vnet0"
-    assert eb.l2_root_chain(Side.TO_VM, "vnet0", temp=True) == "nwf-P-vnet0"
-    assert eb.l2_sub_chain(Side.FROM_VM, "vnet0", "arp-ip") == "NI-vnet0:arp-ip"
-    assert eb.l2_sub_chain(Side.TO_VM, "vnet0", "ipv4", temp=True) == "NP-vnet0:ipv4"
-    assert eb.l3_chain("fo", "vnet0") == "NFO-vnet0" and eb.l3_chain("hi", "vnet0", True) == "NHJ-vnet0"
-    longest_eb = [eb.l2_sub_chain(s, port, suffix, t) for s in Side for t in (False, True)]
-    longest_eb += [eb.l2_root_chain(s, port, t) for s in Side for t in (False, True)]
-    assert max(map(len, longest_eb)) == eb.EBTABLES_CHAIN_MAX == 31
-    longest_ipt = [eb.l3_chain(cp, port, t) for cp in eb.L3_COPIES for t in (False, True)]
-    assert max(map(len, longest_ipt + list(eb.GLOBAL_CHAINS))) <= eb.IPTABLES_CHAIN_MAX
+    assert names.l2_root_chain(Side.FROM_VM, "vnet0") == "nwf-I-vnet0"
+    assert names.l2_root_chain(Side.TO_VM, "vnet0", temp=True) == "nwf-P-vnet0"
+    assert names.l2_sub_chain(Side.FROM_VM, "vnet0", "arp-ip") == "NI-vnet0:arp-ip"
+    assert names.l2_sub_chain(Side.TO_VM, "vnet0", "ipv4", temp=True) == "NP-vnet0:ipv4"
+    assert names.l3_chain("fo", "vnet0") == "NFO-vnet0" and names.l3_chain("hi", "vnet0", True) == "NHJ-vnet0"
+    longest_eb = [names.l2_sub_chain(s, port, suffix, t) for s in Side for t in (False, True)]
+    longest_eb += [names.l2_root_chain(s, port, t) for s in Side for t in (False, True)]
+    assert max(map(len, longest_eb)) == names.EBTABLES_CHAIN_MAX == 31
+    longest_ipt = [names.l3_chain(cp, port, t) for cp in names.L3_COPIES for t in (False, True)]
+    assert max(map(len, longest_ipt + list(names.GLOBAL_CHAINS))) <= names.IPTABLES_CHAIN_MAX
 
 
 def test_names_never_look_like_libvirts():
     libvirt_prefixes = ("libvirt-", "I-", "O-", "J-", "P-", "FI-", "FO-", "FJ-", "FP-", "HI-", "HJ-")
-    names = [eb.l2_root_chain(s, "vnet0", t) for s in Side for t in (False, True)]
-    names += [eb.l2_sub_chain(s, "vnet0", "mac", t) for s in Side for t in (False, True)]
-    names += [eb.l3_chain(cp, "vnet0", t) for cp in eb.L3_COPIES for t in (False, True)]
-    names += list(eb.GLOBAL_CHAINS)
-    assert not [n for n in names if n.startswith(libvirt_prefixes)]
+    ours = [names.l2_root_chain(s, "vnet0", t) for s in Side for t in (False, True)]
+    ours += [names.l2_sub_chain(s, "vnet0", "mac", t) for s in Side for t in (False, True)]
+    ours += [names.l3_chain(cp, "vnet0", t) for cp in names.L3_COPIES for t in (False, True)]
+    ours += list(names.GLOBAL_CHAINS)
+    assert not [n for n in ours if n.startswith(libvirt_prefixes)]
 
 
 def test_sub_chain_names_of_different_ports_cannot_collide():
     # libvirt: I-a-arp-mac is both (port a-arp, chain mac) and (port a, chain arp-mac)
-    assert eb.l2_sub_chain(Side.FROM_VM, "a-arp", "mac") != eb.l2_sub_chain(Side.FROM_VM, "a", "arp-mac")
+    assert names.l2_sub_chain(Side.FROM_VM, "a-arp", "mac") != names.l2_sub_chain(Side.FROM_VM, "a", "arp-mac")
 
 
 @pytest.mark.parametrize("port", ["vnet0", "tap-a.1", "v_1", "x" * 15, "veth@1"])
 def test_good_ports(port):
-    assert eb.check_port(port) == port
+    assert names.check_port(port) == port
 
 
 @pytest.mark.parametrize("port", ["", "x" * 16, "vnet+", "a:b", "a b", "-x", "a!b", 'a"b', "#a", "a/b", "."])
 def test_bad_ports(port):
     with pytest.raises(UnsupportedError, match="port name"):
-        eb.check_port(port)
+        names.check_port(port)
 
 
 def test_bad_sub_chain_name():
     rs = PortRuleset(from_vm=L2Side(root=(Jump("arp x", ()),), subchains=(SubChain("arp x", 1, ()),)))
     with pytest.raises(UnsupportedError, match="sub-chain"):
-        eb.render_port("vp1", rs)
+        render_port("vp1", rs)
 
 
 def test_jump_to_unknown_sub_chain():
     rs = PortRuleset(from_vm=L2Side(root=(Jump("mac", ()),)))
     with pytest.raises(UnsupportedError, match="unknown sub-chain"):
-        eb.render_port("vp1", rs)
+        render_port("vp1", rs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plans and records
 
-backend = eb.EbiptablesBackend()
+backend = EbiptablesBackend()
 
 
 def plan_for(port, old, new):
@@ -379,7 +357,7 @@ def test_fresh_port_plan_shape():
                                     "ip6tables-restore", "ip6tables-restore"]
     ensure4, main4 = plan.apply[1], plan.apply[2]
     assert ensure4.ignore_errors and not main4.ignore_errors
-    assert ensure4.stdin == eb.ensure_globals_text()
+    assert ensure4.stdin == ensure_globals_text()
     assert tools_of(plan.commit) == ["iptables-restore", "ip6tables-restore", "ebtables-restore"]
     assert tools_of(plan.rollback) == ["ip6tables-restore", "iptables-restore", "ebtables-restore"]
     assert all(s.ignore_errors for s in plan.rollback)
@@ -497,7 +475,7 @@ def test_foreign_record_refused():
 
 
 def test_restore_commands_can_be_overridden():
-    b = eb.EbiptablesBackend({"ebtables": ("/opt/ebtables-restore", "--noflush")})
+    b = EbiptablesBackend({"ebtables": ("/opt/ebtables-restore", "--noflush")})
     plan, _ = b.plan([PortChange("vp1", None, cases.to_vm_only())])
     assert plan.apply[0].argv == ("/opt/ebtables-restore", "--noflush")
 
@@ -549,8 +527,8 @@ COMMIT
 """
 
 
-def test_records_from_snapshot():
-    recs = eb.records_from_snapshot({"ebtables": EBT_SAVE, "iptables": IPT_SAVE})
+def test_inventory_from_save_outputs():
+    recs = listing.inventory(listing.read({"ebtables": EBT_SAVE, "iptables": IPT_SAVE}))
     assert set(recs) == {"vp1", "vp2"}
     r = recs["vp1"]
     assert r["ebtables"]["chains"] == ["nwf-I-vp1", "nwf-J-vp1", "NI-vp1:mac", "NJ-vp1:mac"]
@@ -567,28 +545,13 @@ def test_records_from_snapshot():
 
 
 def test_purge_steps_spare_libvirt():
-    steps = eb.purge_steps({"ebtables": EBT_SAVE, "iptables": IPT_SAVE})
+    steps = EbiptablesBackend().teardown_plan([EBT_SAVE, IPT_SAVE]).apply
     text = {s.argv[0]: s.stdin for s in steps}
     assert "libvirt" not in text["ebtables-restore"] and "libvirt" not in text["iptables-restore"]
     assert "-D FORWARD -j nwf-in\n" in text["iptables-restore"] and "-X nwf-in-post\n" in text["iptables-restore"]
     assert "-X NO-vp2:orphan\n" in text["ebtables-restore"]
     assert "-D PREROUTING -i vp1 -j nwf-J-vp1\n" in text["ebtables-restore"]
     assert "ip6tables-restore" not in text  # nothing of ours there
-    (step,) = eb.purge_steps({"iptables": IPT_SAVE}, globals=False)
+    (step,) = listing.purge_steps(TOOLS, listing.read({"iptables": IPT_SAVE}), globals=False)
     assert "-X nwf-in\n" not in step.stdin and "FORWARD" not in step.stdin
     assert ":nwf-in-post - [0:0]\n" in step.stdin and "-X nwf-in-post" not in step.stdin  # flushed, kept
-
-
-def test_sysctl_requirements():
-    assert [r.family for r in eb.sysctl_requirements()] == [4, 6]
-    (req,) = eb.sysctl_requirements([6])
-    assert req.path == "/proc/sys/net/bridge/bridge-nf-call-ip6tables" and req.value == "1"
-    assert eb.sysctl_requirements([]) == ()
-    assert len(eb.global_check_steps()) == 8
-
-
-def test_describe_plan():
-    plan, _ = plan_for("vp1", None, cases.to_vm_only())
-    text = eb.describe_plan(plan)
-    assert text.startswith("## apply 1: ebtables-restore --noflush\n*nat\n")
-    assert "## rollback 1: ebtables-restore --noflush (errors ignored)\n" in text

@@ -7,29 +7,12 @@ import re
 
 import pytest
 
-from libvirt_nwfilter.backends import nftables
 from libvirt_nwfilter.backends.base import PortChange
-from libvirt_nwfilter.backends.nftables import NftablesBackend
+from libvirt_nwfilter.backends.nftables import NftablesBackend, probe_bridge_conntrack_text, probe_l2_reject_text
+from libvirt_nwfilter.backends.nftables.plan import remove_all_text
 from libvirt_nwfilter.errors import NwfilterError, UnsupportedError, ValidationError
-from libvirt_nwfilter.ir import (
-    Cond,
-    Field,
-    Icmpv6Range,
-    IcmpType,
-    IpNet,
-    IpRange,
-    IpSet,
-    Jump,
-    L2Rule,
-    L2Side,
-    L3Rule,
-    MacMatch,
-    NumRange,
-    PortRuleset,
-    SubChain,
-    TcpFlags,
-    Verdict,
-)
+from libvirt_nwfilter.ir import Cond, Field, Icmpv6Range, IcmpType, IpNet, IpRange, IpSet, Jump, L2Rule, L2Side
+from libvirt_nwfilter.ir import L3Rule, MacMatch, NumRange, PortRuleset, SubChain, TcpFlags, Verdict
 
 MAC = "52:54:00:00:00:01"
 ORIGIN = "filter 'f' rule 7"
@@ -37,6 +20,13 @@ ORIGIN = "filter 'f' rule 7"
 
 def c(field, value, negated=False):
     return Cond(field, value, negated)
+
+
+def render(backend: NftablesBackend, changes, ids_in_use=None) -> tuple[str, dict]:
+    """The text of the one nft step a plan has, and the new records."""
+    plan, records = backend.plan(changes, ids_in_use)
+    (step,) = plan.apply
+    return step.stdin, records
 
 
 def rules_of(text: str, chain_prefix: str) -> list[str]:
@@ -50,7 +40,7 @@ def rules_of(text: str, chain_prefix: str) -> list[str]:
 
 def l2_line(*conds, verdict=Verdict.ACCEPT, conntrack="inet") -> str:
     rs = PortRuleset(from_vm=L2Side((L2Rule(tuple(conds), verdict, ORIGIN),)))
-    text, _ = NftablesBackend(conntrack=conntrack).render([PortChange("vnet0", None, rs)])
+    text, _ = render(NftablesBackend(conntrack=conntrack), [PortChange("vnet0", None, rs)])
     lines = rules_of(text, "I-1/vnet0")
     assert len(lines) == 1, lines
     return lines[0]
@@ -59,7 +49,7 @@ def l2_line(*conds, verdict=Verdict.ACCEPT, conntrack="inet") -> str:
 def l3_lines(*conds, family=4, protocol="tcp", verdict=Verdict.RETURN, comment=None, conntrack="inet",
              l2_reject=False) -> list[str]:
     rs = PortRuleset(fi=(L3Rule(family, protocol, tuple(conds), verdict, ORIGIN, comment),))
-    text, _ = NftablesBackend(conntrack=conntrack, l2_reject=l2_reject).render([PortChange("vnet0", None, rs)])
+    text, _ = render(NftablesBackend(conntrack=conntrack, l2_reject=l2_reject), [PortChange("vnet0", None, rs)])
     return rules_of(text, "FI-1/vnet0")
 
 
@@ -248,7 +238,7 @@ def test_connlimit_uses_a_per_source_dynamic_set():
     rs = PortRuleset(fi=(L3Rule(4, "tcp", (c(Field.CONNLIMIT_ABOVE, 5), c(Field.DPORT, NumRange(80, 80))),
                                 Verdict.DROP, ORIGIN),
                          L3Rule(6, "tcp", (c(Field.CONNLIMIT_ABOVE, 7, True),), Verdict.RETURN, ORIGIN)))
-    text, records = NftablesBackend().render([PortChange("vnet0", None, rs)])
+    text, records = render(NftablesBackend(), [PortChange("vnet0", None, rs)])
     assert rules_of(text, "FI-1/vnet0") == [
         "meta nfproto ipv4 meta l4proto 6 th dport 80 add @CL-1/vnet0/1 { ip saddr ct count over 5 } drop",
         "meta nfproto ipv6 meta l4proto 6 add @CL-1/vnet0/2 { ip6 saddr ct count 7 } return",
@@ -257,7 +247,7 @@ def test_connlimit_uses_a_per_source_dynamic_set():
     assert "add set inet libvirt_nwfilter CL-1/vnet0/2 { type ipv6_addr; size 65535; flags dynamic; }" in text
     assert records["vnet0"]["sets"] == [["inet", "CL-1/vnet0/1"], ["inet", "CL-1/vnet0/2"]]
     # replaced: the old sets go after the old chains
-    text, _ = NftablesBackend().render([PortChange("vnet0", records["vnet0"], PortRuleset())])
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", records["vnet0"], PortRuleset())])
     assert text.index("delete chain inet libvirt_nwfilter FI-1/vnet0") < \
         text.index("delete set inet libvirt_nwfilter CL-1/vnet0/1")
 
@@ -304,7 +294,7 @@ def sample() -> PortRuleset:
 
 
 def test_subchains_jumps_and_dispatch():
-    text, records = NftablesBackend().render([PortChange("vnet0", None, sample())], others={})
+    text, records = render(NftablesBackend(), [PortChange("vnet0", None, sample())], [])
     # the sub-chain ends in accept: libvirt's ebtables chains have policy ACCEPT
     assert rules_of(text, "I-1/vnet0") == ["ether type 0x0806 jump I-1/vnet0/arp-ip", "drop", "ether type 0x0806 return", "accept"]
     assert 'add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : jump I-1/vnet0 }' in text
@@ -327,17 +317,17 @@ def test_subchains_jumps_and_dispatch():
 def test_ingress_mark_is_the_first_rule_of_the_from_vm_root():
     rs = PortRuleset(from_vm=L2Side((L2Rule((), Verdict.ACCEPT, ORIGIN),)),
                      fi=(L3Rule(4, "all", (), Verdict.DROP, ORIGIN),))
-    text, _ = NftablesBackend().render([PortChange("vnet0", None, rs)], others={})
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", None, rs)], [])
     assert rules_of(text, "I-1/vnet0") == ["meta mark set meta mark & 0x000fffff | 0x00100000", "accept"]
     # an L3-only port still gets a from-VM chain for the mark
     rs = PortRuleset(hi=(L3Rule(4, "all", (), Verdict.DROP, ORIGIN),))
-    text, _ = NftablesBackend().render([PortChange("vnet0", None, rs)], others=[])
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", None, rs)], [])
     assert rules_of(text, "I-1/vnet0") == ["meta mark set meta mark & 0x000fffff | 0x00100000"]
     assert "MO-1" not in text
 
 
 def test_bridge_mode_layout_has_no_marks_and_no_inet_table():
-    text, records = NftablesBackend(conntrack="bridge").render([PortChange("vnet0", None, sample())])
+    text, records = render(NftablesBackend(conntrack="bridge"), [PortChange("vnet0", None, sample())])
     assert "inet" not in text.replace("nftables batch", "")
     assert "mark" not in text
     assert "add chain bridge libvirt_nwfilter l3-fwd { type filter hook forward priority 0; policy accept; }" in text
@@ -350,7 +340,7 @@ def test_bridge_mode_layout_has_no_marks_and_no_inet_table():
 
 
 def test_base_chains_and_priorities_inet_mode():
-    text, _ = NftablesBackend().render([PortChange("vnet0", None, sample())])
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", None, sample())])
     for expected in [
         "add chain bridge libvirt_nwfilter l2-from-vm { type filter hook prerouting priority -300; policy accept; }",
         "add chain bridge libvirt_nwfilter l2-to-vm { type filter hook postrouting priority 300; policy accept; }",
@@ -376,7 +366,7 @@ def test_base_chains_and_priorities_inet_mode():
 
 def test_mark_layout_is_configurable():
     backend = NftablesBackend(mark_shift=0, id_bits=8)
-    assert (backend.in_mask, backend.out_mask, backend.max_id) == (0xFF00, 0xFF, 255)
+    assert (backend.marks.in_mask, backend.marks.out_mask, backend.marks.max_id) == (0xFF00, 0xFF, 255)
     with pytest.raises(ValueError):
         NftablesBackend(mark_shift=16, id_bits=12)
 
@@ -387,8 +377,8 @@ def test_mark_layout_is_configurable():
 
 def test_replace_switches_elements_then_removes_old_generation():
     backend = NftablesBackend()
-    _, records = backend.render([PortChange("vnet0", None, sample())], others={})
-    text, new = backend.render([PortChange("vnet0", records["vnet0"], sample())])
+    _, records = render(backend, [PortChange("vnet0", None, sample())], [])
+    text, new = render(backend, [PortChange("vnet0", records["vnet0"], sample())])
     assert new["vnet0"]["gen"] == 2 and new["vnet0"]["id"] == 1
     lines = text.splitlines()
     first_new_rule = next(i for i, l in enumerate(lines) if l.startswith("add rule bridge libvirt_nwfilter I-2/"))
@@ -407,8 +397,8 @@ def test_replace_switches_elements_then_removes_old_generation():
 
 def test_delete_only_removes_what_the_record_lists():
     backend = NftablesBackend()
-    _, records = backend.render([PortChange("vnet0", None, PortRuleset(to_vm=sample().to_vm))])
-    text, new = backend.render([PortChange("vnet0", records["vnet0"], None)])
+    _, records = render(backend, [PortChange("vnet0", None, PortRuleset(to_vm=sample().to_vm))])
+    text, new = render(backend, [PortChange("vnet0", records["vnet0"], None)])
     assert new == {"vnet0": None}
     deletions = [l for l in text.splitlines() if l.startswith("delete")]
     assert deletions == ['delete element bridge libvirt_nwfilter l2_to_vm { "vnet0" }',
@@ -417,10 +407,10 @@ def test_delete_only_removes_what_the_record_lists():
 
 def test_batch_text_does_not_depend_on_other_ports():
     backend = NftablesBackend()
-    others = {f"vnet{i}": backend.render([PortChange(f"vnet{i}", None, sample())], ids_in_use=range(1, i))[1][f"vnet{i}"]
+    others = {f"vnet{i}": render(backend, [PortChange(f"vnet{i}", None, sample())], range(1, i))[1][f"vnet{i}"]
               for i in range(1, 50)}
-    alone, _ = backend.render([PortChange("tap0", None, sample())], ids_in_use=[7])
-    crowded, _ = backend.render([PortChange("tap0", None, sample())], others=others, ids_in_use=[7])
+    alone, _ = render(backend, [PortChange("tap0", None, sample())], [7])
+    crowded, _ = render(backend, [PortChange("tap0", None, sample())], [7] + [r["id"] for r in others.values()])
     assert len(alone.splitlines()) == len(crowded.splitlines())
     assert "vnet1" not in crowded
 
@@ -429,34 +419,33 @@ def test_id_allocation():
     backend = NftablesBackend()
     l3 = PortRuleset(fi=(L3Rule(4, "all", (), Verdict.DROP, ORIGIN),))
     l2 = PortRuleset(to_vm=sample().to_vm)
-    _, r = backend.render([PortChange("a", None, l3), PortChange("b", None, l2), PortChange("c", None, l3)],
-                          others={})
+    _, r = render(backend, [PortChange("a", None, l3), PortChange("b", None, l2), PortChange("c", None, l3)], [])
     assert (r["a"]["id"], r["b"]["id"], r["c"]["id"]) == (1, None, 2)
     # kept across changes; the lowest id free of every known record and hint
-    _, r2 = backend.render([PortChange("c", r["c"], l3), PortChange("d", None, l3)], others={"a": r["a"]},
-                           ids_in_use=[3])
+    _, r2 = render(backend, [PortChange("c", r["c"], l3), PortChange("d", None, l3)], [r["a"]["id"], 3])
     assert (r2["c"]["id"], r2["d"]["id"]) == (2, 4)
     # ids of ports deleted in the same batch are not reused in it
-    _, r3 = backend.render([PortChange("a", r["a"], None), PortChange("e", None, l3)], others=[r["c"]])
+    _, r3 = render(backend, [PortChange("a", r["a"], None), PortChange("e", None, l3)], [r["c"]["id"]])
     assert r3["e"]["id"] == 3
     # bridge mode: no ids at all
-    _, r4 = NftablesBackend(conntrack="bridge").render([PortChange("a", None, l3)])
+    _, r4 = render(NftablesBackend(conntrack="bridge"), [PortChange("a", None, l3)])
     assert r4["a"]["id"] is None
     # exhausted
     with pytest.raises(UnsupportedError, match="no free port id"):
-        NftablesBackend(id_bits=2).render([PortChange("z", None, l3)], ids_in_use=[1, 2, 3])
+        render(NftablesBackend(id_bits=2), [PortChange("z", None, l3)], [1, 2, 3])
 
 
 def test_id_allocation_without_knowledge_of_other_ports():
-    """others=None: the search starts at a position derived from the port name (crc32), so that
-    ports created one by one by a caller that passes no records rarely clash."""
+    """ids_in_use=None: the search starts at a position derived from the port name (crc32), so
+    that ports created one by one by a caller that passes no records rarely clash."""
     backend = NftablesBackend()
     l3 = PortRuleset(fi=(L3Rule(4, "all", (), Verdict.DROP, ORIGIN),))
-    ids = {port: backend.render([PortChange(port, None, l3)])[1][port]["id"] for port in ("vnet0", "vnet1", "vnet2")}
+    ids = {port: render(backend, [PortChange(port, None, l3)])[1][port]["id"] for port in ("vnet0", "vnet1", "vnet2")}
     assert len(set(ids.values())) == 3 and all(1 <= i <= 4095 for i in ids.values())
-    assert backend.render([PortChange("vnet0", None, l3)])[1]["vnet0"]["id"] == ids["vnet0"]  # deterministic
-    # still never one a hint names
-    assert backend.render([PortChange("vnet0", None, l3)], ids_in_use=[ids["vnet0"]])[1]["vnet0"]["id"] == \
+    assert render(backend, [PortChange("vnet0", None, l3)])[1]["vnet0"]["id"] == ids["vnet0"]  # deterministic
+    # still never one another port of the batch has
+    other = {"backend": "nftables", "mode": "inet", "gen": 1, "id": ids["vnet0"], "chains": [], "elements": []}
+    assert render(backend, [PortChange("x", other, l3), PortChange("vnet0", None, l3)])[1]["vnet0"]["id"] == \
         ids["vnet0"] % 4095 + 1
 
 
@@ -473,43 +462,42 @@ def test_plan_is_one_nft_step():
 
 
 def test_empty_batch_and_noop():
-    text, records = NftablesBackend().render([])
+    text, records = render(NftablesBackend(), [])
     assert records == {} and "add element" not in text
-    text, records = NftablesBackend().render([PortChange("vnet0", None, None)])
+    text, records = render(NftablesBackend(), [PortChange("vnet0", None, None)])
     assert records == {"vnet0": None} and "vnet0" not in text
 
 
 @pytest.mark.parametrize("port", ["", "a" * 16, "vnet 0", 'x"y', "a/b", "a*", "..", "é"])
 def test_bad_port_names_are_refused(port):
     with pytest.raises(ValidationError):
-        NftablesBackend().render([PortChange(port, None, sample())])
+        render(NftablesBackend(), [PortChange(port, None, sample())])
 
 
 def test_odd_port_and_chain_names_are_encoded():
     rs = PortRuleset(from_vm=L2Side((Jump("arp-x:y_z", ()),), (SubChain("arp-x:y_z", 0, ()),)))
-    text, records = NftablesBackend().render([PortChange("a:b_c", None, rs)])
+    text, records = render(NftablesBackend(), [PortChange("a:b_c", None, rs)])
     assert records["a:b_c"]["chains"] == [["bridge", "I-1/a_cb__c"], ["bridge", "I-1/a_cb__c/arp-x_cy__z"]]
     assert 'add element bridge libvirt_nwfilter l2_from_vm { "a:b_c" : jump I-1/a_cb__c }' in text
 
 
 def test_same_port_twice_and_foreign_records_are_refused():
     with pytest.raises(NwfilterError, match="twice"):
-        NftablesBackend().render([PortChange("a", None, sample()), PortChange("a", None, None)])
+        render(NftablesBackend(), [PortChange("a", None, sample()), PortChange("a", None, None)])
     with pytest.raises(NwfilterError, match="backend"):
-        NftablesBackend().render([PortChange("a", {"backend": "ebiptables"}, None)])
+        render(NftablesBackend(), [PortChange("a", {"backend": "ebiptables"}, None)])
     bad = {"backend": "nftables", "gen": 1, "chains": [["bridge", "x; flush ruleset"]], "elements": []}
     with pytest.raises(NwfilterError, match="bad chain"):
-        NftablesBackend().render([PortChange("a", bad, None)])
+        render(NftablesBackend(), [PortChange("a", bad, None)])
 
 
 def test_teardown_and_probes():
-    assert nftables.remove_all_text() == (
+    assert remove_all_text() == (
         "add table bridge libvirt_nwfilter\ndelete table bridge libvirt_nwfilter\n"
         "add table inet libvirt_nwfilter\ndelete table inet libvirt_nwfilter\n")
-    step, = NftablesBackend(nft="/x/nft").teardown_plan().apply
+    step, = NftablesBackend(nft="/x/nft").teardown_plan([]).apply
     assert step.argv == ("/x/nft", "-f", "-")
-    probe = nftables.probe_bridge_conntrack_text()
+    probe = probe_bridge_conntrack_text()
     assert "table bridge libvirt_nwfilter_probe" in probe and "ct state" in probe and "ct count" in probe
-    assert "reject" in nftables.probe_l2_reject_text()
-    assert nftables.check_step("x").argv[1:] == ("-c", "-f", "-")
+    assert "reject" in probe_l2_reject_text()
     assert NftablesBackend().needs_br_netfilter and not NftablesBackend(conntrack="bridge").needs_br_netfilter

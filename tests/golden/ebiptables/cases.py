@@ -1,27 +1,17 @@
 """Hand-built PortRulesets for the ebiptables golden files and kernel tests.
 
 Each builder returns a :class:`PortRuleset` as the compiler would produce it (conditions already
-oriented, implicit protocol conditions present, verdicts per layer). ``CASES`` maps a golden file
-name to (port, builder).
+oriented, implicit protocol conditions present, verdicts per layer). ``CASES`` lists the golden cases: a
+file name, a port and a builder each.
 """
 
 from __future__ import annotations
 
-from libvirt_nwfilter.ir import (
-    Field,
-    Icmpv6Range,
-    IcmpType,
-    IpRange,
-    IpSet,
-    Jump,
-    L2Side,
-    MacMatch,
-    NumRange,
-    PortRuleset,
-    SubChain,
-    TcpFlags,
-    Verdict,
-)
+from dataclasses import dataclass
+from typing import Callable
+
+from libvirt_nwfilter.ir import Field, Icmpv6Range, IcmpType, IpRange, IpSet, Jump, L2Side, MacMatch, NumRange
+from libvirt_nwfilter.ir import PortRuleset, SubChain, TcpFlags, Verdict
 from ir_builders import c, l2, l3  # noqa: E402  (tests/ is on the path)
 from ir_builders import ethertype as etype  # noqa: E402
 from ir_builders import net4 as ip4  # noqa: E402
@@ -265,14 +255,22 @@ def empty() -> PortRuleset:
     return PortRuleset()
 
 
-CASES = {
-    "clean-traffic": ("vnet0", clean_traffic),
-    "clean-traffic-two-ips": ("vnet1", lambda: clean_traffic(ips=("10.0.0.5", "10.0.0.6"))),
-    "l3-example": ("vp2", l3_example),
-    "l2-fields": ("vp3", l2_fields),
-    "l3-fields": ("vp4", l3_fields),
-    "to-vm-only": ("tap-a.1", to_vm_only),
-    "stp-vlan-chains": ("vp5", stp_and_vlan_chains),
-    "mixed": ("vnet123456789ab", mixed),
-    "empty": ("vp6", empty),
-}
+@dataclass(frozen=True)
+class Case:
+    name: str  # of the golden file
+    port: str
+    build: Callable[[], PortRuleset]
+
+
+CASES = [
+    Case("clean-traffic", "vnet0", clean_traffic),
+    Case("clean-traffic-two-ips", "vnet1", lambda: clean_traffic(ips=("10.0.0.5", "10.0.0.6"))),
+    Case("l3-example", "vp2", l3_example),
+    Case("l2-fields", "vp3", l2_fields),
+    Case("l3-fields", "vp4", l3_fields),
+    Case("to-vm-only", "tap-a.1", to_vm_only),
+    Case("stp-vlan-chains", "vp5", stp_and_vlan_chains),
+    Case("mixed", "vnet123456789ab", mixed),
+    Case("empty", "vp6", empty),
+]
+IPSETS = ("trusted", "my set")  # the kernel ipsets the l3-fields case names

@@ -12,20 +12,8 @@ from typing import Callable
 
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend
-from libvirt_nwfilter.ir import (
-    Field,
-    Icmpv6Range,
-    IcmpType,
-    IpRange,
-    Jump,
-    L2Side,
-    MacMatch,
-    NumRange,
-    PortRuleset,
-    SubChain,
-    TcpFlags,
-    Verdict,
-)
+from libvirt_nwfilter.ir import Field, Icmpv6Range, IcmpType, IpRange, Jump, L2Side, MacMatch, NumRange, PortRuleset
+from libvirt_nwfilter.ir import SubChain, TcpFlags, Verdict
 from ir_builders import c, l2, l3, net4, net6  # noqa: E402  (tests/ is on the path)
 from ir_builders import ethertype as et  # noqa: E402
 
@@ -263,17 +251,18 @@ class Case:
 
 def _run(backend: NftablesBackend, batches: list[list[tuple[str, PortRuleset | None]]],
          rebuild_last: bool = False) -> list[str]:
-    """Render batches of (port, new ruleset) in order, passing records along."""
+    """Render batches of (port, new ruleset) in order, passing records (and the other ports' ids)
+    along as the service does."""
     records: dict[str, dict] = {}
     texts = []
     for index, batch in enumerate(batches):
         changes = [PortChange(port, records.get(port), new) for port, new in batch]
-        others = {p: r for p, r in records.items() if p not in {port for port, _ in batch}}
+        ids = [r["id"] for p, r in records.items() if p not in {port for port, _ in batch} and r["id"] is not None]
         if rebuild_last and index == len(batches) - 1:
-            text, new_records = backend.render(changes, others, rebuild=True)
+            plan, new_records = backend.rebuild_plan(changes, [], ids)
         else:
-            text, new_records = backend.render(changes, others)
-        texts.append(text)
+            plan, new_records = backend.plan(changes, ids)
+        texts.append(plan.apply[0].stdin)
         for port, record in new_records.items():
             if record is None:
                 records.pop(port, None)

@@ -1,8 +1,7 @@
 """Golden files of the nftables backend, and the kernel's verdict on every one of them.
 
-Each case of ``nft_cases.py`` is rendered (all its batches, records passed along) and compared
-with ``<case>.nft`` beside this file. ``LIBVIRT_NWFILTER_REGEN_GOLDEN=1`` rewrites the files
-instead (review the diff before committing).
+Each case of ``cases.py`` is rendered (all its batches, records passed along) and compared
+with ``<case>.nft`` beside this file (``tests/golden/files.py``: how to regenerate).
 
 The kernel tests load every case into a throw-away network namespace: the setup batches for
 real, then the golden batch with ``nft -c -f -`` (check only) and for real, then our teardown,
@@ -11,22 +10,21 @@ after which no table may be left.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 import netlab
-from golden.nftables import nft_cases
-from libvirt_nwfilter.backends import nftables
+from golden import files
+from golden.nftables import cases
+from libvirt_nwfilter.backends.nftables import probe_bridge_conntrack_text, probe_l2_reject_text
 
 HERE = Path(__file__).resolve().parent
-REGEN = os.environ.get("LIBVIRT_NWFILTER_REGEN_GOLDEN") == "1"
-CASE_IDS = [case.name for case in nft_cases.CASES]
+CASE_IDS = [case.name for case in cases.CASES]
 
 
-def golden_text(case: nft_cases.Case) -> str:
-    texts = case.batches(nft_cases.backend_for(case))
+def golden_text(case: cases.Case) -> str:
+    texts = case.batches(cases.backend_for(case))
     parts = []
     for index, text in enumerate(texts, 1):
         role = "golden" if index == len(texts) else "setup"
@@ -34,35 +32,17 @@ def golden_text(case: nft_cases.Case) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("case", nft_cases.CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", cases.CASES, ids=CASE_IDS)
 def test_golden(case):
-    path = HERE / f"{case.name}.nft"
-    text = golden_text(case)
-    if REGEN:
-        path.write_text(text)
-        return
-    assert path.exists(), f"{path.name} missing: run with LIBVIRT_NWFILTER_REGEN_GOLDEN=1 and review it"
-    assert text == path.read_text(), (f"{path.name} differs from the rendering; if the change is "
-                                      "intended, regenerate with LIBVIRT_NWFILTER_REGEN_GOLDEN=1")
+    files.check(HERE / f"{case.name}.nft", golden_text(case))
 
 
 def test_no_stray_golden_files():
-    names = {f"{name}.nft" for name in CASE_IDS}
-    stray = sorted(p.name for p in HERE.glob("*.nft") if p.name not in names)
-    assert not stray, f"golden files without a case: {stray}"
+    assert not files.stray(HERE, ".nft", CASE_IDS), "golden files without a case"
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
-
-
-@pytest.fixture
-def netns(kernel_env):
-    name = netlab.create_namespace(netlab.new_ns_name("nft"))
-    try:
-        yield name
-    finally:
-        netlab.delete_namespace(name)
 
 
 def nft(ns: str, text: str, check_only: bool = False):
@@ -75,13 +55,14 @@ def kernel_supports(ns: str, probe_text: str) -> bool:
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("case", nft_cases.CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", cases.CASES, ids=CASE_IDS)
 def test_golden_accepted_by_kernel(case, netns):
-    texts = case.batches(nft_cases.backend_for(case))
+    backend = cases.backend_for(case)
+    texts = case.batches(backend)
     expect_ok = True
-    if case.needs_bridge_ct and not kernel_supports(netns, nftables.probe_bridge_conntrack_text()):
+    if case.needs_bridge_ct and not kernel_supports(netns, probe_bridge_conntrack_text()):
         expect_ok = False
-    if case.l2_reject and not kernel_supports(netns, nftables.probe_l2_reject_text()):
+    if case.l2_reject and not kernel_supports(netns, probe_l2_reject_text()):
         expect_ok = False
     for setup in texts[:-1]:
         proc = nft(netns, setup)
@@ -97,7 +78,7 @@ def test_golden_accepted_by_kernel(case, netns):
     assert netlab.run_in(netns, ["nft", "list", "ruleset"]).stdout == before, "nft -c changed the ruleset"
     applied = nft(netns, texts[-1])
     assert applied.returncode == 0, f"nft -f refused {case.name}:\n{applied.stderr}"
-    for step in nftables.remove_all_steps("nft"):
+    for step in backend.teardown_plan([]).apply:
         proc = netlab.run_in(netns, list(step.argv), input=step.stdin, check=False)
         assert proc.returncode == 0, proc.stderr
     assert netlab.run_in(netns, ["nft", "list", "tables"]).stdout.strip() == ""

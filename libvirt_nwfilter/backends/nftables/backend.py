@@ -1,0 +1,116 @@
+"""The nftables backend: the :class:`~libvirt_nwfilter.backends.base.Backend` contract, kept by
+:mod:`.plan` (changes, rebuilds), :mod:`.listing` (what the kernel holds) and :mod:`.digest`.
+
+Pure. The listing and digest modules are imported when first needed: the per-binding path
+(CLI, hook) only plans.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from ..base import Batch, Plan, PortChange, PortRecord, Step
+from . import plan as planning
+from .names import MarkLayout, port_id
+
+DEFAULT_NFT = "/usr/sbin/nft"
+
+
+class NftablesBackend:
+    """Renders port changes as one nftables transaction (see :mod:`.plan`)."""
+
+    name = "nftables"
+    rebuild_reads_kernel = False  # rebuild_plan deletes and re-creates our tables
+
+    def __init__(self, conntrack: str = "inet", l2_reject: bool = False, nft: str = DEFAULT_NFT,
+                 *, mark_shift: int = 8, id_bits: int = 12):
+        self.layout = planning.Layout(conntrack, l2_reject, MarkLayout(mark_shift, id_bits))
+        self.nft = nft
+
+    @property
+    def conntrack(self) -> str:
+        return self.layout.conntrack
+
+    @property
+    def marks(self) -> MarkLayout:
+        return self.layout.marks
+
+    @property
+    def needs_br_netfilter(self) -> bool:
+        """True when L3 rules only work with br_netfilter and bridge-nf-call-ip(6)tables=1."""
+        return self.layout.inet
+
+    # -- changes ---------------------------------------------------------------------------------
+    def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
+             ) -> tuple[Plan, dict[str, PortRecord | None]]:
+        """One ``nft -f -`` step for all ``changes`` and each changed port's new record
+        (``ids_in_use``: see :func:`.plan.batch`)."""
+        text, records = planning.batch(self.layout, changes, ids_in_use=ids_in_use)
+        return self._plan(text), records
+
+    def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str] = (),
+                     ids_in_use: Iterable[int] | None = None,
+                     ) -> tuple[Plan, dict[str, PortRecord | None]]:
+        """Like :meth:`plan`, but the transaction first deletes our tables and re-creates only the
+        ports in ``changes`` (which must therefore be ALL filtered ports; ``old`` records only keep
+        ids and generations, and may be stale, missing or of another backend). For ``reapply``
+        when the kernel may not match the records (e.g. after ``nft flush ruleset``): atomic, and
+        never fails because of missing old objects. ``survey`` is not needed: deleting both
+        tables removes whatever is left."""
+        del survey  # deleting the tables makes the plan independent of what the kernel has
+        cleaned: list[PortChange] = []
+        claimed: set[int] = set()
+        for change in changes:
+            old = planning.reusable(change.old, self.conntrack)
+            pid = port_id(old)
+            if pid is not None and (pid in claimed or not 1 <= pid <= self.marks.max_id):
+                old["id"] = None  # a corrupt state gave two ports one id: renumber
+            elif pid is not None:
+                claimed.add(pid)
+            cleaned.append(PortChange(change.port, old, change.new))
+        text, records = planning.batch(self.layout, cleaned, ids_in_use=list(ids_in_use or ()), rebuild=True)
+        return self._plan(text), records
+
+    def teardown_plan(self, survey: Sequence[str] = ()) -> Plan:
+        """Remove all our tables (both families); succeeds whether they exist or not."""
+        del survey
+        return Plan(apply=(Step((self.nft, "-f", "-"), planning.remove_all_text()),))
+
+    def _plan(self, lines: Batch) -> Plan:
+        return Plan(apply=(lines.step((self.nft, "-f", "-")),))
+
+    # -- reading the kernel back: survey, digests, inventory -----------------------------------
+    def survey_steps(self) -> tuple[Step, ...]:
+        """Our two tables as JSON (``nft -j list table``; a missing table gives "")."""
+        from .listing import survey_steps
+
+        return survey_steps(self.nft)
+
+    def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
+                       ) -> dict[str, str | None]:
+        """Per recorded port, the digest of what the kernel has for it (see
+        :func:`.digest.port_digest`), from the outputs of :meth:`survey_steps`. None: nothing of
+        the port was found although its record expects something. Equal for the same port in
+        two kernels holding the same rules for it, whatever its generation and mark id there."""
+        from . import digest, listing
+
+        index = digest.Index(listing.read(outputs))
+
+        def of(port: str, record: PortRecord) -> str | None:
+            structure = digest.port_structure(index, port, record, digest.IdForms.of(record, self.marks))
+            if structure is None and not digest.expects_nothing(record):
+                return None
+            return digest.port_digest(structure)
+
+        return {port: of(port, record) for port, record in records.items() if record is not None}
+
+    def kernel_ports(self, outputs: Sequence[str]) -> set[str]:
+        """Every port of which our tables hold a chain, set, dispatch element or port id."""
+        return set(self.inventory(outputs))
+
+    def inventory(self, outputs: Sequence[str]) -> dict[str, PortRecord]:
+        """Per port, a record of every object of ours the kernel holds (:func:`.listing.inventory`):
+        ``PortChange(port, record, None)`` removes exactly those."""
+        from . import listing
+
+        return listing.inventory(listing.read(outputs))

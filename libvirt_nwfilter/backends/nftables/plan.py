@@ -1,0 +1,335 @@
+"""Port changes → the text of ONE ``nft -f -`` batch (one kernel transaction) and new records.
+
+Pure: nothing here runs a process or lists the ruleset, so the text of a change does not depend
+on how many other ports exist.
+
+Base chains (policy accept) and what dispatches
+===============================================
+
+================ ======= ===================== ============================================
+chain            table   hook, priority         rules
+================ ======= ===================== ============================================
+``l2-from-vm``   bridge  prerouting, -300       ``iifname vmap @l2_from_vm``  (libvirt-I)
+``l2-to-vm``     bridge  postrouting, 300       ``oifname vmap @l2_to_vm``    (libvirt-O)
+*conntrack="bridge"* (needs nf_conntrack_bridge):
+``l3-fwd``       bridge  forward, 0             ``iifname vmap @fi``, ``oifname vmap @fo``
+``l3-input``     bridge  input, 0               ``iifname vmap @hi``
+*conntrack="inet"* (br_netfilter, bridge-nf-call-ip(6)tables=1):
+``mark-out``     bridge  forward, -200          ``oifname vmap @mark_out``
+``l3-fwd``       inet    forward, 0             ``meta mark & IN vmap @fi``, ``meta mark & OUT vmap @fo``
+``l3-input``     inet    input, 0               ``meta mark & IN vmap @hi``
+================ ======= ===================== ============================================
+
+Every map element is a ``jump`` to a per-port chain, so ``return`` (and falling off the end) goes
+back to the base chain: a port's L2 root chain falling off = the frame continues (accepted at this
+hook); FI falling off or returning continues with the destination port's FO (libvirt's
+``accept`` = RETURN in FI/HI). ``accept`` inside any of our chains ends our base chain only.
+``port_ids`` registers each mark id with its port, so a batch that would give an id in use to
+another port is refused by the kernel instead of silently sharing it.
+
+A change, in one transaction: ensure tables, maps and base chains (``add`` is idempotent; each
+base chain is flushed and refilled with its 1-2 dispatch rules), add the new chains and sets,
+their rules, ``delete element`` the elements the old record lists, ``add element`` the new ones,
+then flush and delete the old chains and sets. A refused batch changes nothing. A rebuild
+deletes both tables first and re-creates every port.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from ...errors import NwfilterError, UnsupportedError
+from ...ir import Jump, L2Rule, PortRuleset
+from ..base import Batch, PortChange, PortRecord
+from . import render
+from .names import (CONNTRACK_MODES, FAMILIES, PROBE_TABLE, RECORD_FORMAT, TABLE, MarkLayout, chain_name,
+                    check_port_name, check_record, hex_text, key_text, port_id, quote)
+
+# Base-chain priorities (see the module docstring).
+PRIO_L2_FROM_VM = -300  # like ebtables' nat PREROUTING (dstnat)
+PRIO_L2_TO_VM = 300  # like ebtables' nat POSTROUTING (srcnat)
+PRIO_MARK_OUT = -200  # before br_netfilter's forward hook (-1)
+PRIO_L3 = 0  # like iptables' filter FORWARD / INPUT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How this kernel is set up: the conntrack mode, L2 reject, and the mark layout."""
+
+    conntrack: str = "inet"
+    l2_reject: bool = False
+    marks: MarkLayout = MarkLayout()
+
+    def __post_init__(self) -> None:
+        if self.conntrack not in CONNTRACK_MODES:
+            raise ValueError(f"conntrack must be one of {CONNTRACK_MODES}, not {self.conntrack!r}")
+
+    @property
+    def inet(self) -> bool:
+        return self.conntrack == "inet"
+
+
+@dataclass
+class _Objects:
+    """What one port puts into the kernel for one generation."""
+
+    chains: list[tuple[str, str]] = field(default_factory=list)  # (family, name)
+    rules: list[tuple[str, str, str]] = field(default_factory=list)  # (family, chain, rule)
+    sets: list[tuple[str, str, str]] = field(default_factory=list)  # (family, name, spec)
+    elements: list[tuple[str, str, object, str]] = field(default_factory=list)  # (family, map, key, data)
+
+
+def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable[int] | None = None,
+          rebuild: bool = False) -> tuple[Batch, dict[str, PortRecord | None]]:
+    """The batch for ``changes`` and the new records. ``ids_in_use`` (the mark ids of the ports
+    not in ``changes``): given, even empty, a new port gets the lowest free id; None (unknown),
+    the search starts at a position derived from the port name, so that ports created one by one
+    rarely clash. A clash is refused by the kernel (``port_ids``), never shared. ``rebuild``: the
+    batch deletes both tables first (``old`` records only give generations and ids)."""
+    seen: set[str] = set()
+    for change in changes:
+        check_port_name(change.port)
+        if change.port in seen:
+            raise NwfilterError(f"port {change.port} appears twice in one batch")
+        seen.add(change.port)
+        if change.old is not None:
+            check_record(change.port, change.old)
+
+    taken = {int(i) for i in ids_in_use or ()}
+    taken |= {i for i in (port_id(c.old) for c in changes) if i is not None}
+    out = Batch(f"# libvirt-nwfilter: nftables batch (conntrack={layout.conntrack})")
+    if rebuild:
+        out.add(f"{verb} table {family} {TABLE}" for family in FAMILIES for verb in ("add", "delete"))
+    out.add(_ensure_lines(layout))
+
+    news: list[tuple[PortChange, _Objects]] = []
+    records: dict[str, PortRecord | None] = {}
+    for change in changes:
+        if change.new is None:
+            records[change.port] = None
+            continue
+        old_id = port_id(change.old) if (change.old or {}).get("mode", "inet") == "inet" else None
+        pid = None
+        if layout.inet and (change.new.fi or change.new.fo or change.new.hi):
+            pid = old_id if old_id is not None else _allocate(layout.marks, taken, change.port, ids_in_use is not None)
+            taken.add(pid)
+        gen = int((change.old or {}).get("gen", 0)) + 1
+        objects = _port_objects(layout, change.port, gen, pid, change.new)
+        news.append((change, objects))
+        records[change.port] = {
+            "backend": "nftables",
+            "format": RECORD_FORMAT,
+            "mode": layout.conntrack,
+            "gen": gen,
+            "id": pid,
+            "chains": [[fam, name] for fam, name in objects.chains],
+            "sets": [[fam, name] for fam, name, _ in objects.sets],
+            "elements": [[fam, m, key] for fam, m, key, _ in objects.elements],
+        }
+
+    # 1. new chains and sets, then their rules (jumps need their targets to exist)
+    for change, objects in news:
+        out.add([f"# port {change.port}: generation {records[change.port]['gen']}",
+                 *(f"add chain {fam} {TABLE} {name}" for fam, name in objects.chains),
+                 *(f"add set {fam} {TABLE} {name} {{ {spec} }}" for fam, name, spec in objects.sets),
+                 *(f"add rule {fam} {TABLE} {chain} {rule}" for fam, chain, rule in objects.rules)],
+                change.port)
+    olds = [c for c in changes if c.old is not None and not rebuild]
+    # 2. switch the dispatch: old elements out, new elements in
+    if olds or news:
+        out.add(["# switch"])
+    for change in olds:
+        out.add((f"delete element {fam} {TABLE} {m} {{ {key_text(key)} }}"
+                 for fam, m, key in change.old.get("elements", ())), change.port)
+    for change, objects in news:
+        out.add((f"add element {fam} {TABLE} {m} {{ {key_text(key)} : {data} }}"
+                 for fam, m, key, data in objects.elements), change.port)
+    # 3. remove the old generation: every old chain is flushed before any is deleted
+    if olds:
+        out.add(["# remove old generations"])
+    for change in olds:
+        out.add((f"flush chain {fam} {TABLE} {name}" for fam, name in change.old.get("chains", ())), change.port)
+    for change in olds:
+        out.add([*(f"delete chain {fam} {TABLE} {name}" for fam, name in change.old.get("chains", ())),
+                 *(f"delete set {fam} {TABLE} {name}" for fam, name in change.old.get("sets", ()))], change.port)
+    return out, records
+
+
+def reusable(record: PortRecord | None, mode: str) -> dict | None:
+    """What a rebuild keeps of a stored record: its generation and mark id, when the record is
+    one of ours in this mode and those are sane (anything else: start afresh)."""
+    if not isinstance(record, Mapping) or record.get("backend") != "nftables" or record.get("mode", "inet") != mode:
+        return None
+    try:
+        gen = int(record.get("gen", 0))
+        pid = record.get("id")
+        pid = None if pid is None or isinstance(pid, bool) else int(pid)
+    except (TypeError, ValueError):
+        return None
+    return {"backend": "nftables", "format": RECORD_FORMAT, "mode": mode, "gen": max(gen, 0), "id": pid}
+
+
+def _allocate(marks: MarkLayout, taken: set[int], port: str, know_others: bool) -> int:
+    start = 0 if know_others else zlib.crc32(port.encode()) % marks.max_id
+    for offset in range(marks.max_id):
+        candidate = (start + offset) % marks.max_id + 1
+        if candidate not in taken:
+            return candidate
+    raise UnsupportedError(f"no free port id: the nftables backend's inet mode supports at most "
+                           f"{marks.max_id} ports with L3 rules")
+
+
+def _ensure_lines(layout: Layout) -> list[str]:
+    b = f"bridge {TABLE}"
+    lines = [
+        f"add table {b}",
+        f"add map {b} l2_from_vm {{ type ifname : verdict; }}",
+        f"add map {b} l2_to_vm {{ type ifname : verdict; }}",
+        f"add chain {b} l2-from-vm {{ type filter hook prerouting priority {PRIO_L2_FROM_VM}; policy accept; }}",
+        f"add chain {b} l2-to-vm {{ type filter hook postrouting priority {PRIO_L2_TO_VM}; policy accept; }}",
+        f"flush chain {b} l2-from-vm",
+        f"add rule {b} l2-from-vm iifname vmap @l2_from_vm",
+        f"flush chain {b} l2-to-vm",
+        f"add rule {b} l2-to-vm oifname vmap @l2_to_vm",
+    ]
+    if not layout.inet:
+        return lines + [
+            f"add map {b} fi {{ type ifname : verdict; }}",
+            f"add map {b} fo {{ type ifname : verdict; }}",
+            f"add map {b} hi {{ type ifname : verdict; }}",
+            f"add chain {b} l3-fwd {{ type filter hook forward priority {PRIO_L3}; policy accept; }}",
+            f"add chain {b} l3-input {{ type filter hook input priority {PRIO_L3}; policy accept; }}",
+            f"flush chain {b} l3-fwd",
+            f"add rule {b} l3-fwd iifname vmap @fi",
+            f"add rule {b} l3-fwd oifname vmap @fo",
+            f"flush chain {b} l3-input",
+            f"add rule {b} l3-input iifname vmap @hi",
+        ]
+    i = f"inet {TABLE}"
+    in_mask, out_mask = hex_text(layout.marks.in_mask, 8), hex_text(layout.marks.out_mask, 8)
+    return lines + [
+        f"add map {b} mark_out {{ type ifname : verdict; }}",
+        f"add chain {b} mark-out {{ type filter hook forward priority {PRIO_MARK_OUT}; policy accept; }}",
+        f"flush chain {b} mark-out",
+        f"add rule {b} mark-out oifname vmap @mark_out",
+        f"add table {i}",
+        f"add map {i} fi {{ type mark : verdict; }}",
+        f"add map {i} fo {{ type mark : verdict; }}",
+        f"add map {i} hi {{ type mark : verdict; }}",
+        f"add map {i} port_ids {{ type mark : ifname; }}",
+        f"add chain {i} l3-fwd {{ type filter hook forward priority {PRIO_L3}; policy accept; }}",
+        f"add chain {i} l3-input {{ type filter hook input priority {PRIO_L3}; policy accept; }}",
+        f"flush chain {i} l3-fwd",
+        f"add rule {i} l3-fwd meta mark & {in_mask} vmap @fi",
+        f"add rule {i} l3-fwd meta mark & {out_mask} vmap @fo",
+        f"flush chain {i} l3-input",
+        f"add rule {i} l3-input meta mark & {in_mask} vmap @hi",
+    ]
+
+
+def _port_objects(layout: Layout, port: str, gen: int, pid: int | None, rs: PortRuleset) -> _Objects:
+    objects = _Objects()
+    marks = layout.marks
+    l3_family = "inet" if layout.inet else "bridge"
+
+    # L2, both sides; with a mark id, the from-VM root sets the ingress id first
+    for kind, side, map_name, mark in (
+        ("I", rs.from_vm, "l2_from_vm", pid is not None and bool(rs.fi or rs.hi)),
+        ("O", rs.to_vm, "l2_to_vm", False),
+    ):
+        if side.empty and not mark:
+            continue
+        root = chain_name(kind, gen, port)
+        objects.chains.append(("bridge", root))
+        subs = {sub.name: chain_name(kind, gen, port, sub.name) for sub in side.subchains}
+        objects.chains += [("bridge", name) for name in subs.values()]
+        if mark:
+            objects.rules.append(("bridge", root, render.mark_rule(marks.in_mask, pid << marks.in_shift)))
+        _l2_rules(objects, root, side.root, subs)
+        for sub in side.subchains:
+            _l2_rules(objects, subs[sub.name], sub.rules, subs)
+            objects.rules.append(("bridge", subs[sub.name], render.SUBCHAIN_END_VERDICT))
+        objects.elements.append(("bridge", map_name, port, f"jump {root}"))
+
+    # L3 copies
+    reject = "reject" if (layout.inet or layout.l2_reject) else "drop"
+    set_counter = [0]
+
+    def new_set(family: int) -> str:
+        set_counter[0] += 1
+        name = chain_name("CL", gen, port, str(set_counter[0]))
+        kind = "ipv4_addr" if family == 4 else "ipv6_addr"
+        objects.sets.append((l3_family, name, f"type {kind}; size 65535; flags dynamic;"))
+        return name
+
+    for kind, rules, map_name, shift in (("FI", rs.fi, "fi", marks.in_shift), ("FO", rs.fo, "fo", marks.out_shift),
+                                         ("HI", rs.hi, "hi", marks.in_shift)):
+        if not rules:
+            continue
+        chain = chain_name(kind, gen, port)
+        objects.chains.append((l3_family, chain))
+        for rule in rules:
+            text = render.l3_rule(rule, inet=layout.inet, reject=reject, new_set=new_set)
+            if text is not None:
+                objects.rules.append((l3_family, chain, text))
+        objects.elements.append((l3_family, map_name, pid << shift if layout.inet else port, f"jump {chain}"))
+
+    if layout.inet and pid is not None:
+        if rs.fo:
+            chain = chain_name("MO", gen, port)
+            objects.chains.append(("bridge", chain))
+            objects.rules.append(("bridge", chain, render.mark_rule(marks.out_mask, pid << marks.out_shift)))
+            objects.elements.append(("bridge", "mark_out", port, f"jump {chain}"))
+        objects.elements.append(("inet", "port_ids", pid, quote(port)))
+    return objects
+
+
+def _l2_rules(objects: _Objects, chain: str, entries, subs: Mapping[str, str]) -> None:
+    for entry in entries:
+        if isinstance(entry, Jump):
+            if entry.chain not in subs:
+                raise NwfilterError(f"jump to unknown sub-chain '{entry.chain}'")
+            objects.rules.append(("bridge", chain, render.l2_jump(entry.conds, entry.chain, subs[entry.chain])))
+            continue
+        assert isinstance(entry, L2Rule)
+        text = render.l2_rule(entry)
+        if text is not None:
+            objects.rules.append(("bridge", chain, text))
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole tables: teardown and probes
+
+
+def remove_all_text() -> str:
+    """Deletes both of our tables whether they exist or not (``add`` first makes it idempotent)."""
+    return "".join(f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in FAMILIES)
+
+
+def probe_bridge_conntrack_text() -> str:
+    """A throw-away bridge table using ``ct`` (state, direction, count), for ``nft -c -f -``:
+    accepted only where the kernel has bridge-family conntrack (nf_conntrack_bridge)."""
+    t = f"bridge {PROBE_TABLE}"
+    return "\n".join([
+        f"add table {t}",
+        f"add chain {t} fwd {{ type filter hook forward priority 0; policy accept; }}",
+        f"add set {t} cl {{ type ipv4_addr; size 65535; flags dynamic; }}",
+        f"add rule {t} fwd ether type 0x0800 ct state established,related ct direction reply accept",
+        f"add rule {t} fwd ether type 0x0800 meta l4proto 6 add @cl {{ ip saddr ct count over 4 }} drop",
+    ]) + "\n"
+
+
+def probe_l2_reject_text() -> str:
+    """A throw-away bridge table with ``reject`` in forward and input chains (where the bridge
+    conntrack mode would use it for L3 rules), for ``nft -c -f -``."""
+    t = f"bridge {PROBE_TABLE}"
+    return "\n".join([
+        f"add table {t}",
+        f"add chain {t} fwd {{ type filter hook forward priority 0; policy accept; }}",
+        f"add chain {t} in {{ type filter hook input priority 0; policy accept; }}",
+        f"add rule {t} fwd ether type 0x0800 meta l4proto 6 reject",
+        f"add rule {t} fwd ether type 0x86dd meta l4proto 17 reject",
+        f"add rule {t} in ether type 0x0800 reject",
+    ]) + "\n"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ...ir import Side
-from ..base import PortRecord, Step
+from ..base import Step
 from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, GLOBAL_IN_POST, delete_line, is_port_name, l2_root_chain,
                     l3_chain, rule_target)
 from .plan import NAME, RECORD_FORMAT, remove_chains

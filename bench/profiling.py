@@ -8,18 +8,15 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .documents import GUEST, HOOK_PORT, domain_xml, meas_mac, meas_port
 from .measure import CLI, HOOK, VENV_PY, spawn
-
-if TYPE_CHECKING:
-    from .scenarios import Ours
+from .ours import Ours
 
 
-def profile_state(ours: Ours, present: int) -> None:
+def profile_state(ours: Ours, present: int, out: Path) -> None:
     """Import times, cProfile and strace phases of binding-create and the hook at ``present``."""
-    out = ours.bench.profile_dir
     file = ours.binding_file(meas_port(1), meas_mac(1), "10.2.0.2")
     if present == 0:
         run = ours.py("-X", "importtime", "-m", "libvirt_nwfilter", "binding-create", file).check("importtime")
@@ -31,7 +28,7 @@ def profile_state(ours: Ours, present: int) -> None:
         ours.hook("stopped", "end", domain_xml(None)).check("hook stopped")
         (out / "importtime-hook-start.txt").write_text(run.stderr)
         (out / "importtime-hook-start-top.txt").write_text(importtime_summary(run.stderr))
-    profile_cli(ours, f"binding-create-{present}", lambda i: ["binding-create", file],
+    profile_cli(ours, out, f"binding-create-{present}", lambda i: ["binding-create", file],
                      after=lambda: ours.cli("binding-delete", meas_port(1)).check("binding-delete"))
     start_argv = [HOOK, GUEST, "start", "begin", "-"]
     stop_argv = [HOOK, GUEST, "stopped", "end", "-"]
@@ -40,26 +37,24 @@ def profile_state(ours: Ours, present: int) -> None:
     ours.py("-m", "cProfile", "-o", prof, *start_argv, stdin=start_xml).check("cProfile hook start")
     (out / f"hook-start-{present}.txt").write_text(pstats_summary(prof))
     ours.hook("stopped", "end", stop_xml).check("hook stopped")
-    strace_phases(ours, f"hook-start-{present}", [VENV_PY, *start_argv], start_xml)
+    strace_phases(ours, out, f"hook-start-{present}", [VENV_PY, *start_argv], start_xml)
     prof = out / f"hook-stopped-{present}.prof"
     ours.py("-m", "cProfile", "-o", prof, *stop_argv, stdin=stop_xml).check("cProfile hook stopped")
     (out / f"hook-stopped-{present}.txt").write_text(pstats_summary(prof))
     ours.hook("start", "begin", start_xml).check("hook start")
-    strace_phases(ours, f"hook-stopped-{present}", [VENV_PY, *stop_argv], stop_xml)
-    ours.bench.log(f"profile @{present}: written to {out}")
+    strace_phases(ours, out, f"hook-stopped-{present}", [VENV_PY, *stop_argv], stop_xml)
 
 
-def profile_cli(ours: Ours, name: str, make_args: Callable[[int], list],
+def profile_cli(ours: Ours, out: Path, name: str, make_args: Callable[[int], list],
                 after: Callable[[], object] | None = None) -> None:
     """cProfile, strace phases and strace -c of one CLI call; ``make_args(i)`` gives the
     arguments of the i-th of the three runs, ``after`` undoes a run."""
-    out = ours.bench.profile_dir
     prof = out / f"{name}.prof"
     ours.py("-m", "cProfile", "-o", prof, "-m", "libvirt_nwfilter", *make_args(0)).check(f"cProfile {name}")
     if after:
         after()
     (out / f"{name}.txt").write_text(pstats_summary(prof))
-    strace_phases(ours, name, [CLI, *make_args(1)], b"")
+    strace_phases(ours, out, name, [CLI, *make_args(1)], b"")
     if after:
         after()
     if shutil.which("strace"):
@@ -102,12 +97,12 @@ def pstats_summary(prof: Path) -> str:
     return buf.getvalue()
 
 
-def strace_phases(ours: Ours, name: str, argv: list, stdin: bytes) -> None:
+def strace_phases(ours: Ours, out: Path, name: str, argv: list, stdin: bytes) -> None:
     """Where the wall time of one process goes: its own Python time vs each tool it runs
     (strace -f of execve/exit_group; strace slows everything a little)."""
     if not shutil.which("strace"):
         return
-    trace = ours.bench.profile_dir / f"{name}-strace.txt"
+    trace = out / f"{name}-strace.txt"
     spawn(["strace", "-f", "-ttt", "-e", "trace=execve,exit_group", "-o", trace, *argv], ours.env, ours.ns,
           stdin).check(f"strace {name}")
     starts: dict[str, float] = {}
@@ -141,7 +136,7 @@ def strace_phases(ours: Ours, name: str, argv: list, stdin: bytes) -> None:
     first_tool = starts[order[1]] - starts[root] if len(order) > 1 else None
     if first_tool is not None:
         lines.append(f"  Python before the first tool: {first_tool * 1000:.1f} ms")
-    (ours.bench.profile_dir / f"{name}-phases.txt").write_text("\n".join(lines) + "\n")
+    (out / f"{name}-phases.txt").write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,54 +35,12 @@ from typing import Callable, Sequence
 
 from .documents import (CUSTOM_FILTER, FILTER, GUEST, HOOK_PORT, MEAS_PORTS, binding_xml, custom_filter_xml,
                         domain_xml, meas_mac, meas_port, prepop_port)
-from .measure import (CLI, HOOK, TESTS, VENV_PY, BenchError, Measurement, Results, Run, base_env, fmt_rss,
+from .measure import (CLI, TESTS, VENV_PY, BenchError, Measurement, Results, Run, base_env, fmt_rss,
                       fmt_time, is_tmpfs, lock_busy, machine_info, sh, spawn)
+from .ours import Ours
 from .profiling import profile_cli, profile_state
 
 BACKENDS = ("nftables", "ebiptables")
-
-
-class Ours:
-    """One configuration (conf dir, run dir on tmpfs, backend) of our CLI and hook in the lab."""
-
-    def __init__(self, bench: Bench, backend: str, tag: str):
-        self.bench, self.backend = bench, backend
-        self.ns = bench.lab.host_ns
-        self.conf = bench.work / f"{backend}-{tag}-conf"
-        self.rundir = bench.shm / f"{backend}-{tag}-run"
-        self.files = bench.work / f"{backend}-{tag}-files"
-        for d in (self.conf, self.files):
-            d.mkdir(parents=True, exist_ok=True)
-        self.env = {**base_env(), "LIBVIRT_NWFILTER_CONFDIR": str(self.conf),
-                    "LIBVIRT_NWFILTER_RUNDIR": str(self.rundir), "LIBVIRT_NWFILTER_BACKEND": backend}
-
-    def cli(self, *args: object, stdin: bytes = b"", prefix: Sequence[object] = (), timeout: float = 900) -> Run:
-        argv = [*prefix, CLI, *args] if prefix else [CLI, *args]
-        return spawn(argv, self.env, self.ns, stdin, timeout)
-
-    def py(self, *args: object, stdin: bytes = b"", timeout: float = 900) -> Run:
-        return spawn([VENV_PY, *args], self.env, self.ns, stdin, timeout)
-
-    def hook(self, operation: str, subop: str, stdin: bytes) -> Run:
-        return spawn([VENV_PY, HOOK, GUEST, operation, subop, "-"], self.env, self.ns, stdin)
-
-    def binding_file(self, port: str, mac: str, ip: str, filter_name: str = FILTER) -> Path:
-        path = self.files / f"binding-{port}-{filter_name}.xml"
-        if not path.exists():
-            path.write_text(binding_xml(port, mac, ip, filter_name))
-        return path
-
-    def state_has(self, port: str) -> bool | None:
-        """Whether our state records a binding on ``port`` (None: layout unknown)."""
-        bindings = self.rundir / "bindings"
-        if not bindings.is_dir():
-            return None
-        return any(bindings.glob(f"{port}.*"))
-
-    def populate(self, start: int, end: int, filter_name: str) -> Run:
-        """Bind ports ``start``..``end`` to ``filter_name`` in one batch (bench/populate.py)."""
-        return self.py("-m", "bench.populate", self.conf, self.rundir, self.backend, start, end, filter_name,
-                       timeout=1800).check(f"populate {start}..{end}")
 
 
 class Bench:
@@ -209,7 +167,7 @@ class Bench:
     def scenario(self, backend: str) -> None:
         self.log(f"== {backend}: clean-traffic bindings")
         self.flush_firewall()
-        ours = Ours(self, backend, "main")
+        ours = Ours(self.lab.host_ns, self.work, self.shm, backend, "main")
         ours.cli("status").check("status (warm-up, kernel probe)")
         present = 0
         for size in self.sizes:
@@ -225,7 +183,7 @@ class Bench:
             if backend == "nftables":
                 self.guarded(f"nft alone at {size}", None, lambda: self.measure_nft_alone(ours, size))
             if self.args.profile and backend == "nftables" and size in (0, self.max_present):
-                self.guarded(f"profile at {size}", None, lambda: profile_state(ours, size))
+                self.guarded(f"profile at {size}", None, lambda: self.profile_state(ours, size))
         size = self.max_present
         m = self.results.new("reapply", f"reapply of {size} bindings (fresh process)", "ours", backend, size)
         ours.cli("reapply").check("reapply (warm-up)")
@@ -237,9 +195,13 @@ class Bench:
             m, self.slow_reps, lambda i: ours.cli("verify").check("verify"), budget=self.args.slow_budget))
         self.log(f"{backend}: verify of {size}: {fmt_time(m.median)}")
         if self.args.profile and backend == "nftables":
-            self.guarded("profile reapply", None, lambda: profile_cli(ours, f"reapply-{size}",
-                                                                           lambda i: ["reapply"]))
+            self.guarded("profile reapply", None,
+                         lambda: profile_cli(ours, self.profile_dir, f"reapply-{size}", lambda i: ["reapply"]))
         self.flush_firewall()
+
+    def profile_state(self, ours: Ours, present: int) -> None:
+        profile_state(ours, present, self.profile_dir)
+        self.log(f"profile @{present}: written to {self.profile_dir}")
 
     def measure_create(self, ours: Ours, present: int) -> None:
         files = [ours.binding_file(meas_port(k), meas_mac(k), f"10.2.0.{k + 1}") for k in range(MEAS_PORTS)]
@@ -335,7 +297,7 @@ class Bench:
         size = self.max_present
         self.log(f"== {backend}: redefinition of a filter used by {size} bindings")
         self.flush_firewall()
-        ours = Ours(self, backend, "redefine")
+        ours = Ours(self.lab.host_ns, self.work, self.shm, backend, "redefine")
         ours.cli("status").check("status (warm-up)")
         variants = []
         for v in (0, 1, 2):
@@ -362,7 +324,7 @@ class Bench:
             # continue the alternation so that every profiled define changes the filter
             done = len(m.walls) + 1  # the warm-up defined variant 1, then the timed runs alternated
             self.guarded("profile define", None, lambda: profile_cli(
-                ours, f"define-{size}", lambda i: ["define", variants[1 + (done + i) % 2]]))
+                ours, self.profile_dir, f"define-{size}", lambda i: ["define", variants[1 + (done + i) % 2]]))
         self.flush_firewall()
 
     # -- libvirt's engine --------------------------------------------------------------------------

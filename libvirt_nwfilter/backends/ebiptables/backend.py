@@ -12,7 +12,8 @@ from typing import Iterable, Mapping, Sequence
 
 from ..base import Plan, PortChange, PortRecord, Step
 from . import listing
-from .plan import NAME, plan
+from .names import NAME
+from .plan import plan
 from .tools import configured
 
 

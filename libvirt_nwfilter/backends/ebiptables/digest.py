@@ -19,7 +19,7 @@ from typing import Mapping
 
 from ..base import PortRecord, canonical_digest
 from .listing import Save
-from .plan import NAME
+from .names import NAME
 from .tools import TOOLS
 
 DIGEST_FORMAT = 1

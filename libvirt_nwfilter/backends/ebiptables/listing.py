@@ -19,9 +19,8 @@ from typing import Mapping, Sequence
 
 from ...ir import Side
 from ..base import Step
-from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, GLOBAL_IN_POST, delete_line, is_port_name, l2_root_chain,
-                    l3_chain, rule_target)
-from .plan import NAME, RECORD_FORMAT, remove_chains
+from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, GLOBAL_IN_POST, NAME, RECORD_FORMAT, delete_line, is_port_name,
+                    l2_root_chain, l3_chain, rule_target)
 from .tools import TOOLS, Tool
 
 _COUNTERS_PREFIX_RE = re.compile(r"\A\[\d+:\d+\]\s+")
@@ -144,7 +143,7 @@ def purge_steps(tools: Sequence[Tool], saves: Mapping[str, Save], *, globals: bo
                  if source not in ours and source not in glob  # goes with its chain (globals are flushed)
                  and (target in ours or (globals and target in glob))]
         lines += [tool.declare(g) for g in glob]
-        lines += remove_chains(tool, ours)
+        lines += tool.remove(ours)
         if globals:
             lines += [f"-X {g}" for g in glob]
         if lines:

@@ -39,6 +39,8 @@ import re
 from ...errors import UnsupportedError
 from ...ir import Side
 
+NAME = "ebiptables"  # the backend's name, in its records
+RECORD_FORMAT = 1
 # Global ip(6)tables chains and their hooks: (chain, builtin chain, position).
 GLOBAL_IN = "nwf-in"
 GLOBAL_OUT = "nwf-out"

@@ -55,14 +55,11 @@ from typing import Iterable, Mapping, Sequence
 from ...errors import UnsupportedError
 from ...ir import Jump, L2Side, PortRuleset, Side
 from ..base import Batch, Plan, PortChange, PortRecord, Step
-from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, L3_COPIES, check_port, check_suffix, delete_line, in_post_rule,
-                    is_temp_chain, l2_link, l2_root_chain, l2_sub_chain, l3_chain, l3_link, rule_target)
+from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, L3_COPIES, NAME, RECORD_FORMAT, check_port, check_suffix,
+                    delete_line, in_post_rule, is_temp_chain, l2_link, l2_root_chain, l2_sub_chain, l3_chain, l3_link,
+                    rule_target)
 from .render import render_l2_jump, render_l2_rule, render_l3_rule
 from .tools import EBTABLES, IPTABLES, TOOLS, Tool
-
-NAME = "ebiptables"
-RECORD_FORMAT = 1
-
 
 @dataclass
 class ToolPart:
@@ -178,12 +175,6 @@ def ensure_globals_text() -> str:
     return IPTABLES.text(lines)
 
 
-def remove_chains(tool: Tool, chains: Sequence[str]) -> list[str]:
-    # Declaring first makes the removal independent of whether each chain still exists and
-    # drops every reference between the chains (the root's jumps into its sub-chains).
-    return [tool.declare(c) for c in chains] + [f"-X {c}" for c in chains]
-
-
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -192,7 +183,7 @@ def _phases(tool: Tool, old: _Old, part: ToolPart) -> tuple[list[str], list[str]
     """One port's lines in one tool: apply, commit, rollback."""
     # apply: drop leftovers of an interrupted earlier change, then build the new set.
     added = [p for p in part.permanent if p not in old.final_rules]
-    apply = [*(delete_line(x) for x in old.temp_rules), *remove_chains(tool, old.temp_chains),
+    apply = [*(delete_line(x) for x in old.temp_rules), *tool.remove(old.temp_chains),
              *(tool.declare(temp) for temp, _ in part.chains), *part.rules, *(temp for temp, _ in part.links),
              *added]
     # commit: tear the old set, move the new one to the final names. Where a transaction may
@@ -201,11 +192,11 @@ def _phases(tool: Tool, old: _Old, part: ToolPart) -> tuple[list[str], list[str]
     clear = old.final_chains
     if tool.clears_unseen_chains:
         clear = _unique(clear + [final for _, final in part.chains])
-    commit = [*(delete_line(x) for x in old.final_rules if x not in part.permanent), *remove_chains(tool, clear),
+    commit = [*(delete_line(x) for x in old.final_rules if x not in part.permanent), *tool.remove(clear),
               *(f"-E {temp} {final}" for temp, final in part.chains)]
     # rollback: remove what apply added.
     rollback = [*(delete_line(temp) for temp, _ in part.links), *(delete_line(x) for x in added),
-                *remove_chains(tool, [temp for temp, _ in part.chains])]
+                *tool.remove([temp for temp, _ in part.chains])]
     return apply, commit, rollback
 
 

@@ -56,6 +56,12 @@ class Tool:
         """Create ``chain``, or flush it if it exists (restore ``--noflush`` semantics)."""
         return f":{chain} {self.policy}"
 
+    def remove(self, chains: Sequence[str]) -> list[str]:
+        """Lines deleting ``chains``: declaring them first makes the removal independent of
+        whether each still exists and drops every reference between them (a root's jumps into
+        its sub-chains)."""
+        return [self.declare(c) for c in chains] + [f"-X {c}" for c in chains]
+
     def text(self, lines: Sequence[str]) -> str:
         """A whole restore input: the table, ``lines``, and COMMIT where the tool wants one."""
         return "\n".join([f"*{self.table}", *lines, *self.footer]) + "\n"

@@ -9,12 +9,13 @@ Drift detection and recovery (``verify``, ``reapply``, hook ``reconnect``), the 
 backend: ``survey_steps()`` lists everything of ours (run each with ``executor.run``; stdout, or
 "" for a failed step); ``kernel_digests(survey outputs, records)`` gives each port's digest of
 what a kernel has; ``kernel_ports(survey outputs)`` names every port of which the kernel holds
-anything of ours; ``rebuild_plan(changes, survey)`` removes everything of ours and builds
-exactly the given ports. Applying a change computes no digest (the per-binding path stays as
-cheap as the change itself): the expected digest of a port is that of a reference kernel (a
-throw-away network namespace) into which ``rebuild_plan`` put the recorded rulesets. Digests are
-therefore independent of generations, of the other ports and of per-namespace ids: a port has
-the same digest in every kernel holding the same rules for it.
+anything of ours, and ``inventory`` lists those objects per port; ``rebuild_plan(changes,
+survey)`` removes everything of ours and builds exactly the given ports. Applying a change
+computes no digest (the per-binding path stays as cheap as the change itself): the expected
+digest of a port is that of a reference kernel (a throw-away network namespace) into which
+``rebuild_plan`` put the recorded rulesets. Digests are therefore independent of generations,
+of the other ports and of per-namespace ids: a port has the same digest in every kernel holding
+the same rules for it.
 
 A refused step is reported with the input line the tool names and the port that line serves:
 backends build each step's input with :class:`Batch`, which remembers the port of every block
@@ -149,6 +150,13 @@ class Backend(Protocol):
     def kernel_ports(self, outputs: Sequence[str]) -> set[str]:
         """Pure: every port of which the survey outputs show any object of ours (chains, sets,
         dispatch entries, port ids), whatever the records say: with the records, the orphans."""
+        ...
+
+    def inventory(self, outputs: Sequence[str]) -> dict[str, PortRecord]:
+        """Pure: per port of :meth:`kernel_ports`, a record of exactly the objects of ours the
+        kernel holds for it: ``plan([PortChange(port, record, None)])`` removes them and nothing
+        else. What a rebuild that keeps some ports' objects untouched builds on: remove the
+        other ports' inventories, build the wanted ports beside the kept ones."""
         ...
 
 

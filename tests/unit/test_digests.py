@@ -28,7 +28,8 @@ IDS = ["nftables", "ebiptables"]
 def test_both_backends_keep_the_whole_contract(backend):
     """Every method of the contract, with its parameters; every attribute; nothing to probe."""
     methods = [name for name, member in vars(Backend).items() if inspect.isfunction(member) and name[0] != "_"]
-    assert {"plan", "rebuild_plan", "teardown_plan", "survey_steps", "kernel_digests", "kernel_ports"} <= set(methods)
+    assert {"plan", "rebuild_plan", "teardown_plan", "survey_steps", "kernel_digests", "kernel_ports",
+            "inventory"} <= set(methods)
     for name in methods:
         ours = inspect.signature(getattr(backend, name))
         proto = inspect.signature(getattr(Backend, name))

@@ -1,4 +1,4 @@
-"""What the kernel holds of ours, read from nft's JSON listing (pure but for the survey steps).
+"""What the kernel holds of ours, read from nft's JSON listing (pure; the survey steps are data).
 
 The survey is ``nft -j list table bridge libvirt_nwfilter`` and the same for ``inet`` (each
 fails harmlessly when the table is missing; nothing else is listed). Their JSON (libnftables'

@@ -94,15 +94,15 @@ class NftablesBackend:
         two kernels holding the same rules for it, whatever its generation and mark id there."""
         from . import digest, listing
 
-        index = digest.Index(listing.read(outputs))
-
         def of(port: str, record: PortRecord) -> str | None:
             structure = digest.port_structure(index, port, record, digest.IdForms.of(record, self.marks))
             if structure is None and not digest.expects_nothing(record):
                 return None
             return digest.port_digest(structure)
 
-        return {port: of(port, record) for port, record in records.items() if record is not None}
+        with listing.paused_gc():
+            index = digest.Index(listing.read(outputs))
+            return {port: of(port, record) for port, record in records.items() if record is not None}
 
     def kernel_ports(self, outputs: Sequence[str]) -> set[str]:
         """Every port of which our tables hold a chain, set, dispatch element or port id."""
@@ -113,4 +113,5 @@ class NftablesBackend:
         ``PortChange(port, record, None)`` removes exactly those."""
         from . import listing
 
-        return listing.inventory(listing.read(outputs))
+        with listing.paused_gc():
+            return listing.inventory(listing.read(outputs))

@@ -6,6 +6,7 @@ Exit status: 0 success, 1 refused input or failed operation, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shlex
@@ -182,7 +183,9 @@ def _verb(sub, name: str, func: Callable, summary: str, description: str) -> arg
     return parser
 
 
+@functools.lru_cache(maxsize=1)
 def build_parser() -> argparse.ArgumentParser:
+    """The command's parser (built once: the resident service builds it before it forks)."""
     parser = argparse.ArgumentParser(prog="libvirt-nwfilter", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--confdir", help="configuration directory (overrides LIBVIRT_NWFILTER_CONFDIR)")

@@ -3,8 +3,11 @@
 libvirtd runs hooks with an almost empty environment (libvirt-facts.md §1.1), so the wrapper
 carries the settings in effect at install time (DESIGN.md, contract): it exports
 ``LIBVIRT_NWFILTER_CONFDIR``, ``LIBVIRT_NWFILTER_RUNDIR`` (and the backend when one was chosen
-explicitly) and execs the hook module with the absolute interpreter the package runs under, in
-isolated mode (``-I``: no ``PYTHON*`` variables, no current directory on the module path).
+explicitly) and execs the thin hook client (:func:`client.hook_main`) with the absolute
+interpreter the package runs under, in isolated mode without ``site`` (``-I -S``: no ``PYTHON*``
+variables, no current directory on the module path, the fastest start) and the directory that
+holds the package on the module path. The client hands the call to the resident service when
+its socket answers and otherwise runs the hook in-process (loading ``site`` then).
 
 Two layouts:
 
@@ -18,6 +21,7 @@ Ours are recognised by :data:`MARKER` on their second line. Only one of the two 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -29,7 +33,6 @@ from .store import write_atomically
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK_NAME = "libvirt-nwfilter"
 MARKER = "# libvirt-nwfilter qemu hook wrapper"
-HOOK_MODULE = "libvirt_nwfilter.hook"
 MODE = 0o755
 
 
@@ -43,6 +46,8 @@ class HookSettings:
     rundir: str
     backend: str | None = None
     log_file: str | None = None
+    package_dir: str = str(Path(__file__).resolve().parent.parent)  # holds libvirt_nwfilter/
+    service_timeout: str | None = None  # LIBVIRT_NWFILTER_SERVICE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ def single_path(hooks_dir: Path) -> Path:
 def wrapper_text(settings: HookSettings) -> str:
     """The wrapper script."""
     for name, value in (("interpreter", settings.python), ("configuration directory", settings.confdir),
-                        ("run directory", settings.rundir)):
+                        ("run directory", settings.rundir), ("package directory", settings.package_dir)):
         if not os.path.isabs(value):
             raise NwfilterError(f"the {name} must be an absolute path, not '{value}'")
     env = [("LIBVIRT_NWFILTER_CONFDIR", settings.confdir), ("LIBVIRT_NWFILTER_RUNDIR", settings.rundir)]
@@ -72,6 +77,8 @@ def wrapper_text(settings: HookSettings) -> str:
         env.append(("LIBVIRT_NWFILTER_BACKEND", settings.backend))
     if settings.log_file:
         env.append(("LIBVIRT_NWFILTER_HOOK_LOG", settings.log_file))
+    if settings.service_timeout:
+        env.append(("LIBVIRT_NWFILTER_SERVICE_TIMEOUT", settings.service_timeout))
     lines = [
         "#!/bin/sh",
         MARKER,
@@ -81,7 +88,9 @@ def wrapper_text(settings: HookSettings) -> str:
     ]
     lines += [f"{key}={shlex.quote(value)}" for key, value in env]
     lines.append("export " + " ".join(key for key, _ in env))
-    lines.append(f'exec {shlex.quote(settings.python)} -I -m {HOOK_MODULE} "$@"')
+    code = (f"import sys; sys.path.append({json.dumps(settings.package_dir)}); "
+            "from libvirt_nwfilter.client import hook_main; sys.exit(hook_main())")
+    lines.append(f'exec {shlex.quote(settings.python)} -I -S -c {shlex.quote(code)} "$@"')
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,9 @@ def test_wrapper_carries_confdir_rundir_backend(tmp_path):
     assert "LIBVIRT_NWFILTER_HOOK_LOG=/var/log/h.log" in lines
     assert lines[-2] == ("export LIBVIRT_NWFILTER_CONFDIR LIBVIRT_NWFILTER_RUNDIR LIBVIRT_NWFILTER_BACKEND "
                          "LIBVIRT_NWFILTER_HOOK_LOG")
-    assert lines[-1] == f'exec {sys.executable} -I -m libvirt_nwfilter.hook "$@"'
+    package_dir = Path(install.__file__).resolve().parent.parent
+    assert lines[-1] == (f'exec {sys.executable} -I -S -c \'import sys; sys.path.append("{package_dir}"); '
+                         'from libvirt_nwfilter.client import hook_main; sys.exit(hook_main())\' "$@"')
 
 
 def test_wrapper_without_backend_leaves_it_to_the_config_file(tmp_path):

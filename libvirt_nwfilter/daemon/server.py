@@ -1,0 +1,224 @@
+"""The request server: the service's main process, single-threaded, forking one process per
+connection (forking a process that runs threads is unsafe; the libvirt events and the healing
+run in a separate process, :mod:`.watcher`, forked before any thread exists).
+
+It only accepts, forks and reaps: reading, checking and running a request happen in the forked
+process (:mod:`.request`), so a slow or malformed client never blocks the service. Requests that
+change state serialise on the host lock, exactly as processes of the in-process path do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import gc
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import protocol, request
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "libvirt-nwfilterd.pid"
+MAX_CHILDREN = 64
+STOP_GRACE = 30.0  # seconds running requests get to finish at a stop
+_PR_SET_PDEATHSIG = 1
+
+
+class ServiceError(Exception):
+    """The service cannot start (one line)."""
+
+
+def die_with_parent() -> None:
+    """Be killed when the process that forked us dies (a SIGKILLed service leaves nothing)."""
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def single_instance(rundir: Path) -> Iterator[None]:
+    """Hold ``RUNDIR/libvirt-nwfilterd.pid`` (locked, with our PID) while the service runs."""
+    rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = rundir / PID_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise ServiceError(f"another libvirt-nwfilterd runs for {rundir} (pid {other or '?'})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def listen(rundir: Path) -> socket.socket:
+    """The listening socket ``RUNDIR/libvirt-nwfilterd.sock``, mode 0600 (root only)."""
+    path = protocol.socket_path(str(rundir))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket: the pid file lock says no service runs
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise ServiceError(f"cannot listen on {path}: {error.strerror or error}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """Accept, fork, reap; restart the watcher process when it exits."""
+
+    def __init__(self, sock: socket.socket, max_request: int, watcher: Callable[[], None] | None = None):
+        self.sock = sock
+        self.max_request = max_request
+        self.children: set[int] = set()
+        self._watcher_body = watcher
+        self.watcher_pid: int | None = None
+        self._watcher_started = 0.0
+        self._stopping = False
+
+    # -- processes ------------------------------------------------------------------------
+    def _fork(self, body: Callable[[], int]) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        status = 1
+        try:
+            die_with_parent()
+            self.sock.close()
+            status = body()
+        except BaseException:  # noqa: BLE001 - a forked process must never return into the loop
+            log.exception("internal error")
+        finally:
+            os._exit(status)
+
+    def _start_watcher(self) -> None:
+        if self._watcher_body is None:
+            return
+        body = self._watcher_body
+        self._watcher_started = time.monotonic()
+        self.watcher_pid = self._fork(lambda: body() or 0)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        if len(self.children) >= MAX_CHILDREN:
+            log.warning("%d requests running: connection refused", len(self.children))
+            with contextlib.suppress(OSError):
+                protocol.answer(conn, f"error busy: {MAX_CHILDREN} requests running")
+            conn.close()
+            return
+        pid = self._fork(lambda: request.handle(conn, self.max_request))
+        conn.close()
+        self.children.add(pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.watcher_pid:
+                self.watcher_pid = None
+                if not self._stopping:
+                    log.error("the watcher process exited (%s); restarting it", _describe(status))
+            elif pid in self.children:
+                self.children.discard(pid)
+                if os.WIFSIGNALED(status):
+                    log.error("request process %d killed by signal %d", pid, os.WTERMSIG(status))
+
+    # -- loop -----------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT; then let running requests finish (bounded)."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self._start_watcher()
+        gc.freeze()  # forked requests then share the imported modules' pages
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ)
+        selector.register(wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping:
+                for key, _ in selector.select(timeout=5.0):
+                    if key.fileobj is self.sock:
+                        self._accept_all()
+                    else:
+                        _drain(wake_r)
+                self._reap()
+                if self.watcher_pid is None and not self._stopping and \
+                        time.monotonic() - self._watcher_started > 5.0:
+                    self._start_watcher()
+        finally:
+            selector.close()
+            self.sock.close()
+            self._finish()
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept: %s", error)
+                    return
+                raise
+            conn.setblocking(True)
+            self._serve_connection(conn)
+
+    def _on_stop(self, signum, _frame) -> None:
+        if not self._stopping:
+            log.info("stopping (%s)", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _finish(self) -> None:
+        """Stop the watcher; wait for running requests (at most STOP_GRACE seconds)."""
+        if self.watcher_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.watcher_pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while (self.children or self.watcher_pid is not None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reap()
+        for pid in [*self.children, *([self.watcher_pid] if self.watcher_pid else [])]:
+            log.warning("process %d still running after %g s: killed", pid, STOP_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -17,7 +17,8 @@ The element is found by its namespace URI, never by its prefix. Inside it, ``fil
 ``parameter`` mean exactly what they mean in libvirt (parsed by :func:`xml.parse_filterref`).
 Interfaces of type ``bridge``, ``network`` and ``ethernet`` can be filtered (libvirt's nwfilter
 supports the same types); others are ignored. An interface with libvirt's own ``<filterref>``
-is left to libvirt.
+is left to libvirt. An entry may name a MAC the domain has no interface with (yet), to prepare a
+hot-plug: it is kept in :attr:`Domain.absent`, with its problems, and refuses nothing.
 
 Every refusal is a :class:`ValidationError` whose problems each name the domain, the interface
 MAC and what is wrong.
@@ -64,10 +65,22 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class AbsentEntry:
+    """A metadata entry for a MAC the domain has no interface with (yet): how a hot-plug is
+    prepared. It never refuses a start; ``problems`` (its own, one line each) refuse only the
+    attach of that interface; ``filterref`` is None when the entry is invalid."""
+
+    mac: str
+    filterref: FilterRef | None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     uuid: str
     interfaces: tuple[Interface, ...] = ()
+    absent: tuple[AbsentEntry, ...] = ()
 
     @property
     def filtered(self) -> tuple[Interface, ...]:
@@ -96,17 +109,21 @@ def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool =
     name, uuid = _identity(root, source)
     problems = _Problems(f"domain '{name}'")
     devices = _devices(root, name)
-    entries = _metadata_entries(root, problems) if metadata else {}
     by_mac: dict[str, list[_Device]] = {}
     for device in devices:
         if device.mac:
             by_mac.setdefault(device.mac, []).append(device)
+    deferred: dict[str, list[str]] = {}
+    entries = _metadata_entries(root, problems, set(by_mac), deferred) if metadata else {}
+    absent = tuple(AbsentEntry(mac, None if deferred.get(mac) else ref, tuple(deferred.get(mac, ())))
+                   for mac, (ref, _) in entries.items() if mac not in by_mac)
+    absent += tuple(AbsentEntry(mac, None, tuple(found)) for mac, found in deferred.items() if mac not in entries)
     for mac, (_, node) in entries.items():
         problems.context = f"interface {mac}"
         found = by_mac.get(mac)
         if not found:
-            problems.add(node, "the domain has no interface with this MAC address")
-        elif not any(d.type in FILTERABLE_TYPES for d in found):
+            continue
+        if not any(d.type in FILTERABLE_TYPES for d in found):
             problems.add(node, f"interface type '{found[0].type}' cannot be filtered "
                          f"(supported: {', '.join(FILTERABLE_TYPES)})")
     problems.raise_if_any()
@@ -121,7 +138,7 @@ def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool =
         entry = entries.get(device.mac)
         interfaces.append(Interface(device.type, device.mac, device.target, entry[0] if entry else None,
                                     device.native is not None))
-    return Domain(name, uuid, tuple(interfaces))
+    return Domain(name, uuid, tuple(interfaces), absent)
 
 
 def parse_identity(data: bytes | str, source: str = "domain XML") -> tuple[str, str]:
@@ -171,14 +188,16 @@ def _ours(root) -> list[etree._Element]:
     return [child for child in _children(metadata) if etree.QName(child).namespace == NAMESPACE]
 
 
-def _metadata_entries(root, problems: _Problems) -> dict[str, tuple[FilterRef, etree._Element]]:
-    """Our entries in the domain's ``<metadata>`` (empty when there is none)."""
+def _metadata_entries(root, problems: _Problems, present: set[str] | None = None,
+                      deferred: dict[str, list[str]] | None = None) -> dict[str, tuple[FilterRef, etree._Element]]:
+    """Our entries in the domain's ``<metadata>`` (empty when there is none). With ``present``
+    (the domain's MACs), the problems of entries for other MACs go to ``deferred`` instead."""
     ours = _ours(root)
     if not ours:
         return {}
     if len(ours) > 1:
         problems.add(_local_copy(ours[1], problems), f"more than one element in the namespace {NAMESPACE}")
-    return _parse_root(_local_copy(ours[0], problems), problems)
+    return _parse_root(_local_copy(ours[0], problems), problems, present, deferred)
 
 
 def _local_copy(node, problems: _Problems) -> etree._Element:
@@ -196,7 +215,8 @@ def _local_copy(node, problems: _Problems) -> etree._Element:
     return local
 
 
-def _parse_root(root, problems: _Problems) -> dict[str, tuple[FilterRef, etree._Element]]:
+def _parse_root(root, problems: _Problems, present: set[str] | None = None,
+                deferred: dict[str, list[str]] | None = None) -> dict[str, tuple[FilterRef, etree._Element]]:
     if root.tag != METADATA_ROOT:
         problems.add(root, f"unknown element in the namespace {NAMESPACE} (expected <{METADATA_ROOT}>)")
         return {}
@@ -217,16 +237,20 @@ def _parse_root(root, problems: _Problems) -> dict[str, tuple[FilterRef, etree._
             problems.add(node, f"attribute 'mac': '{text or ''}' is not a MAC address like 52:54:00:12:34:56")
             continue
         problems.context = f"interface {mac}"
-        if node.text and node.text.strip():
-            problems.add(node, f"unexpected text '{node.text.strip()}'")
         if mac in entries:
             problems.add(node, "more than one entry for this MAC address")
             continue
+        before = len(problems.items)
+        if node.text and node.text.strip():
+            problems.add(node, f"unexpected text '{node.text.strip()}'")
         refs = _children(node)
         if len(refs) != 1 or refs[0].tag != "filterref":
             problems.add(node, "expected exactly one <filterref filter=...> inside <interface>")
-            continue
-        entries[mac] = (parse_filterref(refs[0], problems), node)
+        else:
+            entries[mac] = (parse_filterref(refs[0], problems), node)
+        if present is not None and deferred is not None and mac not in present and len(problems.items) > before:
+            deferred[mac] = problems.items[before:]
+            del problems.items[before:]
     problems.context = ""
     return entries
 

@@ -23,7 +23,10 @@ status 1. Everything else goes to syslog (``/dev/log``, ident ``libvirt-nwfilter
 when ``LIBVIRT_NWFILTER_HOOK_LOG`` names a file, to that file. Configuration comes from the
 ``LIBVIRT_NWFILTER_*`` variables that the installed wrapper sets (``install-hook``).
 
-Interface hot-plug runs no hook: ``libvirt-nwfilter reapply DOMAIN`` covers it.
+Metadata entries for MACs the guest has no interface with (yet) prepare a hot-plug: they never
+refuse an operation (their problems are logged at ``prepare`` and ``start``). Interface
+hot-plug runs no hook: the resident service filters the new interface (libvirt's device-added
+event); without it, ``libvirt-nwfilter reapply DOMAIN`` does.
 """
 
 from __future__ import annotations
@@ -200,14 +203,36 @@ def _log_native(domain: "Domain") -> None:
                         "for it is ignored", interface.mac)
 
 
+def _log_absent(domain: "Domain", service: "Service | None" = None) -> None:
+    """Entries for MACs the guest has no interface with (yet) refuse nothing: their problems
+    (and, given ``service``, those resolving their filters) are logged; they refuse the
+    hot-plug of that interface only."""
+    from .model import Binding
+
+    for entry in domain.absent:
+        problems = list(entry.problems)
+        if service is not None and entry.filterref is not None:
+            try:
+                service.check([Binding(domain.name, domain.uuid, "", entry.mac, entry.filterref)])
+            except NwfilterError as error:
+                problems.append(_one_line(error))
+        if problems:
+            log.warning("interface %s (not present) named in the metadata: attaching it will be refused: %s",
+                        entry.mac, "; ".join(problems))
+        else:
+            log.info("interface %s (not present) named in the metadata: filtered when it is attached", entry.mac)
+
+
 def op_check(config: Config, stdin: bytes, require_target: bool) -> None:
     """``prepare`` (and the check of ``migrate``/``restore``)."""
     domain = _parse(stdin)
     _log_native(domain)
-    if not domain.filtered:
+    if not domain.filtered and not domain.absent:
         log.debug("no interface filtered by libvirt-nwfilter")
         return
-    _check(make_service(config), domain, require_target)
+    service = make_service(config)
+    _log_absent(domain, service)
+    _check(service, domain, require_target)
     log.info("filters of %d interface(s) checked", len(domain.filtered))
 
 
@@ -215,6 +240,7 @@ def op_start(config: Config, stdin: bytes, repair: bool = False) -> None:
     """``start`` and (``repair``) ``reconnect``/``attach``: instantiate every filtered interface."""
     domain = _parse(stdin)
     _log_native(domain)
+    _log_absent(domain)
     taps = [i.target for i in domain.interfaces if i.target]
     if not domain.filtered and not has_bindings(config, domain.uuid if repair else None, taps):
         log.debug("no interface filtered by libvirt-nwfilter")

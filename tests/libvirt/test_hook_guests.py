@@ -139,8 +139,7 @@ def test_guest_without_metadata_is_not_touched(clean, libvirtd, nwf):
     (metadata("52:54:00:a1:00:03", params={}), r"missing variables: IP"),
     (metadata("52:54:00:a1:00:03", filter="nwft-no-such-filter"), r"'nwft-no-such-filter' is missing"),
     (metadata("52:54:00:a1:00:03", params={"IP": "10.0.0.5;"}), r"parameter 'IP': value '10.0.0.5;' is invalid"),
-    (metadata("52:54:00:a1:00:99"), r"the domain has no interface with this MAC address"),
-], ids=["missing-parameter", "unknown-filter", "bad-parameter", "unknown-mac"])
+], ids=["missing-parameter", "unknown-filter", "bad-parameter"])
 def test_refused_start_names_the_problem_and_leaves_nothing(clean, libvirtd, nwf, meta, expected):
     name = "nwft-hook-refused"
     libvirtd.define_guest(name, "52:54:00:a1:00:03", metadata=meta)
@@ -150,6 +149,22 @@ def test_refused_start_names_the_problem_and_leaves_nothing(clean, libvirtd, nwf
     assert lv.virsh("domstate", name).stdout.strip() == "shut off"
     assert bindings(nwf) == {}
     assert "vnet" not in our_rules(clean)
+
+
+def test_entries_for_absent_macs_never_refuse_a_start(clean, libvirtd, nwf, dirs):
+    """Entries naming MACs the guest has no interface with prepare hot-plugs: even broken ones
+    (missing variable, invalid value) are only logged."""
+    mac = "52:54:00:a1:00:04"
+    absent = {"52:54:00:a1:00:98": ("clean-traffic", {}), "52:54:00:a1:00:99": ("allow-arp", {"X": "1;"})}
+    meta = metadata(mac).replace("</nwf:nwfilter>", "".join(
+        f'<nwf:interface mac="{m}"><nwf:filterref filter="{f}">'
+        + "".join(f'<nwf:parameter name="{n}" value="{v}"/>' for n, v in p.items())
+        + "</nwf:filterref></nwf:interface>" for m, (f, p) in absent.items()) + "</nwf:nwfilter>")
+    guest = libvirtd.start_guest("nwft-hook-absent", mac, metadata=meta)
+    assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}
+    log = dirs["log"].read_text()
+    assert re.search(r"prepare: WARNING: interface 52:54:00:a1:00:98 \(not present\).*missing variables: IP", log)
+    assert re.search(r"prepare: WARNING: interface 52:54:00:a1:00:99 \(not present\).*value '1;' is invalid", log)
 
 
 def test_six_guests_started_and_destroyed_in_parallel(clean, libvirtd, nwf):

@@ -135,13 +135,24 @@ def test_metadata_for_an_unsupported_interface_type_is_refused():
     assert "type 'direct' cannot be filtered" in str(error.value)
 
 
-def test_mac_not_in_domain_is_an_error():
-    with pytest.raises(ValidationError) as error:
-        parse_domain(domain_xml(iface(MAC1), meta(entry(MAC1) + entry(MAC2))))
-    assert str(error.value).startswith("domain 'guest1':")
-    assert f"interface {MAC2}" in str(error.value)
-    assert "the domain has no interface with this MAC address" in str(error.value)
-    assert "\n" not in str(error.value)
+def test_mac_not_in_domain_is_kept_as_absent_entry():
+    dom = parse_domain(domain_xml(iface(MAC1), meta(entry(MAC1) + entry(MAC2))))
+    assert [i.mac for i in dom.filtered] == [MAC1]
+    assert [(a.mac, a.filterref, a.problems) for a in dom.absent] == [(MAC2, dom.interfaces[0].filterref, ())]
+
+
+def test_problems_of_an_absent_entry_refuse_nothing_and_are_kept():
+    dom = parse_domain(domain_xml(iface(MAC1), meta(entry(MAC1) + entry(MAC2, params=(("IP", "1;x"),)))))
+    assert [i.mac for i in dom.filtered] == [MAC1]
+    (absent,) = dom.absent
+    assert absent.mac == MAC2 and absent.filterref is None
+    assert len(absent.problems) == 1 and f"interface {MAC2}" in absent.problems[0]
+    assert "value '1;x' is invalid" in absent.problems[0]
+
+
+def test_problems_of_a_present_entry_still_refuse():
+    with pytest.raises(ValidationError, match="value '1;x' is invalid"):
+        parse_domain(domain_xml(iface(MAC1), meta(entry(MAC1, params=(("IP", "1;x"),)) + entry(MAC2))))
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -205,7 +216,7 @@ def test_bad_domain_documents(xml, expected):
 
 
 def test_parse_identity_ignores_broken_metadata():
-    xml = domain_xml(iface(MAC1), meta(entry(MAC2, params=(("IP", ""),))), uuid=UUID.upper())
+    xml = domain_xml(iface(MAC1), meta(entry(MAC1, params=(("IP", ""),))), uuid=UUID.upper())
     assert parse_identity(xml) == ("guest1", UUID)
     with pytest.raises(ValidationError):
         parse_domain(xml)

@@ -44,6 +44,10 @@ class ProtocolError(Exception):
     """A malformed or refused request (one line)."""
 
 
+class NoRequest(ProtocolError):
+    """The client closed the connection without sending anything (a liveness probe)."""
+
+
 def socket_path(rundir: str) -> str:
     return os.path.join(rundir, SOCKET_NAME)
 
@@ -100,7 +104,7 @@ def receive_request(sock, max_size: int) -> tuple[dict, list[int]]:
             chunk, ancdata, _, _ = sock.recvmsg(HEADER.size - len(head), _socket.CMSG_SPACE(FD_COUNT * 4 * 2))
             fds += _fds(ancdata)
             if not chunk:
-                raise ProtocolError("incomplete request")
+                raise ProtocolError("incomplete request") if head or fds else NoRequest("no request")
             head += chunk
         magic, size = HEADER.unpack(head)
         if magic != MAGIC:

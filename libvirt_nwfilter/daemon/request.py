@@ -41,6 +41,9 @@ def handle(conn: socket.socket, max_request: int) -> int:
         return 1
     try:
         request, fds = protocol.receive_request(conn, max_request)
+    except protocol.NoRequest:
+        log.debug("connection closed without a request")
+        return 1
     except protocol.ProtocolError as error:
         log.warning("request refused: %s", error)
         _try_answer(conn, f"error {error}")

@@ -72,18 +72,6 @@ def send_request(sock, data: bytes, fds: list[int]) -> None:
         sent += sock.send(data[sent:])
 
 
-def read_line(sock, buffer: bytearray) -> bytes:
-    """The next answer line without its newline; b"" at end of file."""
-    while b"\n" not in buffer:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return b""
-        buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line
-
-
 def answer(sock, line: str) -> None:
     """Send one answer line (``took``, ``exit N``, ``error MESSAGE``)."""
     sock.sendall(" ".join(line.split()).encode("utf-8", "backslashreplace") + b"\n")

@@ -47,6 +47,7 @@ def handle(conn: socket.socket, max_request: int) -> int:
     except protocol.ProtocolError as error:
         log.warning("request refused: %s", error)
         _try_answer(conn, f"error {error}")
+        _drain(conn)
         return 1
     except OSError as error:
         log.warning("request not received: %s", error)
@@ -67,6 +68,18 @@ def handle(conn: socket.socket, max_request: int) -> int:
     status = run(request, streams)
     _try_answer(conn, f"exit {status}")
     return status
+
+
+def _drain(conn: socket.socket, limit: int = 1 << 20) -> None:
+    """Read what the client still sends (a little, briefly): closing a socket with unread data
+    resets it, and the client would not see our answer."""
+    conn.settimeout(1.0)
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        while limit > 0 and (chunk := conn.recv(1 << 16)):
+            limit -= len(chunk)
+    except OSError:
+        pass
 
 
 def _try_answer(conn: socket.socket, line: str) -> None:
@@ -113,7 +126,8 @@ def _enter_namespace(fd: int) -> None:
         if os.fstat(fd).st_ino != os.stat("/proc/self/ns/net").st_ino:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.setns(fd, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
+                number = ctypes.get_errno()
+                raise OSError(number, os.strerror(number))
     finally:
         os.close(fd)
 

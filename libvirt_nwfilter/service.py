@@ -343,7 +343,14 @@ class Service:
         return found
 
     def _intact_ports(self, recorded: Sequence[AppliedBinding]) -> set[str]:
-        return self._kernel_check(recorded)[1]
+        """The recorded ports whose kernel rules are intact: those the resident service knows
+        to be (it watches every change to our tables), the others checked against a reference."""
+        from .daemon import knowledge
+
+        known = knowledge.intact(self.config.rundir, self.backend.name)
+        trusted = {a.binding.portdev for a in recorded if known.get(a.binding.portdev) == a.ruleset_hash}
+        rest = [a for a in recorded if a.binding.portdev not in trusted]
+        return trusted | (self._kernel_check(rest)[1] if rest else set())
 
     def _kernel_check(self, recorded: Sequence[AppliedBinding]) -> tuple[dict[str, str | None], set[str]]:
         """The live digest of each port, and the ports whose kernel rules are intact.

@@ -253,8 +253,10 @@ def _binding_verbs(sub) -> None:
     _verb(sub, "status", cmd_status, "Show the backend, what the kernel supports, and counts.",
           "Prints the backend in use and how it tracks connections of bridged traffic (the\n"
           "bridge family's conntrack where nf_conntrack_bridge exists, else the inet family\n"
-          "through br_netfilter), the bridge-netfilter sysctls L3 rules need, and the numbers\n"
-          "of filters and bindings.")
+          "through br_netfilter), the bridge-netfilter sysctls L3 rules need, the numbers\n"
+          "of filters and bindings, and the resident service libvirt-nwfilterd: whether it runs,\n"
+          "since when, its libvirt connection, self-healing, the last repair and the libvirt\n"
+          "events it handled.")
     _verb(sub, "verify", cmd_verify, "Check that the kernel holds exactly the recorded rules.",
           "Compares every binding's rules in the kernel with what was applied (rules missing,\n"
           "extra or different, dispatch entries gone) and with what its filters give now.\n"

@@ -62,6 +62,7 @@ class Interface:
     target: str | None = None
     filterref: FilterRef | None = None
     native_filterref: bool = False
+    alias: str | None = None  # libvirt's device alias (``net0``), in a running guest's XML
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class _Device(NamedTuple):
     mac: str | None
     target: str | None
     native: etree._Element | None
+    alias: str | None
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,8 +139,33 @@ def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool =
             continue
         entry = entries.get(device.mac)
         interfaces.append(Interface(device.type, device.mac, device.target, entry[0] if entry else None,
-                                    device.native is not None))
+                                    device.native is not None, device.alias))
     return Domain(name, uuid, tuple(interfaces), absent)
+
+
+def metadata_entry(data: bytes | str, mac: str, source: str = "domain XML") -> tuple[FilterRef | None, tuple[str, ...]]:
+    """The metadata entry for ``mac`` alone, whatever the other entries hold: (its filter
+    reference, None without a valid one; its problems and those of the metadata as a whole)."""
+    root = _parse_document(data, source, "domain")
+    name, _ = _identity(root, source)
+    problems = _Problems(f"domain '{name}'")
+    deferred: dict[str, list[str]] = {}
+    entries = _metadata_entries(root, problems, set(), deferred)
+    found = tuple(problems.items) + tuple(deferred.get(mac, ()))
+    entry = entries.get(mac)
+    return (entry[0] if entry and not found else None), found
+
+
+def device_xml(data: bytes | str, alias: str, source: str = "domain XML") -> str | None:
+    """The ``<interface>`` element whose alias is ``alias``, as text (None when there is none)."""
+    root = _parse_document(data, source, "domain")
+    for node in root.findall("devices/interface"):
+        alias_node = node.find("alias")
+        if alias_node is not None and alias_node.get("name") == alias:
+            copy_ = copy.deepcopy(node)
+            copy_.tail = None
+            return etree.tostring(copy_, encoding="unicode")
+    return None
 
 
 def parse_identity(data: bytes | str, source: str = "domain XML") -> tuple[str, str]:
@@ -177,7 +204,9 @@ def _devices(root, name: str) -> list[_Device]:
         if mac is None and mac_node is not None:
             log.warning("domain '%s': interface MAC '%s' is not valid; ignored", name, mac_node.get("address"))
         target = target_node.get("dev") if target_node is not None else None
-        found.append(_Device(node.get("type") or "", mac, target or None, node.find("filterref")))
+        alias_node = node.find("alias")
+        found.append(_Device(node.get("type") or "", mac, target or None, node.find("filterref"),
+                             alias_node.get("name") if alias_node is not None else None))
     return found
 
 

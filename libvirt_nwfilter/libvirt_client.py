@@ -7,8 +7,9 @@ libvirt failure becomes an :class:`NwfilterError` with libvirt's one-line messag
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .domain import METADATA_KEY, NAMESPACE
 from .errors import NwfilterError
@@ -145,3 +146,92 @@ class LibvirtClient:
             filters = self.conn.listAllNWFilters(0)
             found = [(f.name(), f.XMLDesc(0)) for f in filters]
         return sorted(found, key=lambda item: (item[0].lower(), item[0]))
+
+
+# ------------------------------------------------------------------------------------------
+# Events (the resident service)
+
+RECONNECT_DELAYS = (1, 2, 5, 10, 30)  # seconds between connection attempts (the last repeats)
+_event_loop_started = False
+
+
+def _start_event_loop() -> None:
+    """libvirt's default event loop, in a thread of its own (once per process)."""
+    global _event_loop_started
+    if _event_loop_started:
+        return
+    _require()
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+    _event_loop_started = True
+
+
+class DomainEvents:
+    """A connection that reports domain events, reconnecting with back-off when libvirtd goes.
+
+    ``handler`` gets ``(kind, DomainRef, detail)`` from libvirt's event thread: kind
+    ``device-added``/``device-removed`` (detail: the device alias) or ``metadata`` (detail: the
+    namespace URI); keep it short (queue the work). ``on_state`` gets one line whenever the
+    connection comes or goes."""
+
+    def __init__(self, uri: str, handler: Callable[[str, DomainRef, str], None], on_state: Callable[[str], None]):
+        self.uri = uri
+        self.handler = handler
+        self.on_state = on_state
+        self.client: LibvirtClient | None = None
+        self._closed = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect, and again after each loss, until ``stop`` is set."""
+        _start_event_loop()
+        attempt = 0
+        while not stop.is_set():
+            try:
+                self._connect()
+            except NwfilterError as error:
+                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                attempt += 1
+                self.on_state(f"not connected to {self.uri} ({error}); next attempt in {delay} s")
+                stop.wait(delay)
+                continue
+            attempt = 0
+            self.on_state(f"connected to {self.uri}")
+            while not stop.is_set() and not self._closed.wait(1):
+                pass
+            if not stop.is_set():
+                self.on_state(f"connection to {self.uri} lost; reconnecting")
+        if self.client is not None:
+            self.client.close()
+
+    def _connect(self) -> None:
+        self._closed.clear()
+        client = LibvirtClient(self.uri)
+        conn = client.conn
+        with _errors(f"cannot watch the events of {self.uri}"):
+            conn.registerCloseCallback(lambda *_: self._closed.set(), None)
+            conn.setKeepAlive(5, 3)
+            for event, kind in ((libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, "device-added"),
+                                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, "device-removed")):
+                conn.domainEventRegisterAny(None, event, self._device(kind), None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, None)
+        if self.client is not None:
+            self.client.close()
+        self.client = client
+
+    def _device(self, kind: str):
+        return lambda _conn, dom, alias, _opaque: self.handler(kind, LibvirtClient._ref(dom), alias)
+
+    def _metadata(self, _conn, dom, kind, uri, _opaque) -> None:
+        if kind == libvirt.VIR_DOMAIN_METADATA_ELEMENT:
+            self.handler("metadata", LibvirtClient._ref(dom), uri or "")
+
+
+def detach_live(client: LibvirtClient, dom: DomainRef, device_xml: str) -> None:
+    """Detach a device from the running guest (its XML as the live definition shows it)."""
+    with _errors(f"cannot detach the device from domain '{dom.name}'"):
+        dom.handle.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)

@@ -485,4 +485,6 @@ class Service:
         lines += [("Filters", f"{len(filters)} ({len(filters) - user} built in, {user} defined here)"),
                   ("Bindings", f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"),
                   ("Configuration", str(self.config.confdir)), ("State", str(self.config.rundir))]
-        return lines
+        from .daemon.status import status_lines
+
+        return lines + status_lines(self.config.rundir)

@@ -5,10 +5,9 @@ our tables (debounced: one check per burst) triggers a check. Every backend is a
 every ``interval`` seconds (ebiptables has no monitor).
 
 A check compares each recorded port's rules in the kernel (the backend's digest of a listing)
-with what they were when the service last found them intact: the first time through a
-reference built from the records in a throw-away namespace (``Service``'s check), later
-against the digest remembered then (a port changed through the tool gets its new digest
-remembered at the next check). A port whose rules are missing or changed is broken; the
+with what they were when the service last found them intact: the first time (at start, and
+for a port whose record changed since) through a reference built from the records in a
+throw-away namespace (``Service``'s check), later against the digest remembered then. A port whose rules are missing or changed is broken; the
 records are the truth, so the repair rebuilds every binding from them in one transaction
 (``Service.reapply``) and logs the ports that were broken.
 """
@@ -134,15 +133,24 @@ class Healer:
     def _broken(self, service: Service, recorded: list[AppliedBinding]) -> list[str]:
         steps = service.backend.survey_steps()
         live = service.backend.kernel_digests(executor.survey(steps), {a.binding.portdev: a.record for a in recorded})
-        broken = []
+        broken, unknown = [], []
         for applied in recorded:
             port, digest = applied.binding.portdev, live.get(applied.binding.portdev)
             known = self.expected.get(port)
             if digest is None or (known is not None and known[0] == applied.ruleset_hash and known[1] != digest):
-                log.debug("port %s: rules %s", port, "missing" if digest is None else f"changed ({known[1]} -> {digest})")
+                log.debug("port %s: rules %s", port, "missing" if digest is None else "changed")
                 broken.append(port)
             elif known is None or known[0] != applied.ruleset_hash:
-                self.expected[port] = (applied.ruleset_hash, digest)  # changed through the tool
+                unknown.append(applied)  # changed through the tool (or behind its back since)
+        if unknown:  # checked against a reference kernel, once per change
+            _, intact = service._kernel_check(unknown)
+            for applied in unknown:
+                port = applied.binding.portdev
+                if port in intact:
+                    self.expected[port] = (applied.ruleset_hash, live[port])
+                else:
+                    log.debug("port %s: rules differ from the reference", port)
+                    broken.append(port)
         for port in set(self.expected) - {a.binding.portdev for a in recorded}:
             del self.expected[port]
         return sorted(broken)

@@ -45,8 +45,9 @@ def read(rundir: Path) -> dict[str, Any] | None:
         pid = int(data["pid"])
         os.kill(pid, 0)
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            if b"nwfilterd" not in handle.read():
-                return None
+            command = handle.read()
+        if not any(name in command for name in (b"nwfilterd", b"libvirt_nwfilter.daemon")):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return data

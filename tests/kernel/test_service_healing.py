@@ -1,0 +1,87 @@
+"""Self-healing with real frames: a foreign change to our rules is repaired by the service.
+
+Two VMs (a, b) behind the lab bridge; ``a``'s port runs ``clean-traffic`` (IP 10.0.0.1).
+Probes: ``a`` sending with its own MAC and IP reaches ``b`` (the positive twin); ``a`` spoofing
+its source MAC, or its source IP, is dropped. After ``nft flush ruleset`` (or the deletion of
+one of our port chains' rules) the service rebuilds the rules and the same probes give the
+same verdicts again; meanwhile ``status`` reports the repair.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bindings_helpers import (IP_A, IP_B, MAC_A, MAC_B, Probe, binding_xml, check_probes, dispatch_entries,
+                              ip_frame, wait_until)
+from service_helpers import Daemon, client_argv, env_for
+
+SPOOF_MAC = "52:54:00:00:00:99"
+
+
+def probes(a, b) -> list[Probe]:
+    return [Probe("own MAC and IP", a, ip_frame(MAC_A, MAC_B, IP_A, IP_B, "udp"), b, True),
+            Probe("spoofed MAC", a, ip_frame(SPOOF_MAC, MAC_B, IP_A, IP_B, "udp"), b, False),
+            Probe("spoofed IP", a, ip_frame(MAC_A, MAC_B, "10.0.0.77", IP_B, "udp"), b, False)]
+
+
+@pytest.fixture
+def healed(lab, tmp_path):
+    a = lab.add_vm("a", MAC_A, ipv4=f"{IP_A}/24")
+    b = lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24")
+    conf, run = tmp_path / "conf", tmp_path / "run"
+    conf.mkdir()
+    daemon = Daemon(lab.host_ns, conf, run, options=("--no-libvirt", "--heal-interval", "3600"),
+                    log=tmp_path / "service.log").start()
+
+    def cli(*args: str, input: str = ""):
+        import subprocess
+
+        return subprocess.run(client_argv(lab.host_ns, *args), input=input, capture_output=True, text=True,
+                              env=env_for(conf, run), timeout=120)
+    try:
+        assert cli("binding-create", "-", input=binding_xml(a.port, MAC_A, "clean-traffic", {"IP": IP_A})).returncode == 0
+        yield lab, a, b, daemon, cli
+    finally:
+        daemon.stop()
+
+
+def test_flush_ruleset_is_repaired_and_frames_are_filtered_again(healed):
+    lab, a, b, daemon, cli = healed
+    check_probes(lab, probes(a, b), context="before the flush")
+    offset = len(daemon.log_text())
+    lab.host_run(["nft", "flush", "ruleset"])
+    daemon.wait_log("repaired: 1 binding(s) rebuilt in one transaction", start=offset)
+    assert dispatch_entries(lab.host_ns, "nftables") == {a.port}
+    check_probes(lab, probes(a, b), context="after the repair")
+    assert f"rules of 1 port(s) changed behind our back ({a.port})" in daemon.log_text()[offset:]
+    status = cli("status").stdout
+    assert "Service:" in status and "running" in status and f"1 port(s) restored ({a.port})" in status
+    assert cli("verify").returncode == 0
+
+
+def test_a_rule_removed_from_a_port_chain_is_repaired(healed):
+    lab, a, b, daemon, cli = healed
+    tables = json.loads(lab.host_run(["nft", "-j", "list", "table", "bridge", "libvirt_nwfilter"]).stdout)
+    rules = [item["rule"] for item in tables["nftables"]
+             if "rule" in item and a.port in item["rule"]["chain"] and "drop" in json.dumps(item["rule"]["expr"])]
+    assert rules, "no drop rule in the port's chains"
+    offset = len(daemon.log_text())
+    for rule in rules:
+        lab.host_run(["nft", "delete", "rule", "bridge", "libvirt_nwfilter", rule["chain"], "handle",
+                      str(rule["handle"])])
+    daemon.wait_log("repaired: 1 binding(s) rebuilt", start=offset)
+    check_probes(lab, probes(a, b), context="after the repair")
+    assert cli("verify").returncode == 0
+
+
+def test_changes_through_the_tool_are_not_repairs(healed):
+    lab, a, b, daemon, cli = healed
+    offset = len(daemon.log_text())
+    assert cli("binding-delete", a.port).returncode == 0
+    assert cli("binding-create", "-", input=binding_xml(a.port, MAC_A, "no-mac-spoofing")).returncode == 0
+    assert wait_until(lambda: (daemon.rundir / "kernel-intact.json").exists(), timeout=30)
+    assert "repaired" not in daemon.log_text()[offset:]
+    got = check_probes(lab, probes(a, b)[:2])
+    assert got == {"own MAC and IP": True, "spoofed MAC": False}

@@ -76,8 +76,10 @@ def metadata(*entries: str) -> str:
 
 
 def nic(mac: str) -> str:
+    """A hot-pluggable NIC. USB (``usb-net``): a disk-less guest runs only firmware, which does
+    not acknowledge an ACPI PCI unplug, so a virtio NIC could be attached but never detached."""
     return (f"<interface type='bridge'><mac address='{mac}'/><source bridge='{netlab.BRIDGE}'/>"
-            "<model type='virtio'/></interface>")
+            "<model type='usb-net'/></interface>")
 
 
 def taps(name: str) -> dict[str, str]:

@@ -251,14 +251,14 @@ class Bench:
     def measure_wrapper(self, ours: Ours, present: int) -> None:
         """The hook as libvirtd runs it once installed: /bin/sh wrapper, then python -I -m."""
         hooks_dir = ours.files / "hooks"
-        ours.cli("install-hook", "--hooks-dir", hooks_dir).check("install-hook")
+        ours.cli("install-hook", "--no-service", "--hooks-dir", hooks_dir).check("install-hook")
         wrappers = [p for p in (hooks_dir / "qemu.d").glob("*") if os.access(p, os.X_OK)]
         if not wrappers:
             raise BenchError("install-hook wrote no executable wrapper")
         wrapper = wrappers[0]
         env = base_env()  # the wrapper carries the configuration
         start_xml, stop_xml = domain_xml(HOOK_PORT), domain_xml(None)
-        m = self.results.new("hook-start-wrapper", "hook start via the install-hook wrapper (sh, python -I -m)",
+        m = self.results.new("hook-start-wrapper", "hook start via the install-hook wrapper (sh, python -I -S -c)",
                      "ours", ours.backend, present)
 
         def once(k: int) -> Run:

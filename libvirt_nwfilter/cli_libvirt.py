@@ -1,5 +1,6 @@
-"""CLI verbs that deal with libvirt: the hook's installation, re-applying guests' filters,
-editing a guest's references, importing libvirt's filters and converting native references.
+"""CLI verbs that deal with libvirt: re-applying guests' filters, editing a guest's references,
+importing libvirt's filters and converting native references (the hook's installation is in
+:mod:`cli_install`).
 
 Registered into ``libvirt-nwfilter`` by :func:`register`; handlers are ``func(service, args)``
 returning the exit status. Only :mod:`libvirt_client` talks to libvirtd (imported when a verb
@@ -9,10 +10,8 @@ needs it, so the other verbs work without python3-libvirt).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import NwfilterError, ValidationError
@@ -34,61 +33,6 @@ def _client(args: argparse.Namespace) -> "LibvirtClient":
 
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------
-# install-hook / uninstall-hook
-
-
-def cmd_install_hook(service: "Service", args: argparse.Namespace) -> int:
-    from . import install
-
-    config = service.config
-    backend = getattr(args, "backend", None) or os.environ.get("LIBVIRT_NWFILTER_BACKEND") or None
-    settings = install.HookSettings(
-        python=args.python or sys.executable,
-        confdir=os.path.abspath(config.confdir),
-        rundir=os.path.abspath(config.rundir),
-        backend=backend,
-        log_file=os.path.abspath(args.log_file) if args.log_file else None,
-    )
-    result = install.install(Path(args.hooks_dir), settings, single_file=args.single_file)
-    verb = "Replaced" if result.replaced else "Installed"
-    print(f"{verb} the qemu hook {result.path}")
-    print(f"  interpreter:             {settings.python}")
-    print(f"  configuration directory: {settings.confdir}")
-    print(f"  run directory:           {settings.rundir}")
-    if settings.backend:
-        print(f"  backend:                 {settings.backend}")
-    else:
-        print(f"  backend:                 from {settings.confdir}/libvirt-nwfilter.conf at each run "
-              f"(now: {config.backend})")
-    if settings.log_file:
-        print(f"  log file:                {settings.log_file}")
-    for path in result.removed:
-        print(f"Removed the previous libvirt-nwfilter hook {path}")
-    if not result.replaced:
-        print("note: libvirtd looks for hooks only when it starts (or reloads): restart it "
-              "(e.g. 'systemctl restart libvirtd', or virtqemud with modular daemons) unless a qemu "
-              "hook already existed when it started"
-              + (f" (found: {', '.join(map(str, result.other_hooks))})" if result.other_hooks else "")
-              + ". Guests that are already running get their filters with "
-              "'libvirt-nwfilter reapply --all'.")
-    return EXIT_OK
-
-
-def cmd_uninstall_hook(service: "Service", args: argparse.Namespace) -> int:
-    from . import install
-
-    removed = install.uninstall(Path(args.hooks_dir))
-    if not removed:
-        print(f"No libvirt-nwfilter hook is installed in {args.hooks_dir}")
-        return EXIT_OK
-    for path in removed:
-        print(f"Removed the qemu hook {path}")
-    print("note: bindings of running guests stay applied, and are no longer removed when the guests "
-          "stop; see 'libvirt-nwfilter binding-list' and 'binding-delete'.")
-    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,34 +367,9 @@ def _live_config(parser: argparse.ArgumentParser) -> None:
 
 def register(sub, verb: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the libvirt verbs to the ``libvirt-nwfilter`` sub-command parser ``sub``."""
-    from .install import DEFAULT_HOOKS_DIR, HOOK_NAME
+    from . import cli_install
 
-    p = verb(sub, "install-hook", cmd_install_hook, "Install the libvirt qemu hook.",
-             f"Writes a small executable {DEFAULT_HOOKS_DIR}/qemu.d/{HOOK_NAME} (libvirt >= 6.5.0 runs\n"
-             "every executable there after the main 'qemu' hook) that runs this package's hook with\n"
-             "the Python interpreter it is installed for. libvirtd runs hooks with an almost empty\n"
-             "environment, so the wrapper carries the configuration directory, the run directory and\n"
-             "(when chosen with --backend or LIBVIRT_NWFILTER_BACKEND) the backend in effect now; run\n"
-             "install-hook again after changing them. Without an explicit backend, the hook reads\n"
-             "CONFDIR/libvirt-nwfilter.conf at each run.\n\n"
-             "libvirtd discovers hooks when it starts: restart it (or reload it) after installing the\n"
-             "first hook. Guests running already are filtered by 'reapply --all'.\n\n"
-             "With --single-file the wrapper becomes the main hook script HOOKS_DIR/qemu (for libvirt\n"
-             "older than 6.5.0); an existing script that is not ours is never overwritten. Installing\n"
-             "one layout removes our wrapper from the other.")
-    p.add_argument("--hooks-dir", metavar="DIR", default=str(DEFAULT_HOOKS_DIR),
-                   help=f"libvirt's hook directory (default {DEFAULT_HOOKS_DIR})")
-    p.add_argument("--single-file", action="store_true", help="install as HOOKS_DIR/qemu (libvirt < 6.5.0)")
-    p.add_argument("--log-file", metavar="FILE",
-                   help="also log the hook's actions to FILE (besides syslog, when /dev/log exists)")
-    p.add_argument("--python", metavar="PATH", help=argparse.SUPPRESS)
-
-    p = verb(sub, "uninstall-hook", cmd_uninstall_hook, "Remove the libvirt qemu hook.",
-             "Removes the wrapper written by install-hook (from qemu.d and, when ours, the main 'qemu'\n"
-             "script). Hook scripts that are not ours are left alone. Bindings stay applied.")
-    p.add_argument("--hooks-dir", metavar="DIR", default=str(DEFAULT_HOOKS_DIR),
-                   help=f"libvirt's hook directory (default {DEFAULT_HOOKS_DIR})")
-
+    cli_install.register(sub, verb)
     p = verb(sub, "reapply", cmd_reapply, "Make the firewall match the guests again.",
              "With DOMAIN arguments (name, UUID or id of running guests): rebuilds each guest's\n"
              "bindings from its live XML, one transaction per guest: every interface with a\n"

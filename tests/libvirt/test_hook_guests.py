@@ -40,7 +40,7 @@ def nwf_argv(dirs, *args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def libvirtd_hook(dirs):
     """The wrapper exactly as install-hook writes it (here into a scratch hooks directory)."""
-    done = subprocess.run(nwf_argv(dirs, "--backend", "nftables", "install-hook", "--hooks-dir", str(dirs["hooks"]),
+    done = subprocess.run(nwf_argv(dirs, "--backend", "nftables", "install-hook", "--no-service", "--hooks-dir", str(dirs["hooks"]),
                                    "--log-file", str(dirs["log"])),
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -33,7 +33,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def libvirtd_hook(dirs):
-    done = subprocess.run(client_argv(None, "--backend", "nftables", "install-hook", "--hooks-dir", str(dirs["hooks"]),
+    done = subprocess.run(client_argv(None, "--backend", "nftables", "install-hook", "--no-service", "--hooks-dir", str(dirs["hooks"]),
                                       "--log-file", str(dirs["log"])),
                           capture_output=True, text=True, timeout=60, env=env_for(dirs["conf"], dirs["run"]))
     assert done.returncode == 0, done.stderr

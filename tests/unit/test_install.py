@@ -151,7 +151,7 @@ def test_cli_install_and_uninstall(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LIBVIRT_NWFILTER_BACKEND", raising=False)
     hooks = tmp_path / "hooks"
     status = cli.main(["--confdir", str(tmp_path / "c"), "--rundir", str(tmp_path / "r"), "--backend", "ebiptables",
-                       "install-hook", "--hooks-dir", str(hooks)])
+                       "install-hook", "--hooks-dir", str(hooks), "--no-service"])
     out = capsys.readouterr().out
     assert status == 0
     assert f"Installed the qemu hook {hooks}/qemu.d/libvirt-nwfilter" in out
@@ -170,7 +170,7 @@ def test_cli_install_takes_the_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LIBVIRT_NWFILTER_RUNDIR", str(tmp_path / "envrun"))
     monkeypatch.delenv("LIBVIRT_NWFILTER_BACKEND", raising=False)
     hooks = tmp_path / "hooks"
-    assert cli.main(["install-hook", "--hooks-dir", str(hooks), "--single-file"]) == 0
+    assert cli.main(["install-hook", "--hooks-dir", str(hooks), "--single-file", "--no-service"]) == 0
     text = (hooks / "qemu").read_text()
     assert f"LIBVIRT_NWFILTER_CONFDIR={tmp_path}/envconf\n" in text
     assert f"LIBVIRT_NWFILTER_RUNDIR={tmp_path}/envrun\n" in text
@@ -182,6 +182,66 @@ def test_cli_single_file_refusal_is_one_line(tmp_path, capsys):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "qemu").write_text(FOREIGN)
-    assert cli.main(["install-hook", "--hooks-dir", str(hooks), "--single-file"]) == 1
+    assert cli.main(["install-hook", "--hooks-dir", str(hooks), "--single-file", "--no-service"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "not overwritten" in err
+
+
+# -- the resident service's unit -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_contrib_unit_is_the_packaged_unit():
+    from libvirt_nwfilter import unit
+
+    assert (REPO / "contrib" / unit.UNIT_NAME).read_text() == unit.unit_text([unit.PACKAGED_COMMAND])
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    from libvirt_nwfilter import unit
+
+    path = tmp_path / unit.UNIT_NAME
+    path.write_text(unit.unit_text([sys.executable, "-m", "libvirt_nwfilter.daemon"], "/etc/x y", "/run/z", "ebiptables"))
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_install_hook_installs_the_unit_and_says_how_to_start_it_without_systemd(tmp_path, mocker, capsys):
+    from libvirt_nwfilter import unit
+
+    mocker.patch.object(unit, "systemd_runs", return_value=False)
+    args = ["--confdir", str(tmp_path / "conf"), "--rundir", str(tmp_path / "run"), "install-hook",
+            "--hooks-dir", str(tmp_path / "hooks"), "--unit-dir", str(tmp_path / "units")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    text = (tmp_path / "units" / unit.UNIT_NAME).read_text()
+    assert f"Environment=LIBVIRT_NWFILTER_RUNDIR={tmp_path}/run" in text
+    assert f"ExecStart={sys.executable} -m libvirt_nwfilter.daemon" in text
+    assert "systemd does not run here, so it was not enabled: start the service with" in out
+    assert cli.main(["uninstall-hook", "--hooks-dir", str(tmp_path / "hooks"), "--unit-dir", str(tmp_path / "units")]) == 0
+    assert f"Removed the service unit {tmp_path}/units/{unit.UNIT_NAME}" in capsys.readouterr().out
+    assert not (tmp_path / "units" / unit.UNIT_NAME).exists()
+
+
+def test_install_hook_enables_the_unit_where_systemd_runs(tmp_path, mocker, capsys):
+    from libvirt_nwfilter import unit
+
+    mocker.patch.object(unit, "systemd_runs", return_value=True)
+    calls = mocker.patch.object(unit, "_systemctl")
+    assert cli.main(["install-hook", "--hooks-dir", str(tmp_path / "hooks"), "--unit-dir", str(tmp_path / "u")]) == 0
+    assert [c.args for c in calls.call_args_list] == [("daemon-reload",), ("enable", unit.UNIT_NAME),
+                                                      ("restart", unit.UNIT_NAME)]
+    assert "Installed, enabled and started the service" in capsys.readouterr().out
+
+
+def test_a_foreign_unit_is_never_overwritten(tmp_path, mocker):
+    from libvirt_nwfilter import unit
+
+    mocker.patch.object(unit, "systemd_runs", return_value=False)
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / unit.UNIT_NAME).write_text("[Service]\nExecStart=/bin/true\n")
+    with pytest.raises(NwfilterError, match="was not written by libvirt-nwfilter"):
+        unit.install(tmp_path / "u", unit.unit_text(["/bin/x"]))
+    assert unit.uninstall(tmp_path / "u") is None

@@ -422,16 +422,11 @@ class Service:
                 return self._rebuild_with(changes)
             except FirewallError:
                 raise error from None
-        applied = []
-        for change in changes:
-            if change.new is None:
-                self.state.remove(change.port)
-                continue
-            entry = AppliedBinding(with_mac_parameter(change.new), self.backend.name, dict(records[change.port]),
-                                   ruleset_hash(change.ruleset))
-            self.state.put(entry)
-            applied.append(entry)
-            log.info("binding on %s: filter '%s' applied", change.port, change.new.filterref.filter)
+        applied = [AppliedBinding(with_mac_parameter(c.new), self.backend.name, dict(records[c.port]),
+                                  ruleset_hash(c.ruleset)) for c in changes if c.new is not None]
+        self.state.update(applied, [c.port for c in changes if c.new is None])
+        for entry in applied:
+            log.info("binding on %s: filter '%s' applied", entry.binding.portdev, entry.binding.filterref.filter)
         return applied
 
     def _own_record(self, applied: AppliedBinding | None) -> PortRecord | None:

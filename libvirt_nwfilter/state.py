@@ -93,17 +93,29 @@ class State:
                 found.append(applied)
         return found
 
-    def put(self, applied: AppliedBinding) -> None:
-        data = {"binding": format_binding(applied.binding), "backend": applied.backend,
-                "record": applied.record, "hash": applied.ruleset_hash}
-        self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
-                         mode=0o600)
-        self._update_index(applied.binding.portdev, _index_entry(applied))
-
     def remove(self, port: str) -> None:
-        self._path(port).unlink(missing_ok=True)
-        self._update_index(port, None)
+        self.update([], [port])
+
+    def update(self, put: list[AppliedBinding], removed: list[str]) -> None:
+        """Write the records of ``put``, remove those of ``removed``, then the index, once."""
+        if put:
+            self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for applied in put:
+            data = {"binding": format_binding(applied.binding), "backend": applied.backend,
+                    "record": applied.record, "hash": applied.ruleset_hash}
+            write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
+                             mode=0o600)
+        for port in removed:
+            self._path(port).unlink(missing_ok=True)
+        index = self.index()
+        changed = {a.binding.portdev: _index_entry(a) for a in put} | dict.fromkeys(removed)
+        if any(index.get(port) != entry for port, entry in changed.items()):
+            for port, entry in changed.items():
+                if entry is None:
+                    index.pop(port, None)
+                else:
+                    index[port] = entry
+            self._write_index(index)
 
     # -- the index: owner and mark id per port, so a change need not read every file ------
     @property
@@ -135,16 +147,6 @@ class State:
     def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomically(self._index_path, json.dumps(index, sort_keys=True) + "\n", mode=0o600)
-
-    def _update_index(self, port: str, entry: dict[str, Any] | None) -> None:
-        index = self.index()
-        if index.get(port) == entry:
-            return
-        if entry is None:
-            del index[port]
-        else:
-            index[port] = entry
-        self._write_index(index)
 
 
 def _index_entry(applied: AppliedBinding) -> dict[str, Any]:

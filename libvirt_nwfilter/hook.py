@@ -136,8 +136,7 @@ def sync_domain(service: "Service", domain: "Domain", repair: bool = False) -> t
     ports are skipped, rules that drifted or vanished are rebuilt). Then stale bindings are
     removed (a failure there is logged only): any binding left on one of the guest's other taps
     (a guest that went away without a ``stopped`` hook) and, when ``repair``, the bindings the
-    guest owns on ports it no longer has (hot-unplug; this needs a scan of every binding, which
-    a start avoids). Shared with the CLI's ``reapply`` and domain-editing commands."""
+    guest owns on ports it no longer has (hot-unplug). Shared with the CLI's ``reapply`` and domain-editing commands."""
     from .domain import to_bindings
 
     bindings = to_bindings(domain)
@@ -148,11 +147,10 @@ def sync_domain(service: "Service", domain: "Domain", repair: bool = False) -> t
             service.bind_owner(bindings)  # rebuilds everything if our recorded rules were wiped
     bound = {b.portdev for b in bindings}
     taps = {i.target for i in domain.interfaces if i.target}
-    if repair:  # every binding of the guest, wherever it is
-        candidates = [a for a in service.list_bindings()
-                      if a.binding.owner_uuid == domain.uuid or a.binding.portdev in taps]
-    else:  # a start: only its own taps (no scan of every binding on the host)
-        candidates = [a for a in (_binding_on(service, port) for port in sorted(taps - bound)) if a is not None]
+    ports = taps - bound
+    if repair:  # every binding of the guest, wherever it is (found in the state's index)
+        ports |= set(service.state.owned_ports(domain.uuid)) - bound
+    candidates = [a for a in (_binding_on(service, port) for port in sorted(ports)) if a is not None]
     stale = []
     for applied in candidates:
         port, owner = applied.binding.portdev, applied.binding.owner_uuid

@@ -211,7 +211,10 @@ def test_reconnect_rebinds_and_drops_unplugged_ports(service, operation):
     gone = AppliedBinding(Binding("guest1", UUID, "vnet9", "52:54:00:00:00:09", REF), "nftables", {}, "h")
     other = AppliedBinding(Binding("other", "11111111-2222-3333-4444-555555555555", "veth0", MAC2, REF),
                            "nftables", {}, "h")
-    service.list_bindings.return_value = [gone, other]
+    by_port = {"vnet9": gone, "veth0": other}
+    service.state.owned_ports.side_effect = lambda uuid: [p for p, a in by_port.items() if a.binding.owner_uuid == uuid]
+    service.binding.side_effect = lambda port: by_port[port] if port in by_port else (_ for _ in ()).throw(
+        BindingError("no nwfilter binding"))
     result = call(operation, domain_xml())
     assert (result.status, result.stderr) == (0, "")
     service.sync.assert_called_once_with([Binding("guest1", UUID, "vnet0", MAC1, REF)])

@@ -183,14 +183,19 @@ def _verb(sub, name: str, func: Callable, summary: str, description: str) -> arg
     return parser
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """--confdir, --rundir, --backend (shared with libvirt-nwfilterd)."""
+    parser.add_argument("--confdir", help="configuration directory (overrides LIBVIRT_NWFILTER_CONFDIR)")
+    parser.add_argument("--rundir", help="run-time state directory (overrides LIBVIRT_NWFILTER_RUNDIR)")
+    parser.add_argument("--backend", choices=BACKENDS, help="firewall backend (overrides LIBVIRT_NWFILTER_BACKEND)")
+
+
 @functools.lru_cache(maxsize=1)
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser (built once: the resident service builds it before it forks)."""
     parser = argparse.ArgumentParser(prog="libvirt-nwfilter", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--confdir", help="configuration directory (overrides LIBVIRT_NWFILTER_CONFDIR)")
-    parser.add_argument("--rundir", help="run-time state directory (overrides LIBVIRT_NWFILTER_RUNDIR)")
-    parser.add_argument("--backend", choices=BACKENDS, help="firewall backend (overrides LIBVIRT_NWFILTER_BACKEND)")
+    add_config_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="tables without headers, like virsh -q")
     parser.add_argument("--debug", action="store_true", help="log debug messages and show tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",

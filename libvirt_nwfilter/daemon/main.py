@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..config import BACKENDS, Config
+from ..cli import add_config_options
+from ..config import Config
 from ..errors import NwfilterError
 from . import protocol, server
 
@@ -51,9 +52,7 @@ exit status:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libvirt-nwfilterd", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--confdir", help="configuration directory (overrides LIBVIRT_NWFILTER_CONFDIR)")
-    parser.add_argument("--rundir", help="run-time state directory (overrides LIBVIRT_NWFILTER_RUNDIR)")
-    parser.add_argument("--backend", choices=BACKENDS, help="firewall backend (overrides LIBVIRT_NWFILTER_BACKEND)")
+    add_config_options(parser)
     parser.add_argument("-c", "--connect", metavar="URI", default=DEFAULT_URI,
                         help=f"libvirt connection URI (default {DEFAULT_URI})")
     parser.add_argument("--no-libvirt", action="store_true",

@@ -6,7 +6,7 @@ import pytest
 from lxml import etree
 
 from libvirt_nwfilter import cli, cli_libvirt, domain
-from libvirt_nwfilter.errors import FirewallError, NwfilterError
+from libvirt_nwfilter.errors import BindingError, FirewallError, NwfilterError
 from libvirt_nwfilter.libvirt_client import DomainRef
 from libvirt_nwfilter.model import Binding, FilterRef
 
@@ -82,6 +82,8 @@ def fake(mocker):
 def service(mocker):
     fake_service = mocker.MagicMock(name="Service")
     fake_service.list_bindings.return_value = []
+    fake_service.state.owned_ports.return_value = []
+    fake_service.binding.side_effect = BindingError("no nwfilter binding")
     del fake_service.reapply
     mocker.patch.object(cli, "Service", return_value=fake_service)
     return fake_service
@@ -185,7 +187,10 @@ def test_detach(fake, service, capsys):
     fake.meta[True] = domain.metadata_xml({MAC: REF})
     fake.meta[False] = domain.metadata_xml({**other, MAC: REF})
     from libvirt_nwfilter.state import AppliedBinding
-    service.list_bindings.return_value = [AppliedBinding(Binding("guest1", UUID, "vnet0", MAC, REF), "nftables", {}, "h")]
+    applied = AppliedBinding(Binding("guest1", UUID, "vnet0", MAC, REF), "nftables", {}, "h")
+    service.list_bindings.return_value = [applied]
+    service.state.owned_ports.return_value = ["vnet0"]
+    service.binding.side_effect = lambda port: applied
     status, out, err = run(capsys, "detach-filter", "guest1", MAC)
     assert (status, err) == (0, "")
     assert "(live and persistent configuration)" in out and "Removed the binding on vnet0" in out

@@ -2,7 +2,9 @@
 
 nftables: ``nft monitor`` reports every change to the ruleset; a burst of changes that touch
 our tables (debounced: one check per burst) triggers a check. Every backend is also checked
-every ``interval`` seconds (ebiptables has no monitor).
+every ``interval`` seconds (ebiptables has no monitor). Changes made through the tool trigger
+checks too (the monitor does not tell who made a change), so checks are spaced to take at most a
+quarter of the time.
 
 A check compares each recorded port's rules in the kernel (the backend's digest of a listing)
 with what they were when the service last found them intact: the first time (at start, and
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 QUIET = 0.15  # seconds without a change that end a burst
 LONGEST_BURST = 2.0  # a burst that goes on is checked after this long anyway
 TABLE_MARK = "libvirt_nwfilter"  # in nft monitor lines about our tables
+MAX_PAUSE = 10.0  # seconds: the longest pause between two checks
 
 
 class Healer:
@@ -89,7 +92,11 @@ class Healer:
             if self.changed.wait(self.interval):
                 self._settle()
             if not self.stopping.is_set():
+                began = time.monotonic()
                 self._guarded(self.check)
+                # A check lists every rule: with many ports it costs CPU that the requests
+                # changing them need. At most a quarter of the time goes to checking.
+                self.stopping.wait(min(3 * (time.monotonic() - began), MAX_PAUSE))
 
     def _settle(self) -> None:
         """Wait for the end of a burst of changes."""

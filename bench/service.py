@@ -130,11 +130,15 @@ class Inner:
                 return len(item["map"].get("elem", []))
         return 0
 
-    def wait_intact_knowledge(self) -> None:
+    def wait_intact_knowledge(self, port: str | None = None) -> None:
+        """Until the service has checked the rules since the last change (and knows ``port``)."""
         path = self.run / "kernel-intact.json"
         for _ in range(1200):
-            if path.exists():
-                return
+            try:
+                if port is None or port in json.loads(path.read_text())["ports"]:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
             time.sleep(0.05)
 
     # -- scenarios --------------------------------------------------------------------------
@@ -175,7 +179,7 @@ class Inner:
         for service in (True, False):
             samples = []
             for _ in range(self.args.reps if service else 3):
-                self.wait_intact_knowledge()
+                self.wait_intact_knowledge("bh0")
                 samples.append(self.timed([*hook, "reconnect", "begin", "-"], xml, service))
             tag = "service" if service else "in-process"
             self.record(f"reconnect-{tag}", f"hook reconnect of an intact guest ({tag}, {PRESENT} present)", samples)

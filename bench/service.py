@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark of the resident service libvirt-nwfilterd (as root): ``bench/run-service``.
+"""Benchmark of the resident service libvirt-nwfilterd: ``.venv/bin/python bench/service.py``
+(as root, after ``scripts/bootstrap``; ~5 minutes, ~8 with ``--libvirt``).
 
 In a fresh network namespace (run directory on tmpfs), with ``libvirt-nwfilterd`` running
 there (self-healing on) and, for comparison, without it (``LIBVIRT_NWFILTER_NO_SERVICE=1``):

@@ -19,6 +19,7 @@ from .store import write_atomically
 
 UNIT_NAME = "libvirt-nwfilterd.service"
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+PACKAGED_UNIT_DIRS = (Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))  # the Debian package's
 PACKAGED_COMMAND = "/usr/bin/libvirt-nwfilterd"
 MARKER = "# libvirt-nwfilter service unit"
 
@@ -38,7 +39,7 @@ def unit_text(command: list[str], confdir: str = str(DEFAULT_CONFDIR), rundir: s
         MARKER,
         "[Unit]",
         "Description=libvirt-nwfilter service: hot-plug, live metadata, self-healing, fast path",
-        "Documentation=man:libvirt-nwfilter(8)",
+        "Documentation=man:libvirt-nwfilterd(8)",
         "After=network-pre.target",
         "Before=libvirtd.service virtqemud.service",
         "",
@@ -60,16 +61,33 @@ def systemd_runs() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def packaged_unit() -> Path | None:
+    """The unit the Debian package installed, if any."""
+    for directory in PACKAGED_UNIT_DIRS:
+        if _ours(directory / UNIT_NAME):
+            return directory / UNIT_NAME
+    return None
+
+
+def _ours(path: Path) -> bool:
+    return path.is_file() and MARKER in path.read_text(encoding="utf-8", errors="replace")
+
+
 def install(unit_dir: Path, text: str) -> tuple[Path, bool]:
-    """Write the unit; where systemd runs, reload it and enable and (re)start the service.
-    Returns (the unit's path, whether systemd enabled it)."""
+    """Write the unit (unless the package installed one and ``unit_dir`` has none of ours);
+    where systemd runs, reload it and enable and (re)start the service. Returns (the unit's
+    path, whether systemd enabled it)."""
     path = Path(unit_dir) / UNIT_NAME
-    if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+    packaged = packaged_unit()
+    if path.exists() and not _ours(path):
         raise NwfilterError(f"{path} exists and was not written by libvirt-nwfilter; not overwritten")
-    try:
-        write_atomically(path, text, mode=0o644)
-    except OSError as error:
-        raise NwfilterError(f"cannot write {path}: {error.strerror or error}") from None
+    if packaged is not None and not path.exists():
+        path = packaged
+    else:
+        try:
+            write_atomically(path, text, mode=0o644)
+        except OSError as error:
+            raise NwfilterError(f"cannot write {path}: {error.strerror or error}") from None
     if not systemd_runs():
         return path, False
     _systemctl("daemon-reload")
@@ -81,7 +99,7 @@ def install(unit_dir: Path, text: str) -> tuple[Path, bool]:
 def uninstall(unit_dir: Path) -> Path | None:
     """Stop, disable and remove our unit (None when there is none of ours)."""
     path = Path(unit_dir) / UNIT_NAME
-    if not path.is_file() or MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+    if not _ours(path):
         return None
     if systemd_runs():
         _systemctl("disable", "--now", UNIT_NAME)

@@ -24,7 +24,8 @@ DEFAULT_URI = "qemu:///system"
 DEFAULT_HEAL_INTERVAL = 30.0
 
 DESCRIPTION = """\
-The resident service of libvirt-nwfilter. It adds to the hook and the command:
+The resident service of libvirt-nwfilter: hot-plug, live metadata edits, self-healing, and a
+fast path for the hook and the command. What it adds:
 
   * a fast path: the 'libvirt-nwfilter' command and the qemu hook hand their requests to the
     service over RUNDIR/libvirt-nwfilterd.sock (root only) instead of starting Python anew;

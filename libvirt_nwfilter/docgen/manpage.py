@@ -183,6 +183,13 @@ def cli_page() -> str:
                         ["libvirt-nwfilter-hook(8)", "virsh(1)", "nft(8)", "ebtables(8)", "iptables(8)"])
 
 
+def daemon_page() -> str:
+    from ..daemon import main
+
+    parser = main.build_parser()
+    return command_page(parser.prog, command(parser), ["libvirt-nwfilter(8)", "libvirt-nwfilter-hook(8)", "systemctl(1)"])
+
+
 @dataclass(frozen=True)
 class Page:
     name: str
@@ -197,4 +204,5 @@ class Page:
 PAGES = (
     Page("libvirt-nwfilter", 8, cli_page),
     Page("libvirt-nwfilter-hook", 8, hook_page),
+    Page("libvirt-nwfilterd", 8, daemon_page),
 )

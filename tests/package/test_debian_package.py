@@ -139,7 +139,8 @@ def test_install_use_remove_reinstall_and_purge_on_clean_debian_12(package_build
     nwfilter(root, "install-hook")
     wrapper = root.file(HOOK)
     assert wrapper.stat().st_mode & 0o777 == 0o755
-    assert 'exec /usr/bin/python3 -I -m libvirt_nwfilter.hook "$@"' in wrapper.read_text()
+    assert ("exec /usr/bin/python3 -I -S -c 'import sys; sys.path.append(\"/usr/lib/python3/dist-packages\"); "
+            "from libvirt_nwfilter.client import hook_main; sys.exit(hook_main())' \"$@\"") in wrapper.read_text()
     assert root.run([HOOK, "--help"]).stdout == hook.HELP + "\n"
     add_port(netns, "vnet0")
     root.run(["env", "-i", HOOK, "guest1", "prepare", "begin", "-"], netns=netns, input=domain_xml("vnet0"))

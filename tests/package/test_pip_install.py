@@ -37,9 +37,11 @@ def test_pip_install_into_a_venv_gives_command_filters_hook_and_docs(tmp_path):
     command = venv / "bin/libvirt-nwfilter"
     assert run([command, "--version"], env) == f"libvirt-nwfilter {__version__}\n"
     assert len(run([command, "-q", "list"], env).splitlines()) == 24
-    run([command, "install-hook", "--hooks-dir", tmp_path / "hooks"], env)
+    run([command, "install-hook", "--hooks-dir", tmp_path / "hooks", "--unit-dir", tmp_path / "units"], env)
     wrapper = (tmp_path / "hooks/qemu.d/libvirt-nwfilter").read_text()
     assert f"exec {venv}/bin/python" in wrapper
+    unit = (tmp_path / "units/libvirt-nwfilterd.service").read_text()
+    assert f"ExecStart={venv}/bin/python" in unit and " -m libvirt_nwfilter.daemon\n" in unit
     run([venv / "bin/python", "-m", "libvirt_nwfilter.docgen", tmp_path / "share"], env)
     assert (tmp_path / "share/man/man8/libvirt-nwfilter.8").is_file()
     assert (tmp_path / "share/bash-completion/completions/libvirt-nwfilter").is_file()

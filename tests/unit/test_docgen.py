@@ -129,7 +129,7 @@ def test_docgen_writes_pages_and_completion(tmp_path, capsys):
     assert docgen_main.main([str(tmp_path)]) == 0
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
         "bash-completion/completions/libvirt-nwfilter", "man/man8/libvirt-nwfilter-hook.8",
-        "man/man8/libvirt-nwfilter.8"]
+        "man/man8/libvirt-nwfilter.8", "man/man8/libvirt-nwfilterd.8"]
     capsys.readouterr()
     assert docgen_main.main(["--print", "completion"]) == 0
     assert capsys.readouterr().out == (tmp_path / "bash-completion/completions/libvirt-nwfilter").read_text()
@@ -172,8 +172,8 @@ def test_completion_offers_verbs_and_options(completion):
     assert completion("libvirt-nwfilter --backend ") == ["ebiptables", "nftables"]
     assert completion("libvirt-nwfilter --backend=n") == ["nftables"]
     assert completion("libvirt-nwfilter --backend nftables -q li") == ["list"]
-    assert completion("libvirt-nwfilter install-hook --") == ["--help", "--hooks-dir", "--log-file",
-                                                              "--single-file"]
+    assert completion("libvirt-nwfilter install-hook --") == ["--help", "--hooks-dir", "--log-file", "--no-service",
+                                                              "--single-file", "--unit-dir"]
 
 
 def test_completion_offers_filter_names_of_the_addressed_store(completion):

@@ -35,6 +35,10 @@ class MissingVariablesError(NwfilterError):
     """A filter tree needs variables (or list elements) that were not supplied."""
 
 
+class ExpansionLimitError(NwfilterError):
+    """A filter tree whose list parameters would expand to more rules than allowed."""
+
+
 class BindingError(NwfilterError):
     """A binding that cannot be created, found or removed."""
 

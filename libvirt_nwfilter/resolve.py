@@ -8,10 +8,11 @@ tree, list variables and iterators, type-checking of substituted values, libvirt
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .errors import MissingVariablesError, UnknownFilterError, ValidationError
+from .errors import ExpansionLimitError, MissingVariablesError, UnknownFilterError, ValidationError
 from .model import Attr, Filter, FilterRef, Match, Rule, VarRef
 from .schema import parse_literal
 from .syntax import match_problems
@@ -63,18 +64,54 @@ def port_variables(params: Variables, mac: str) -> dict[str, tuple[str, ...]]:
     return variables
 
 
-def resolve(ref: FilterRef, mac: str, lookup: Lookup) -> list[RuleInstance]:
-    """Expand ``ref`` (a binding's filter reference) into the port's ordered concrete rules."""
+def resolve(ref: FilterRef, mac: str, lookup: Lookup, max_rules: int | None = None) -> list[RuleInstance]:
+    """Expand ``ref`` (a binding's filter reference) into the port's ordered concrete rules;
+    with ``max_rules``, a tree that would expand to more rules is refused BEFORE expanding
+    (ExpansionLimitError naming the filter, rule and list variables)."""
     variables = port_variables(ref.param_dict(), mac)
     _check_learning(variables)
     pending: list[_Pending] = []
     _walk(ref.filter, variables, lookup, pending, ())
     _check_missing(ref.filter, pending)
     pending.sort(key=lambda p: (p.flt.chain != "root", p.rule.priority))
+    planned = [(item, _wheels(item.rule.match, item.variables, item.where) if _has_variables(item.rule) else [])
+               for item in pending]
+    if max_rules is not None:
+        _check_size(ref.filter, planned, max_rules)
     instances = []
-    for item in pending:
-        instances += _expand(item)
+    for item, wheels in planned:
+        instances += _expand(item, wheels)
     return instances
+
+
+def _has_variables(rule: Rule) -> bool:
+    return rule.match is not None and any(True for _ in rule.match.variables())
+
+
+def _size(wheels: list[_Wheel]) -> int:
+    return math.prod(len(steps) for _, steps in wheels)
+
+
+def _check_size(top: str, planned: list[tuple[_Pending, list[_Wheel]]], max_rules: int) -> None:
+    """ExpansionLimitError when the rules would number more than ``max_rules`` (counted, not made)."""
+    sizes = [(_size(wheels), item, wheels) for item, wheels in planned]
+    total = sum(size for size, _, _ in sizes)
+    if total <= max_rules:
+        return
+    size, item, wheels = max(sizes, key=lambda entry: entry[0])
+    lists = ", ".join(f"{'/'.join(ref.access for ref in refs)} ({len(steps)} values)"
+                      for refs, steps in sorted(wheels, key=lambda wheel: wheel[0][0].iterator if wheel[0] else 0)
+                      if len(steps) > 1)
+    raise ExpansionLimitError(
+        f"filter '{top}' would expand to {_count_text(total)} rules, more than the {max_rules} one binding may "
+        f"have (max-rules-per-binding): {item.where} alone gives {_count_text(size)}"
+        + (f" from the list variables {lists}" if lists else ""))
+
+
+def _count_text(number: int) -> str:
+    if number < 10 ** 15:
+        return str(number)
+    return f"about 10^{int(number.bit_length() * math.log10(2))}"
 
 
 def _walk(name: str, variables: Variables, lookup: Lookup, out: list[_Pending], path: tuple[str, ...]) -> None:
@@ -118,8 +155,12 @@ def _check_missing(top: str, pending: list[_Pending]) -> None:
     raise MissingVariablesError(message)
 
 
-def _wheels(match: Match, variables: Variables, where: str) -> list[list[dict[VarRef, str]]]:
-    """One wheel per iterator (iterator 0 first), each a list of steps binding its references."""
+_Wheel = tuple[list[VarRef], list[dict[VarRef, str]]]
+
+
+def _wheels(match: Match, variables: Variables, where: str) -> list[_Wheel]:
+    """One wheel per iterator (iterator 0 first): its references and the list of steps binding
+    them (distinct value combinations only)."""
     groups: dict[int, list[VarRef]] = {0: []}
     for ref in match.variables():
         if ref.index is None and ref not in groups.setdefault(ref.iterator, []):
@@ -137,18 +178,17 @@ def _wheels(match: Match, variables: Variables, where: str) -> list[list[dict[Va
             if values not in seen:
                 seen.add(values)
                 steps.append(dict(zip(refs, values)))
-        wheels.append(steps)
+        wheels.append((refs, steps))
     return wheels
 
 
-def _expand(item: _Pending) -> list[RuleInstance]:
+def _expand(item: _Pending, wheels: list[_Wheel]) -> list[RuleInstance]:
     rule, flt = item.rule, item.flt
     make = lambda r: RuleInstance(flt.name, flt.chain, flt.effective_priority, item.rule_number, r, item.position)  # noqa: E731
-    if rule.match is None or not any(True for _ in rule.match.variables()):
+    if not _has_variables(rule):
         return [make(rule)]
-    wheels = _wheels(rule.match, item.variables, item.where)
     instances = []
-    for combination in itertools.product(*reversed(wheels)):
+    for combination in itertools.product(*(steps for _, steps in reversed(wheels))):
         binding: dict[VarRef, str] = {}
         for step in combination:
             binding.update(step)

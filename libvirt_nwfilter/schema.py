@@ -236,6 +236,17 @@ ICMPV6_GROUP = _ICMPV6_GROUP
 # Literal parsing: text -> canonical text. Raises ValueError("what is allowed").
 
 
+DECIMAL_CAP = 10 ** 30  # beyond every range in the language
+
+
+def decimal(digits: str) -> int:
+    """The value of ``[+-]?[0-9]+`` text of any length; numbers too long to matter (Python
+    refuses to convert more than 4300 digits) become +-DECIMAL_CAP, outside every range."""
+    sign = -1 if digits.startswith("-") else 1
+    body = digits.lstrip("+-").lstrip("0")
+    return sign * (int(body) if len(body) <= 30 else DECIMAL_CAP) if body else 0
+
+
 def _parse_uint(spec: AttrSpec, text: str) -> str:
     raw = text.strip(" \t\n\r")
     if spec.names is not None:
@@ -245,9 +256,9 @@ def _parse_uint(spec: AttrSpec, text: str) -> str:
     if spec.vtype is ValueType.UINT16_DEC:
         if not _is_decimal(raw):
             raise ValueError(f"expected a decimal number 0..{spec.upper}")
-        value, is_hex = int(raw), False
+        value, is_hex = decimal(raw), False
     elif _is_decimal(raw):
-        value, is_hex = int(raw), False
+        value, is_hex = decimal(raw), False
     else:
         digits = raw[2:] if raw[:2].lower() == "0x" else raw
         if not digits or not all(c in "0123456789abcdefABCDEF" for c in digits):
@@ -321,9 +332,9 @@ def _parse_ipv6(text: str) -> str:
 def _parse_mask(text: str, width: int) -> str:
     raw = text.strip(" \t\n\r")
     if _is_decimal(raw):
-        if int(raw) > width:
+        if decimal(raw) > width:
             raise ValueError(f"prefix length must be 0..{width}")
-        return str(int(raw))
+        return str(decimal(raw))
     parser = _parse_ipv4 if width == 32 else _parse_ipv6
     try:
         address = ipaddress.ip_address(parser(raw))

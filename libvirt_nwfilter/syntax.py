@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from .model import CHAIN_PREFIXES, Direction, Match, VarRef
-from .schema import ICMPV6_GROUP, IP_PROTOCOLS, PORT_PROTOCOLS, decode_uint
+from .schema import ICMPV6_GROUP, IP_PROTOCOLS, PORT_PROTOCOLS, decimal, decode_uint
 
 FILTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}\Z")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_]+\Z")
@@ -31,10 +31,10 @@ def parse_varref(text: str) -> VarRef:
     if number is None:
         return VarRef(name)
     if at:
-        if int(number) > MAX_ITERATOR:
+        if decimal(number) > MAX_ITERATOR:
             raise ValueError(f"iterator id exceeds the maximum of {MAX_ITERATOR}")
-        return VarRef(name, iterator=int(number))
-    return VarRef(name, index=int(number))
+        return VarRef(name, iterator=decimal(number))
+    return VarRef(name, index=decimal(number))
 
 
 def chain_name_problem(chain: str) -> str | None:

@@ -16,7 +16,7 @@ from lxml import etree
 from .errors import ValidationError
 from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Binding, Direction,
                     Filter, FilterRef, Match, Rule, chain_prefix, make_params)
-from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, parse_literal
+from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, decimal, parse_literal
 from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
 from .schema import ATTR_ORDER
@@ -102,7 +102,7 @@ def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int 
     if text is None:
         return default
     raw = text.lstrip(" \t\r\n")  # libvirt (strtol) skips leading blanks only
-    value = int(raw, 10) if _INTEGER_RE.match(raw) else None
+    value = decimal(raw) if _INTEGER_RE.match(raw) else None
     if value is None or not -1000 <= value <= 1000:
         problems.add(node, f"attribute '{name}': '{text}' is not an integer in -1000..1000")
         return default

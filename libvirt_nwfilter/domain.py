@@ -27,6 +27,7 @@ MAC and what is wrong.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, NamedTuple
@@ -104,10 +105,10 @@ class _Device(NamedTuple):
 
 
 def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool = True) -> Domain:
-    """Parse a domain XML document (the hook's stdin, ``virsh dumpxml``) and validate our
-    metadata against its interfaces. ValidationError on any problem. With ``metadata`` False
-    our metadata is not read (every ``filterref`` is None)."""
-    root = _parse_document(data, source, "domain")
+    """Parse a domain XML document (the hook's stdin, ``virsh dumpxml``) of any size and
+    validate our metadata against its interfaces. ValidationError on any problem. With
+    ``metadata`` False our metadata is not read (every ``filterref`` is None)."""
+    root = _outline(data, source)
     name, uuid = _identity(root, source)
     problems = _Problems(f"domain '{name}'")
     devices = _devices(root, name)
@@ -170,8 +171,61 @@ def device_xml(data: bytes | str, alias: str, source: str = "domain XML") -> str
 
 def parse_identity(data: bytes | str, source: str = "domain XML") -> tuple[str, str]:
     """Only the domain's name and UUID (teardown must work whatever the metadata holds)."""
-    root = _parse_document(data, source, "domain")
-    return _identity(root, source)
+    return _identity(_outline(data, source), source)
+
+
+def _outline(data: bytes | str, source: str) -> etree._Element:
+    """The ``<domain>`` element with only what filtering reads: ``<name>``, ``<uuid>``, the
+    ``<interface>``s of ``<devices>`` and our elements in ``<metadata>``.
+
+    libvirt's domain XML has no size bound (a 16 MiB ``<description>``, thousands of devices),
+    so it is read as a stream without libxml2's size limits (``huge_tree``; entities are not
+    resolved, nothing is loaded from outside) and every other subtree is dropped as soon as it
+    ends: time and memory grow with the input only, never worse."""
+    raw = data.encode() if isinstance(data, str) else data
+    stream = etree.iterparse(io.BytesIO(raw), events=("start", "end"), huge_tree=True, resolve_entities=False,
+                             no_network=True, load_dtd=False, remove_comments=True, remove_pis=True,
+                             encoding="utf-8" if isinstance(data, str) else None)
+    root, depth = None, 0
+    try:
+        for event, element in stream:
+            if event == "start":
+                depth += 1
+                if depth == 1 and element.tag != "domain":
+                    raise ValidationError([f"{source}:{element.sourceline}: expected root element <domain>, "
+                                           f"not <{element.tag}>"])
+                root = root if root is not None else element
+                continue
+            depth -= 1
+            if depth == 1 and element.tag not in _OUTLINE:
+                _drop(element)
+            elif depth == 2 and not _kept(element):
+                _drop(element)
+    except etree.XMLSyntaxError as error:
+        raise ValidationError([f"{source}:{error.lineno or 0}: malformed XML: {error.msg}"]) from None
+    if root is None:
+        raise ValidationError([f"{source}: empty document"])
+    if root.getroottree().docinfo.doctype:
+        raise ValidationError([f"{source}: a DOCTYPE is not allowed"])
+    return root
+
+
+_OUTLINE = ("name", "uuid", "devices", "metadata")
+
+
+def _kept(element: etree._Element) -> bool:
+    """Whether a grandchild of ``<domain>`` is part of the outline."""
+    parent = element.getparent().tag
+    if parent == "devices":
+        return element.tag == "interface"
+    if parent == "metadata":
+        return isinstance(element.tag, str) and etree.QName(element).namespace == NAMESPACE
+    return True
+
+
+def _drop(element: etree._Element) -> None:
+    element.clear()
+    element.getparent().remove(element)
 
 
 def _identity(root, source: str) -> tuple[str, str]:
@@ -371,7 +425,7 @@ def convert_native(data: bytes | str, source: str = "domain XML") -> Conversion:
     Returns the rewritten domain XML (for ``defineXML``); everything outside the interfaces'
     ``<filterref>`` and our metadata element is kept as it was. Refused (ValidationError) when
     a native reference is invalid or the interface already has an entry of ours."""
-    root = _parse_document(data, source, "domain")
+    root = _parse_document(data, source, "domain", max_bytes=None)
     name, _ = _identity(root, source)
     problems = _Problems(f"domain '{name}'")
     entries = {mac: ref for mac, (ref, _) in _metadata_entries(root, problems).items()}

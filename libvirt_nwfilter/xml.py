@@ -47,13 +47,16 @@ class _Problems:
             raise ValidationError(self.items)
 
 
-def _parse_document(data: bytes | str, source: str, root_tag: str) -> etree._Element:
+def _parse_document(data: bytes | str, source: str, root_tag: str,
+                    max_bytes: int | None = MAX_DOCUMENT_BYTES) -> etree._Element:
+    """The document's root element (ValidationError naming the source). ``max_bytes`` None: a
+    document of any size (libvirt's domain XML), read without libxml2's size limits."""
     raw = data.encode() if isinstance(data, str) else data
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise ValidationError([f"{source}: document larger than {MAX_DOCUMENT_BYTES} bytes"])
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ValidationError([f"{source}: document larger than {max_bytes} bytes"])
     # Text was encoded here as UTF-8, whatever its XML declaration says.
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             remove_comments=True, remove_pis=True, huge_tree=False,
+                             remove_comments=True, remove_pis=True, huge_tree=max_bytes is None,
                              encoding="utf-8" if isinstance(data, str) else None)
     try:
         tree = etree.fromstring(raw, parser)

@@ -168,7 +168,7 @@ class Inner:
                 f"n = {PRESENT}\n"
                 "bs = [Binding('bench', '6f0c4f5e-6b1e-4d8a-9c51-0b3c1ae0b0aa', f'bp{i}', f'52:54:00:01:{i >> 8:02x}:{i & 255:02x}',"
                 " FilterRef('bench-ct', make_params({'IP': [f'10.1.{i >> 8}.{i & 255}']}))) for i in range(n)]\n"
-                "Service(Config.from_environment()).bind_owner(bs)\n")
+                "Service(Config.load()).bind_owner(bs)\n")
         began = time.perf_counter()
         subprocess.run([PY, "-c", code], env=self.env, check=True)
         print(f"(set-up: {PRESENT} bindings in one batch in {time.perf_counter() - began:.1f} s)", flush=True)

@@ -39,16 +39,24 @@ exit status:
   1  the input was refused or the operation failed (nothing was changed)
   2  wrong usage
 
-environment:
+configuration file CONFDIR/libvirt-nwfilter.conf ('key = value' lines, '#' comments):
+  backend = nftables|ebiptables   firewall backend (default nftables)
+  lock-timeout = SECONDS          how long a command waits for the host lock (default 60)
+  hook-lock-timeout = SECONDS     the same for the libvirt hook (default 10)
+  max-rules-per-binding = N       rules one binding may expand to (default 100000)
+
+environment (overrides the file; options override both):
   LIBVIRT_NWFILTER_CONFDIR  configuration directory (default /etc/libvirt-nwfilter)
   LIBVIRT_NWFILTER_RUNDIR   run-time state directory (default /run/libvirt-nwfilter)
   LIBVIRT_NWFILTER_BACKEND  firewall backend: nftables (default) or ebiptables
+  LIBVIRT_NWFILTER_LOCK_TIMEOUT, LIBVIRT_NWFILTER_HOOK_LOCK_TIMEOUT, LIBVIRT_NWFILTER_MAX_RULES
+                            lock-timeout, hook-lock-timeout, max-rules-per-binding
   EDITOR, VISUAL            editor used by 'edit' (default vi)
 
 files:
-  CONFDIR/libvirt-nwfilter.conf  configuration: 'backend = nftables' or 'backend = ebiptables'
+  CONFDIR/libvirt-nwfilter.conf  configuration (the keys above)
   CONFDIR/filters/NAME.xml       filters defined with 'define' or 'edit'
-  RUNDIR/                        applied bindings, the host-wide lock and the update journal
+  RUNDIR/                        applied bindings, their index, the host-wide lock and the journal
                                  (kept in memory: gone after a reboot, like the kernel's rules)
   /etc/libvirt/hooks/qemu.d/libvirt-nwfilter
                                  the qemu hook written by 'install-hook'"""
@@ -60,7 +68,9 @@ def one_line(text: str) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], quiet: bool = False) -> str:
-    """A table laid out like virsh's: cells padded to the column width plus two spaces."""
+    """A table laid out like virsh's: cells padded to the column width plus two spaces (line
+    breaks in a cell shown as ``\\n``, so that every row stays one line)."""
+    rows = [[one_line(cell) for cell in row] for row in rows]
     shown = [list(row) for row in rows] if quiet else [list(headers), *map(list, rows)]
     widths = [max((len(row[i]) for row in shown), default=0) for i in range(len(headers))]
     lines = []
@@ -124,8 +134,16 @@ def cmd_binding_create(service: Service, args: argparse.Namespace) -> int:
 
 
 def cmd_binding_delete(service: Service, args: argparse.Namespace) -> int:
-    service.delete_binding(args.port)
-    print(f"Network filter binding on {args.port} deleted")
+    if args.force:
+        service.force_delete(args.ports)
+        print(f"Network filter binding(s) on {', '.join(args.ports)} deleted (forced: every other binding "
+              "was rebuilt)")
+        return EXIT_OK
+    if len(args.ports) != 1:
+        print("error: give one PORTDEV (several only with --force)", file=sys.stderr)
+        return EXIT_USAGE
+    service.delete_binding(args.ports[0])
+    print(f"Network filter binding on {args.ports[0]} deleted")
     return EXIT_OK
 
 
@@ -154,10 +172,15 @@ def cmd_status(service: Service, args: argparse.Namespace) -> int:
 def cmd_verify(service: Service, args: argparse.Namespace) -> int:
     drift = service.verify()
     for item in drift:
-        print(f"{item.port}: {item.problem}")
-    if drift:
-        ports = len({item.port for item in drift})
+        print(f"{item.subject}: {one_line(item.problem)}")
+    ports = len({item.subject for item in drift if not item.file})
+    files = len({item.subject for item in drift if item.file})
+    if ports:
         print(f"error: {ports} port(s) drifted; 'libvirt-nwfilter reapply' restores them", file=sys.stderr)
+    if files:
+        print(f"error: {files} file(s) of the run directory could not be used; the repair is on each line",
+              file=sys.stderr)
+    if drift:
         return EXIT_REFUSED
     print(f"All {len(service.list_bindings())} binding(s) match the kernel and the filters.")
     return EXIT_OK
@@ -196,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libvirt-nwfilter", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser)
+    parser.add_argument("--lock-timeout", metavar="SECONDS",
+                        help="how long to wait for the host lock (overrides lock-timeout; default 60)")
     parser.add_argument("-q", "--quiet", action="store_true", help="tables without headers, like virsh -q")
     parser.add_argument("--debug", action="store_true", help="log debug messages and show tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
@@ -243,8 +268,15 @@ def _binding_verbs(sub) -> None:
               "is applied. The rules reach the kernel in one transaction. One binding per port.")
     p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
     p = _verb(sub, "binding-delete", cmd_binding_delete, "Remove the binding of a port.",
-              "Removes the port's rules from the kernel and forgets the binding.")
-    p.add_argument("port", metavar="PORTDEV", help="the port (interface) name")
+              "Removes the port's rules from the kernel and forgets the binding.\n\n"
+              "--force is the repair for a record that cannot be read (verify names them): the\n"
+              "record files of the PORTDEVs are deleted whatever they hold, and every other\n"
+              "binding is rebuilt from its record in one transaction, which removes whatever the\n"
+              "kernel holds for the PORTDEVs. Refused while another record cannot be read (give\n"
+              "its port too, or repair it first).")
+    p.add_argument("ports", metavar="PORTDEV", nargs="+", help="the port (interface) name")
+    p.add_argument("--force", action="store_true",
+                   help="forget the records whatever they hold, and rebuild every other binding")
     _verb(sub, "binding-list", cmd_binding_list, "List bindings.",
           "Prints port, filter and owner of every binding, sorted by port.")
     p = _verb(sub, "binding-dumpxml", cmd_binding_dumpxml, "Print a binding's XML.",
@@ -253,7 +285,10 @@ def _binding_verbs(sub) -> None:
     p.add_argument("port", metavar="PORTDEV", help="the port (interface) name")
     p = _verb(sub, "render", cmd_render, "Print what binding-create would apply, without applying it.",
               "Resolves and compiles the binding's filter and prints the backend's transaction\n"
-              "(nft script, or ebtables/iptables restore input) preceded by the command line.")
+              "(nft script, or ebtables/iptables restore input) preceded by the command line.\n"
+              "Changes no rule and no binding. The nftables backend renders for this kernel: the\n"
+              "first command of a boot probes what it supports ('nft -c', which checks without\n"
+              "applying) and caches the answer in RUNDIR/probe.json.")
     p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
     _verb(sub, "status", cmd_status, "Show the backend, what the kernel supports, and counts.",
           "Prints the backend in use and how it tracks connections of bridged traffic (the\n"
@@ -264,8 +299,11 @@ def _binding_verbs(sub) -> None:
           "events it handled.")
     _verb(sub, "verify", cmd_verify, "Check that the kernel holds exactly the recorded rules.",
           "Compares every binding's rules in the kernel with what was applied (rules missing,\n"
-          "extra or different, dispatch entries gone) and with what its filters give now.\n"
-          "Exit status 1 and one line per port that drifted; 'reapply' repairs them.")
+          "extra or different, dispatch entries gone) and with what its filters give now, and\n"
+          "checks the files of the run directory (binding records, index, journal). A change a\n"
+          "crash interrupted is completed first. Exit status 1 and one line per port that\n"
+          "drifted ('reapply' repairs them) or file that cannot be used (with its repair); a\n"
+          "damaged index is rebuilt from the binding records.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,10 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="libvirt-nwfilter: %(levelname)s: %(message)s")
     try:
-        config = Config.from_environment().with_overrides(args.confdir, args.rundir, args.backend)
+        config = Config.load(confdir=args.confdir, rundir=args.rundir, backend=args.backend,
+                             lock_timeout=args.lock_timeout)
         return args.func(Service(config), args)
     except NwfilterError as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as error:  # the system refused something not wrapped where it happened
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {one_line(error.strerror or str(error))}{where}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130

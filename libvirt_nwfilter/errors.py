@@ -47,5 +47,10 @@ class FirewallError(NwfilterError):
     """The kernel (through nft, ebtables or iptables) refused a change."""
 
 
+class PartialChange(FirewallError):
+    """A refusal after part of a change was committed (a later step of a multi-step plan):
+    the kernel is neither before nor after the change."""
+
+
 class UnsupportedError(NwfilterError):
     """A rule the chosen backend cannot express faithfully."""

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Iterator
 
 from .backends.base import Plan, Step
-from .errors import FirewallError
+from .errors import FirewallError, PartialChange
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def _refused_line(step: Step, stderr: str) -> str:
 
 
 def execute(plan: Plan, netns: str | None = None) -> None:
-    """Run a plan: apply (rolled back on failure), then commit. FirewallError on failure."""
+    """Run a plan: apply (rolled back on failure), then commit. FirewallError on failure:
+    PartialChange when a commit step after the first failed (part of the change is in)."""
     for step in plan.apply:
         result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
@@ -92,10 +93,11 @@ def execute(plan: Plan, netns: str | None = None) -> None:
             for undo in plan.rollback:
                 run(undo, netns)
             raise error
-    for step in plan.commit:
+    for number, step in enumerate(plan.commit):
         result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
-            raise _failure(step, result)
+            error = _failure(step, result)
+            raise PartialChange(str(error)) if number or plan.apply else error
 
 
 def survey(steps: tuple[Step, ...], netns: str | None = None) -> list[str]:

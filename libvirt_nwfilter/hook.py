@@ -108,15 +108,22 @@ def make_service(config: Config) -> "Service":
 
 
 def has_bindings(config: Config, owner_uuid: str | None = None, ports: Sequence[str] = ()) -> bool:
-    """Whether our state holds a binding on one of ``ports`` or 
-    owned by ``owner_uuid`` (the state's index); read without the lock and without importing the service: a quick
-    way out for guests we have nothing to do for."""
+    """Whether our state may hold a binding on one of ``ports`` or owned by ``owner_uuid``
+    (the state's index), read without the lock and without importing the service: a quick way
+    out for guests we have nothing to do for. True when in doubt: an interrupted change is
+    pending (the index may be behind) or a record cannot be read."""
+    from .journal import Journal
     from .state import State
 
-    state = State(config.rundir)
-    if any(state.get(port) is not None for port in ports):
+    if Journal(config.rundir).exists():
         return True
-    return owner_uuid is not None and bool(state.owned_ports(owner_uuid))
+    state = State(config.rundir)
+    try:
+        if any(state.get(port) is not None for port in ports):
+            return True
+        return owner_uuid is not None and bool(state.owned_ports(owner_uuid))
+    except NwfilterError:
+        return True
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,11 +250,19 @@ def op_start(config: Config, stdin: bytes, repair: bool = False) -> None:
     if not domain.filtered and not has_bindings(config, domain.uuid if repair else None, taps):
         log.debug("no interface filtered by libvirt-nwfilter")
         return
-    service = make_service(config)
+    service = None
     try:
+        service = make_service(config)
         bound, removed = sync_domain(service, domain, repair)
-    except NwfilterError as error:
-        _check(service, domain, require_target=True)  # names the interface when it is the filter
+    except Exception as error:  # noqa: BLE001 - a guest we do not filter is never refused
+        if not domain.filtered:
+            log.error("stale bindings on the ports of this guest not checked: %s", _one_line(error),
+                      exc_info=not isinstance(error, NwfilterError))
+            return
+        if not isinstance(error, NwfilterError):
+            raise
+        if service is not None:
+            _check(service, domain, require_target=True)  # names the interface when it is the filter
         raise Refusal(f"domain '{domain.name}': {_one_line(error)}") from None
     for interface in domain.filtered:
         log.info("interface %s: port %s filtered by '%s'", interface.mac, interface.target,
@@ -283,7 +298,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
         data = b""
         log.error("cannot read the domain XML: %s", error)
     try:
-        config = config or Config.from_environment()
+        config = (config or Config.load(strict=False)).for_hook()
         if operation in STOP_OPERATIONS:
             op_stop(config, data)
         elif operation in CHECK_OPERATIONS:

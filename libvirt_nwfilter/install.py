@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NwfilterError
-from .store import write_atomically
+from .files import write_atomically
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK_NAME = "libvirt-nwfilter"

@@ -10,7 +10,8 @@ from pathlib import Path
 from . import executor
 from .backends.base import Backend
 from .config import Config
-from .store import write_atomically
+from .errors import NwfilterError
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def capabilities(rundir: Path) -> Capabilities:
     log.info("kernel probed: bridge conntrack %s, bridge reject %s", found.bridge_conntrack, found.bridge_reject)
     try:
         write_atomically(path, json.dumps(asdict(found)) + "\n")
-    except OSError as error:
-        log.warning("cannot cache probe results in %s: %s", path, error)
+    except NwfilterError as error:
+        log.warning("probe results not cached: %s", error)
     return found
 
 

@@ -1,36 +1,34 @@
 """Use cases: the only layer that sequences parse -> resolve -> compile -> apply -> state.
 
-Every change runs under the host-wide lock: compile everything first (pure), then one plan for
-the kernel, then the state. A filter redefinition that affects bindings is journalled so that a
-crash at any instant is completed by the next command (roll forward), keeping store, state and
-kernel consistent.
+Every change runs under the host-wide lock, after completing what an interrupted process left
+(:mod:`recovery`) and moving bindings made by another backend to the configured one. Changes
+reach the kernel and the records through :class:`~libvirt_nwfilter.commit.Committer`
+(journalled, one transaction); :mod:`drift` compares the kernel with the records.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import zlib
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator, Sequence
 
-from . import executor
-from .backends.base import Backend, PortChange, PortRecord, Step
+from . import recovery
+from .backends.base import Backend, PortChange
+from .commit import Change, Committer, ruleset_hash, with_mac_parameter
 from .compiler import compile_port
 from .config import BACKENDS, Config
-from .errors import BindingError, FirewallError, InUseError, NwfilterError
-from .ir import Field, PortRuleset
-from .model import Binding, Filter, FilterRef, make_params
-from .resolve import Lookup, port_variables, resolve
-from .state import AppliedBinding, State
-from .store import FilterStore, Origin, referencing, write_atomically
+from .drift import Drift, kernel_check, kernel_drift
+from .errors import BindingError, InUseError, NwfilterError
+from .ir import PortRuleset
+from .journal import FilterUpdate, Intent, Journal, JournalDamaged
+from .model import Binding, Filter
+from .resolve import Lookup, resolve
+from .state import AppliedBinding, RecordError, State
+from .store import FilterStore, Origin, referencing
 from .xml import format_filter, parse_filter
 
 log = logging.getLogger(__name__)
-
-JOURNAL = "update.json"
-
 
 @dataclass(frozen=True)
 class FilterInfo:
@@ -39,82 +37,81 @@ class FilterInfo:
     origin: Origin
 
 
-@dataclass(frozen=True)
-class Drift:
-    """A port whose kernel rules, state or filters disagree."""
-
-    port: str
-    problem: str
-
-
-@dataclass(frozen=True)
-class _Change:
-    """One port's transition: ``old`` (None: nothing there) to ``new`` (None: remove)."""
-
-    port: str
-    old: AppliedBinding | None
-    new: Binding | None
-    ruleset: PortRuleset | None = None
-
-
-def with_mac_parameter(binding: Binding) -> Binding:
-    """The binding as libvirt stores it after instantiation: with a ``MAC`` parameter."""
-    params = port_variables(binding.filterref.param_dict(), binding.mac)
-    ref = FilterRef(binding.filterref.filter, make_params(params))
-    return Binding(binding.owner_name, binding.owner_uuid, binding.portdev, binding.mac, ref, binding.linkdev)
-
-
-def _copy_ipsets(changes: Sequence[PortChange], netns: str) -> None:
-    """Copy the kernel ipsets the rules name into ``netns`` (rules referring to a missing set
-    are refused by iptables)."""
-    names = {cond.value.name for change in changes if change.new is not None
-             for rule in change.new.fi + change.new.fo + change.new.hi
-             for cond in rule.conds if cond.field is Field.IPSET}
-    for name in sorted(names):
-        found, saved = executor.query(("ipset", "save", name))
-        if found:
-            executor.run(Step(("ipset", "restore", "-exist"), saved), netns)
-
-
-def ruleset_hash(ruleset: PortRuleset) -> str:
-    """A 64-bit fingerprint of a compiled ruleset (zlib: hashlib costs start-up time)."""
-    data = repr(ruleset).encode()
-    return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
-
-
 class Service:
     """Entry point for the CLI and the hook; one instance per process."""
 
     def __init__(self, config: Config):
+        if config.problem is not None:
+            raise NwfilterError(config.problem)
         if config.backend not in BACKENDS:
             raise NwfilterError(f"unknown backend '{config.backend}' (expected {' or '.join(BACKENDS)})")
         self.config = config
         self.store = FilterStore(config.confdir)
         self.state = State(config.rundir)
+        self.journal = Journal(config.rundir)
         self._backend: Backend | None = None
+        self._committer: Committer | None = None
+        self.journal_damage: JournalDamaged | None = None  # found by the locked section running
 
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            from .probe import make_backend
-
-            self._backend = make_backend(self.config)
+            self._backend = self._backend_named(self.config.backend)
         return self._backend
 
+    def _backend_named(self, name: str) -> Backend:
+        from .probe import make_backend
+
+        return make_backend(replace(self.config, backend=name))
+
+    @property
+    def committer(self) -> Committer:
+        if self._committer is None:
+            self._committer = Committer(self.backend, self.state, self.journal, self.ruleset, self._backend_named)
+        return self._committer
+
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """The host-wide lock, after completing any update a crash interrupted. Filters are
-        read afresh under it: another process may have redefined them meanwhile."""
-        with self.state.locked():
+    def locked(self, migrate: bool = True, recover: bool = True) -> Iterator[Intent | None]:
+        """The host-wide lock, after completing any change a crash interrupted (unless not
+        ``recover``: the pending intent is then given to the block) and, with ``migrate``,
+        moving bindings of another backend. Filters are read afresh under it."""
+        with self.state.locked(self.config.lock_timeout):
             self.store = FilterStore(self.config.confdir)
-            self._recover()
-            yield
+            try:
+                intent = self._pending()
+                if intent is not None and recover:
+                    recovery.complete(intent, self.committer, self.state, self.journal, self.store)
+                    intent = None
+                if migrate and intent is None and self.state.backends() - {self.config.backend}:
+                    recovery.move_backend(self.committer, self.state)
+                yield intent
+            finally:
+                self.journal_damage = None
+                if self._committer is not None:
+                    self._committer.always_rebuild = self._committer.journal_pending = False
+
+    def _pending(self) -> Intent | None:
+        """The journal's intent; a damaged journal is reported and every change of this run
+        becomes a rebuild of every binding from its record (correct whatever it said)."""
+        try:
+            return self.journal.read()
+        except JournalDamaged as damaged:
+            log.warning("%s", damaged)
+            self.journal_damage = damaged
+            self.committer.always_rebuild = self.committer.journal_pending = True
+            return None
 
     def _settled(self) -> None:
-        """Before reading: complete an update a crash interrupted (a quick check otherwise)."""
-        if (self.state.rundir / JOURNAL).is_file():
-            with self.locked():
-                pass
+        """Before reading: complete a change a crash interrupted (a quick check otherwise)."""
+        if not self.journal.exists():
+            return
+        try:
+            self.journal.read()
+        except JournalDamaged as damaged:
+            log.warning("%s", damaged)
+            return
+        with self.locked(migrate=False):
+            pass
 
     # -- filters ------------------------------------------------------------------------
     def list_filters(self) -> list[FilterInfo]:
@@ -165,51 +162,25 @@ class Service:
         failures, changes = [], []
         for applied in affected:
             try:
-                changes.append(_Change(applied.binding.portdev, applied, applied.binding,
-                                       self.ruleset(applied.binding, lookup)))
+                changes.append(Change(applied.binding.portdev, applied, applied.binding,
+                                      self.ruleset(applied.binding, lookup)))
             except NwfilterError as error:
                 failures.append(f"binding on {applied.binding.portdev} (owner {applied.binding.owner_name}): {error}")
         if failures:
             raise NwfilterError(f"filter '{flt.name}' not defined, in use and not applicable: " + "; ".join(failures))
-        journal = {"filter": format_filter(flt),
-                   "previous": format_filter(current) if self.store.origin(flt.name) is not Origin.BUILTIN
-                   and current is not None else None}
-        write_atomically(self.state.rundir / JOURNAL, json.dumps(journal) + "\n", mode=0o600)
-        try:
-            self._commit(changes)
-        except NwfilterError:  # refused: nothing changed (an interruption keeps the journal)
-            (self.state.rundir / JOURNAL).unlink(missing_ok=True)
-            raise
-        self.store.write(flt)
-        (self.state.rundir / JOURNAL).unlink(missing_ok=True)
+        previous = format_filter(current) if current is not None and self.store.origin(flt.name) is not Origin.BUILTIN \
+            else None
+        update = FilterUpdate(flt.name, format_filter(flt), previous)
+        self.committer.commit(changes, "define", update, then=lambda: self.store.write(flt))
 
     def _overlay(self, flt: Filter) -> Lookup:
         return lambda name: flt if name == flt.name else self.store.source(name)
 
-    def _recover(self) -> None:
-        """Complete a filter update a crash interrupted: store the new filter, rebuild all."""
-        path = self.state.rundir / JOURNAL
-        if not path.is_file():
-            return
-        journal = json.loads(path.read_text(encoding="utf-8"))
-        new = parse_filter(journal["filter"], str(path))
-        log.warning("completing the interrupted update of filter '%s'", new.name)
-        self.store.write(new)
-        try:
-            self._rebuild(self.state.all())
-        except NwfilterError as error:
-            log.error("cannot complete the update of filter '%s' (%s); restoring the previous one", new.name, error)
-            if journal["previous"] is None:
-                self.store.remove(new.name)
-            else:
-                self.store.write(parse_filter(journal["previous"], str(path)))
-            self._rebuild(self.state.all())
-        path.unlink()
-
     # -- bindings -----------------------------------------------------------------------
     def ruleset(self, binding: Binding, lookup: Lookup | None = None) -> PortRuleset:
         """The port's ruleset for ``binding`` with the current (or given) filters (pure)."""
-        return compile_port(resolve(binding.filterref, binding.mac, lookup or self.store.source))
+        return compile_port(resolve(binding.filterref, binding.mac, lookup or self.store.source,
+                                    max_rules=self.config.max_rules))
 
     def render(self, binding: Binding) -> str:
         """What :meth:`create_binding` would run, as text (nothing is applied)."""
@@ -226,14 +197,29 @@ class Service:
         with self.locked():
             if self.state.get(binding.portdev) is not None:
                 raise BindingError(f"binding '{binding.portdev}' already exists")
-            return self._commit([_Change(binding.portdev, None, binding, self.ruleset(binding))])[0]
+            return self.committer.commit([Change(binding.portdev, None, binding, self.ruleset(binding))],
+                                         "binding-create")[0]
 
     def delete_binding(self, port: str) -> AppliedBinding:
         with self.locked():
             applied = self.binding(port)
-            self._commit([_Change(port, applied, None)])
+            self.committer.commit([Change(port, applied, None)], "binding-delete")
             log.info("binding on %s deleted", port)
             return applied
+
+    def force_delete(self, ports: Sequence[str]) -> None:
+        """Forget the records of ``ports`` whatever they hold (unreadable ones included) and
+        rebuild every other binding, which removes whatever the kernel holds for ``ports``."""
+        for port in ports:
+            self.state.path(port)  # a valid port name
+        with self.locked(recover=False) as intent:
+            if intent is not None:
+                recovery.complete(intent, self.committer, self.state, self.journal, self.store, forget=ports)
+            else:
+                records, _ = self.state.scan()
+                self.committer.rebuild([a.binding for a in records if a.binding.portdev not in ports],
+                                       "binding-delete --force", forget=ports)
+        log.info("records of %s forgotten and every other binding rebuilt", ", ".join(ports))
 
     def binding(self, port: str) -> AppliedBinding:
         self._settled()
@@ -251,24 +237,42 @@ class Service:
 
         A port that already has a binding gets the new one in the same transaction (its old
         rules stay until the switch); a binding of another owner there is logged and replaced.
+        A port whose record cannot be read is replaced through a rebuild of every binding.
         """
         with self.locked():
-            changes = []
+            changes, unreadable = [], False
             for binding in bindings:
                 ruleset = self.ruleset(binding)
-                current = self.state.get(binding.portdev)
+                try:
+                    current = self.state.get(binding.portdev)
+                except RecordError as error:
+                    log.warning("%s; replacing it", error.path)
+                    current, unreadable = None, True
                 if current is not None and current.binding.owner_uuid != binding.owner_uuid:
                     log.warning("port %s: replacing the binding owned by %s", binding.portdev,
                                 current.binding.owner_name)
-                changes.append(_Change(binding.portdev, current, binding, ruleset))
-            return self._commit(changes)
+                changes.append(Change(binding.portdev, current, binding, ruleset))
+            command = f"binding the ports of '{bindings[0].owner_name}'" if bindings else "binding"
+            if unreadable:
+                return self.committer.rebuild_with(changes, command)
+            return self.committer.commit(changes, command)
 
     def unbind_owner(self, owner_uuid: str) -> list[str]:
-        """Remove every binding owned by ``owner_uuid``; returns the ports cleaned."""
+        """Remove every binding owned by ``owner_uuid``; returns the ports cleaned. A record
+        that cannot be read is left (logged with its repair)."""
         with self.locked():
-            owned = [a for a in map(self.state.get, self.state.owned_ports(owner_uuid)) if a is not None]
+            owned = []
+            for port in self.state.owned_ports(owner_uuid):
+                try:
+                    applied = self.state.get(port)
+                except RecordError as error:
+                    log.error("%s", error)
+                    continue
+                if applied is not None and applied.binding.owner_uuid == owner_uuid:
+                    owned.append(applied)
             if owned:
-                self._commit([_Change(a.binding.portdev, a, None) for a in owned])
+                self.committer.commit([Change(a.binding.portdev, a, None) for a in owned],
+                                      f"unbinding the ports of '{owned[0].binding.owner_name}'")
             for applied in owned:
                 log.info("binding on %s removed (owner %s)", applied.binding.portdev, applied.binding.owner_name)
             return [a.binding.portdev for a in owned]
@@ -278,69 +282,33 @@ class Service:
 
         A port is left alone when its binding and compiled rules are what the state records and
         the kernel holds exactly those rules. If a recorded port's rules were damaged or wiped,
-        every binding is rebuilt in one transaction. Returns the ports that were (re)applied.
+        or a port's record cannot be read, every binding is rebuilt in one transaction. Returns
+        the ports that were (re)applied.
         """
         with self.locked():
             rulesets = {b.portdev: self.ruleset(b) for b in bindings}
-            current = {b.portdev: self.state.get(b.portdev) for b in bindings}
+            current: dict[str, AppliedBinding | None] = {}
+            unreadable = False
+            for binding in bindings:
+                try:
+                    current[binding.portdev] = self.state.get(binding.portdev)
+                except RecordError as error:
+                    log.warning("%s; replacing it", error.path)
+                    current[binding.portdev], unreadable = None, True
             recorded = [a for a in current.values() if a is not None]
             intact = self._intact_ports(recorded)
             todo = [b for b in bindings if not self._unchanged(current[b.portdev], b, rulesets[b.portdev], intact)]
             if not todo:
                 return []
-            if any(a.binding.portdev not in intact for a in recorded):
-                everything = {a.binding.portdev: a.binding for a in self.state.all()}
+            command = f"re-binding the ports of '{bindings[0].owner_name}'"
+            if unreadable or any(a.binding.portdev not in intact for a in recorded):
+                everything = {a.binding.portdev: a.binding for a in self.state.scan()[0]}
                 everything.update({b.portdev: b for b in bindings})
-                self._rebuild_bindings(list(everything.values()), rulesets)
+                self.committer.rebuild(list(everything.values()), command, rulesets=rulesets)
             else:
-                self._commit([_Change(b.portdev, current[b.portdev], b, rulesets[b.portdev]) for b in todo])
+                self.committer.commit([Change(b.portdev, current[b.portdev], b, rulesets[b.portdev]) for b in todo],
+                                      command)
             return [b.portdev for b in todo]
-
-    @staticmethod
-    def _unchanged(current: AppliedBinding | None, binding: Binding, ruleset: PortRuleset, intact: set[str]) -> bool:
-        return (current is not None and binding.portdev in intact and current.ruleset_hash == ruleset_hash(ruleset)
-                and current.binding == with_mac_parameter(binding))
-
-    def reapply(self) -> list[AppliedBinding]:
-        """Re-instantiate every recorded binding with the current filters, from scratch."""
-        with self.locked():
-            return self._rebuild(self.state.all())
-
-    def remove_bindings(self, ports: Iterable[str]) -> None:
-        """Remove the bindings of ``ports`` (those that exist)."""
-        with self.locked():
-            gone = [a for a in (self.state.get(p) for p in ports) if a is not None]
-            if gone:
-                self._commit([_Change(a.binding.portdev, a, None) for a in gone])
-
-    def verify(self) -> list[Drift]:
-        """Compare kernel, state and filters; every port that drifted, with what is wrong."""
-        with self.locked():
-            found, unchanged = [], []
-            for applied in self.state.all():
-                try:
-                    current = ruleset_hash(self.ruleset(applied.binding))
-                except NwfilterError as error:
-                    found.append(Drift(applied.binding.portdev, f"its filter no longer resolves: {error}"))
-                    continue
-                if current == applied.ruleset_hash:
-                    unchanged.append(applied)
-                else:  # what the kernel should hold is unknown: the filters changed since
-                    found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
-            return self._kernel_drift(unchanged) + found
-
-    def _kernel_drift(self, recorded: Sequence[AppliedBinding]) -> list[Drift]:
-        found = []
-        live, intact = self._kernel_check(recorded)
-        for applied in recorded:
-            port = applied.binding.portdev
-            if applied.backend != self.backend.name:
-                found.append(Drift(port, f"applied with backend {applied.backend}, configured {self.backend.name}"))
-            elif live.get(port) is None:
-                found.append(Drift(port, "rules missing from the kernel"))
-            elif port not in intact:
-                found.append(Drift(port, "kernel rules differ from the recorded ones (missing, extra or changed)"))
-        return found
 
     def _intact_ports(self, recorded: Sequence[AppliedBinding]) -> set[str]:
         """The recorded ports whose kernel rules are intact: those the resident service knows
@@ -350,113 +318,76 @@ class Service:
         known = knowledge.intact(self.config.rundir, self.backend.name)
         trusted = {a.binding.portdev for a in recorded if known.get(a.binding.portdev) == a.ruleset_hash}
         rest = [a for a in recorded if a.binding.portdev not in trusted]
-        return trusted | (self._kernel_check(rest)[1] if rest else set())
+        return trusted | (self.kernel_check(rest)[1] if rest else set())
 
-    def _kernel_check(self, recorded: Sequence[AppliedBinding]) -> tuple[dict[str, str | None], set[str]]:
-        """The live digest of each port, and the ports whose kernel rules are intact.
+    def kernel_check(self, recorded: Sequence[AppliedBinding]) -> tuple[dict[str, str | None], set[str]]:
+        """The live digest of each recorded port, and the ports whose kernel rules are intact
+        (:func:`drift.kernel_check`)."""
+        return kernel_check(self.backend, recorded, self.ruleset)
 
-        A port is intact when the kernel holds what the same kernel makes of its recorded rules:
-        the reference is built in a throw-away network namespace from the state (same backend),
-        so both sides are in the kernel's own printed form."""
-        mine = [a for a in recorded if a.backend == self.backend.name]
-        if not mine:
-            return {}, set()
-        steps = self.backend.survey_steps()
-        live = self.backend.kernel_digests(executor.survey(steps), {a.binding.portdev: a.record for a in mine})
-        changes = [PortChange(a.binding.portdev, a.record, self.ruleset(a.binding)) for a in mine]
-        with executor.reference_namespace() as netns:
-            _copy_ipsets(changes, netns)
-            plan, records = self.backend.rebuild_plan(changes, ["" for _ in steps], [])
-            executor.execute(plan, netns)
-            survey = executor.survey(steps, netns)
-        reference = self.backend.kernel_digests(survey, {p: r for p, r in records.items() if r is not None})
-        return live, {port for port, digest in live.items() if digest is not None and digest == reference.get(port)}
+    @staticmethod
+    def _unchanged(current: AppliedBinding | None, binding: Binding, ruleset: PortRuleset, intact: set[str]) -> bool:
+        return (current is not None and binding.portdev in intact and current.ruleset_hash == ruleset_hash(ruleset)
+                and current.binding == with_mac_parameter(binding))
 
-    # -- internals ----------------------------------------------------------------------
-    def _rebuild(self, recorded: Sequence[AppliedBinding]) -> list[AppliedBinding]:
-        current = {a.binding.portdev: a for a in recorded}
-        return self._rebuild_bindings([a.binding for a in recorded], {}, current)
+    def reapply(self) -> list[AppliedBinding]:
+        """Re-instantiate every recorded binding with the current filters, from scratch; the
+        repair of a damaged journal (removed once the rebuild is done)."""
+        with self.locked():
+            damaged_journal = self.journal_damage is not None
+            applied = self.committer.rebuild([a.binding for a in self.state.scan()[0]], "reapply")
+            if damaged_journal:
+                self.journal.clear()
+                log.warning("removed the damaged journal %s: every binding was rebuilt from its record",
+                            self.journal.path)
+            return applied
 
-    def _rebuild_bindings(self, bindings: Sequence[Binding], rulesets: dict[str, PortRuleset],
-                          current: dict[str, AppliedBinding] | None = None) -> list[AppliedBinding]:
-        """Every binding that should exist, built anew in one plan (whatever the kernel holds)."""
-        current = current if current is not None else {b.portdev: self.state.get(b.portdev) for b in bindings}
-        changes = [_Change(b.portdev, current.get(b.portdev), b, rulesets.get(b.portdev) or self.ruleset(b))
-                   for b in bindings]
-        steps = self.backend.survey_steps()
-        survey = executor.survey(steps) if self.backend.rebuild_reads_kernel else ["" for _ in steps]
-        return self._commit(changes, lambda port_changes: self.backend.rebuild_plan(port_changes, survey, []))
+    def remove_bindings(self, ports: Iterable[str]) -> None:
+        """Remove the bindings of ``ports`` (those that exist and can be read)."""
+        with self.locked():
+            gone = []
+            for port in ports:
+                try:
+                    applied = self.state.get(port)
+                except RecordError as error:
+                    log.error("%s", error)
+                    continue
+                if applied is not None:
+                    gone.append(applied)
+            if gone:
+                self.committer.commit([Change(a.binding.portdev, a, None) for a in gone], "removing stale bindings")
 
-    def _rebuild_with(self, changes: Sequence[_Change]) -> list[AppliedBinding]:
-        """Rebuild all bindings, with ``changes`` applied; the bindings of ``changes``' ports."""
-        changing = {c.port: c for c in changes}
-        keep = [a.binding for a in self.state.all() if a.binding.portdev not in changing]
-        wanted = keep + [c.new for c in changes if c.new is not None]
-        rulesets = {c.port: c.ruleset for c in changes if c.ruleset is not None}
-        applied = self._rebuild_bindings(wanted, rulesets)
-        for change in changes:
-            if change.new is None:
-                self.state.remove(change.port)
-        return [a for a in applied if a.binding.portdev in changing]
-
-    def _commit(self, changes: Sequence[_Change],
-                planner: Callable[[list[PortChange]], tuple] | None = None) -> list[AppliedBinding]:
-        """One plan for every change, executed, then recorded; the new bindings' state."""
-        port_changes = [PortChange(c.port, self._own_record(c.old), c.ruleset) for c in changes]
-        if planner is None:
-            changing = {c.port for c in changes}
-            ids = [pid for port, pid in self.state.ids().items() if port not in changing]
-            plan, records = self.backend.plan(port_changes, ids)
-        else:
-            plan, records = planner(port_changes)
-        self._require_bridge_netfilter(changes)
-        try:
-            executor.execute(plan)
-        except FirewallError as error:
-            if planner is not None or not any(c.old for c in changes):
-                raise
-            # Refused while replacing or removing recorded rules: if they were wiped behind our
-            # back (nft flush ruleset, a firewall reload), building everything anew works.
-            log.info("%s; retrying as one rebuild of every binding", error)
-            try:
-                return self._rebuild_with(changes)
-            except FirewallError:
-                raise error from None
-        applied = [AppliedBinding(with_mac_parameter(c.new), self.backend.name, dict(records[c.port]),
-                                  ruleset_hash(c.ruleset)) for c in changes if c.new is not None]
-        self.state.update(applied, [c.port for c in changes if c.new is None])
-        for entry in applied:
-            log.info("binding on %s: filter '%s' applied", entry.binding.portdev, entry.binding.filterref.filter)
-        return applied
-
-    def _own_record(self, applied: AppliedBinding | None) -> PortRecord | None:
-        if applied is None or applied.backend != self.backend.name:
-            return None
-        return applied.record
-
-    def _require_bridge_netfilter(self, changes: Sequence[_Change]) -> None:
-        """L3 rules see bridged packets only with br_netfilter on: switch it on, or refuse."""
-        from .probe import BRIDGE_NF_SYSCTLS
-
-        if not self.backend.needs_br_netfilter:
-            return
-        families = set().union(*(c.ruleset.l3_families() for c in changes if c.ruleset is not None))
-        for family, name in zip((4, 6), BRIDGE_NF_SYSCTLS):
-            if family not in families:
-                continue
-            value = executor.read_sysctl(name)
-            if value is None and executor.load_module("br_netfilter"):
-                value = executor.read_sysctl(name)
-            if value is None:
-                raise FirewallError(f"IPv{family} rules need the br_netfilter kernel module, which is not "
-                                    "available: they would not see bridged traffic")
-            if value != "1":
-                log.warning("setting %s = 1 so that IPv%d rules see bridged traffic", name.replace("/", "."), family)
-                executor.write_sysctl(name, "1")
+    def verify(self) -> list[Drift]:
+        """Compare kernel, records and filters; everything that disagrees, with what is wrong
+        (an interrupted change is completed first)."""
+        with self.locked(migrate=False):
+            found: list[Drift] = []
+            if self.journal_damage is not None:
+                found.append(Drift(str(self.journal.path), str(self.journal_damage), file=True))
+            records, damaged = self.state.scan()
+            found += [Drift(error.port, str(error), file=True) for error in damaged]
+            if not self.state.index_matches(records, damaged) or self.state.index_problem:
+                problem = self.state.index_problem or "does not match the binding files"
+                self.state.rebuild_index()
+                found.append(Drift(str(self.state.index_path), f"{problem}; rebuilt from the binding files",
+                                   file=True))
+            unchanged = []
+            for applied in records:
+                try:
+                    current = ruleset_hash(self.ruleset(applied.binding))
+                except NwfilterError as error:
+                    found.append(Drift(applied.binding.portdev, f"its filter no longer resolves: {error}"))
+                    continue
+                if current == applied.ruleset_hash:
+                    unchanged.append(applied)
+                else:  # what the kernel should hold is unknown: the filters changed since
+                    found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
+            return kernel_drift(self.backend, unchanged, self.ruleset) + found
 
     # -- status -------------------------------------------------------------------------
     def status(self) -> list[tuple[str, str]]:
         """Label/value lines describing backend, kernel capabilities and counts."""
+        from . import executor
         from .probe import BRIDGE_NF_SYSCTLS, capabilities
 
         caps = capabilities(self.config.rundir)
@@ -475,10 +406,13 @@ class Service:
                 shown += " (L3 rules are switched on when a binding needs them)"
             lines.append((name.rsplit("/", 1)[1], shown))
         filters = self.list_filters()
-        bindings = self.state.all()
+        bindings, damaged = self.state.scan()
         user = sum(1 for f in filters if f.origin is not Origin.BUILTIN)
+        count = f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"
+        if damaged:
+            count += f", and {len(damaged)} unreadable record(s) ('verify' names them)"
         lines += [("Filters", f"{len(filters)} ({len(filters) - user} built in, {user} defined here)"),
-                  ("Bindings", f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"),
+                  ("Bindings", count),
                   ("Configuration", str(self.config.confdir)), ("State", str(self.config.rundir))]
         from .daemon.status import status_lines
 

@@ -1,28 +1,44 @@
-"""Applied bindings under the run directory, and the host-wide lock around every change.
+"""Applied bindings under the run directory, their index, and the host-wide lock.
 
 One JSON file per port (``bindings/<port>.json``) holds the binding XML, the backend and its
 record of what is in the kernel, and a hash of the applied ruleset. Files are written only after
-the kernel accepted a change, atomically, so a crash leaves the old or the new state.
+the kernel accepted a change, atomically, so a crash leaves the old or the new file.
+
+Every file is validated when read: a record that cannot be used (a symbolic link, empty,
+truncated, not the expected shape, a binding XML that does not parse, another port's binding)
+is a :class:`RecordError` naming the file, the problem and the repair; it is never skipped
+silently, and callers never treat it as "no binding".
+
+``index.json`` maps each port to its owner UUID, mark id and backend, so that a change or a guest's
+teardown reads only the files it needs. It is kept a superset of the files: entries are added
+before a record is written and removed after one is deleted, so a crash in between leaves an
+entry without a file (harmless), never a file without an entry (``stopped`` would miss it). An
+index that is missing or damaged is rebuilt from the files under the lock (and computed from
+them, without writing, by readers that do not hold it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+from .config import BACKENDS
 from .errors import NwfilterError
+from .files import FileProblem, read_json, write_atomically
+from .lock import host_lock
 from .model import Binding
-from .store import write_atomically
 from .syntax import PORT_NAME_RE
 from .xml import format_binding, parse_binding
 
 log = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 4 << 20
+MAX_INDEX_BYTES = 64 << 20
+INDEX = "index.json"
 
 
 @dataclass(frozen=True)
@@ -35,24 +51,52 @@ class AppliedBinding:
     ruleset_hash: str  # hash of the compiled ruleset: changes when the filters change
 
 
+class RecordError(NwfilterError):
+    """A binding record that cannot be used: the file, the problem and the repair."""
+
+    def __init__(self, path: Path, port: str, problem: str):
+        self.path, self.port, self.problem = path, port, problem
+        if valid_port(port):
+            text = f"binding record {path} {problem}; its port's rules are left as they are; {repair([port])}"
+        else:
+            text = f"{path} {problem}; remove the file"
+        super().__init__(text)
+
+
+def repair(ports: list[str]) -> str:
+    """The repair of unreadable records of ``ports``."""
+    return (f"repair: 'libvirt-nwfilter binding-delete --force {' '.join(ports)}' (removes the rules and the "
+            "record) or, for a running guest's port, 'libvirt-nwfilter reapply GUEST' (binds it again from the "
+            "guest)")
+
+
+def valid_port(port: str) -> bool:
+    return bool(PORT_NAME_RE.match(port)) and port not in (".", "..")
+
+
 class State:
-    """The run directory: bindings and the lock."""
+    """The run directory: binding records, their index and the lock."""
 
     def __init__(self, rundir: Path):
         self.rundir = Path(rundir)
         self.bindings_dir = self.rundir / "bindings"
+        self._locked = False
+        self.index_problem: str | None = None  # what was wrong with the index this run
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the host-wide lock (blocking) for the duration of the block."""
-        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def locked(self, timeout: float) -> Iterator[None]:
+        """Hold the host-wide lock (waiting at most ``timeout`` s) for the duration of the block."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._remove_partial_writes()
-            yield
-        finally:
-            os.close(fd)
+            self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise NwfilterError(f"cannot create the run directory {self.rundir}: {error.strerror}") from None
+        with host_lock(self.rundir / "lock", timeout):
+            self._locked = True
+            try:
+                self._remove_partial_writes()
+                yield
+            finally:
+                self._locked = False
 
     def _remove_partial_writes(self) -> None:
         """Temporary files of writes a killed process left (nobody else writes under the lock)."""
@@ -60,94 +104,184 @@ class State:
             for leftover in directory.glob(".*.json.*") if directory.is_dir() else ():
                 leftover.unlink(missing_ok=True)
 
-    def _path(self, port: str) -> Path:
-        if not PORT_NAME_RE.match(port) or port in (".", ".."):
+    # -- records --------------------------------------------------------------------------
+    def path(self, port: str) -> Path:
+        if not valid_port(port):
             raise NwfilterError(f"'{port}' is not a valid port (interface) name")
         return self.bindings_dir / f"{port}.json"
 
     def get(self, port: str) -> AppliedBinding | None:
-        path = self._path(port)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
-            raise NwfilterError(f"state file {path} is unreadable: {error}") from None
-        return AppliedBinding(parse_binding(data["binding"], str(path)), data["backend"], data["record"],
-                              data["hash"])
+        """The record of ``port``; None when there is none, RecordError when it is unusable."""
+        return self._read(self.path(port), port)
 
-    def ports(self) -> list[str]:
+    def _read(self, path: Path, port: str) -> AppliedBinding | None:
+        try:
+            data = read_json(path, MAX_RECORD_BYTES)
+        except FileProblem as problem:
+            raise RecordError(path, port, str(problem)) from None
+        if data is None:
+            return None
+        return _applied_from(data, path, port)
+
+    def files(self) -> list[Path]:
         if not self.bindings_dir.is_dir():
             return []
-        return sorted((p.stem for p in self.bindings_dir.glob("*.json")), key=lambda n: (n.lower(), n))
+        return sorted((p for p in self.bindings_dir.glob("*.json") if not p.name.startswith(".")),
+                      key=lambda p: (p.stem.lower(), p.stem))
 
-    def all(self) -> list[AppliedBinding]:
-        found = []
-        for port in self.ports():
+    def scan(self) -> tuple[list[AppliedBinding], list[RecordError]]:
+        """Every record: the usable ones, and one RecordError per file that is not."""
+        found, damaged = [], []
+        for path in self.files():
             try:
-                applied = self.get(port)
-            except NwfilterError as error:
-                log.warning("%s", error)
+                if not valid_port(path.stem):
+                    raise RecordError(path, path.stem, "is not named after a valid port")
+                applied = self._read(path, path.stem)
+            except RecordError as error:
+                damaged.append(error)
                 continue
             if applied is not None:
                 found.append(applied)
+        return found, damaged
+
+    def all(self) -> list[AppliedBinding]:
+        """The usable records; each unusable one is logged as a warning."""
+        found, damaged = self.scan()
+        for error in damaged:
+            log.warning("%s", error)
         return found
 
-    def remove(self, port: str) -> None:
-        self.update([], [port])
-
-    def update(self, put: list[AppliedBinding], removed: list[str]) -> None:
-        """Write the records of ``put``, remove those of ``removed``, then the index, once."""
-        if put:
-            self.bindings_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for applied in put:
-            data = {"binding": format_binding(applied.binding), "backend": applied.backend,
-                    "record": applied.record, "hash": applied.ruleset_hash}
-            write_atomically(self._path(applied.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
+    def write(self, applied: Iterable[AppliedBinding], removed: Iterable[str] = ()) -> None:
+        """Record the bindings of ``applied`` and forget the ports ``removed``, keeping the index
+        a superset of the files at every instant."""
+        applied, removed = list(applied), list(removed)
+        index = self.index()
+        wider = {**index, **{a.binding.portdev: _index_entry(a) for a in applied}}
+        if wider != index:
+            self._write_index(wider)
+        if applied:
+            self._mkdir(self.bindings_dir)
+        for item in applied:
+            data = {"binding": format_binding(item.binding), "backend": item.backend,
+                    "record": item.record, "hash": item.ruleset_hash}
+            write_atomically(self.path(item.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
                              mode=0o600)
         for port in removed:
-            self._path(port).unlink(missing_ok=True)
-        index = self.index()
-        changed = {a.binding.portdev: _index_entry(a) for a in put} | dict.fromkeys(removed)
-        if any(index.get(port) != entry for port, entry in changed.items()):
-            for port, entry in changed.items():
-                if entry is None:
-                    index.pop(port, None)
-                else:
-                    index[port] = entry
-            self._write_index(index)
+            self.forget(port)
+        final = {port: entry for port, entry in wider.items() if port not in removed}
+        if final != wider:
+            self._write_index(final)
 
-    # -- the index: owner and mark id per port, so a change need not read every file ------
+    def forget(self, port: str) -> None:
+        """Delete the record file of ``port`` (whatever it holds); the index entry stays."""
+        path = self.path(port)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise NwfilterError(f"cannot remove {path}: {error.strerror}") from None
+
+    # -- the index: owner, mark id and backend per port ---------------------------------------------
     @property
-    def _index_path(self) -> Path:
-        return self.rundir / "index.json"
+    def index_path(self) -> Path:
+        return self.rundir / INDEX
 
     def index(self) -> dict[str, dict[str, Any]]:
-        """Port -> {"owner": owner UUID, "id": mark id or None} (rebuilt from the files if needed)."""
+        """Port -> {"owner": owner UUID, "id": mark id or None, "backend": name}. A missing or damaged index is
+        rebuilt from the files (written back only under the lock)."""
+        problem = self._index_problem()
+        if problem is None or isinstance(problem, dict):
+            return problem or {}
+        if self.index_problem is None:
+            self.index_problem = problem
+            log.warning("%s %s; %s from the binding files", self.index_path, problem,
+                        "rebuilt" if self._locked else "read")
+        index = {a.binding.portdev: _index_entry(a) for a in self.scan()[0]}
+        if self._locked:
+            self._write_index(index)
+        return index
+
+    def _index_problem(self) -> dict[str, dict[str, Any]] | str | None:
+        """The valid index, or what is wrong with it (None: absent with no bindings)."""
         try:
-            found = json.loads(self._index_path.read_text(encoding="utf-8"))
-            if isinstance(found, dict):
-                return found
-        except (OSError, ValueError):
-            pass
-        return self.rebuild_index()
+            data = read_json(self.index_path, MAX_INDEX_BYTES)
+        except FileProblem as problem:
+            return str(problem)
+        if data is None:
+            return "is missing" if self.files() else None
+        return data if _valid_index(data) else "does not have the expected shape"
 
     def rebuild_index(self) -> dict[str, dict[str, Any]]:
-        index = {a.binding.portdev: _index_entry(a) for a in self.all()}
+        """The index made anew from the files (entries of unreadable records are kept)."""
+        records, damaged = self.scan()
+        old = self._index_problem()
+        kept = {e.port: old[e.port] for e in damaged if isinstance(old, dict) and e.port in old}
+        index = {**kept, **{a.binding.portdev: _index_entry(a) for a in records}}
         self._write_index(index)
         return index
+
+    def index_matches(self, records: Iterable[AppliedBinding], damaged: Iterable[RecordError]) -> bool:
+        """Whether the index holds exactly the entries of ``records`` (and perhaps entries of
+        the unreadable records' ports)."""
+        index = self.index()
+        unreadable = {e.port for e in damaged}
+        return {p: e for p, e in index.items() if p not in unreadable} == {a.binding.portdev: _index_entry(a)
+                                                                           for a in records}
 
     def ids(self) -> dict[str, int]:
         """Port -> mark id of every binding that has one."""
         return {port: int(entry["id"]) for port, entry in self.index().items() if entry.get("id") is not None}
 
+    def backends(self) -> set[str]:
+        """The backends that made the recorded bindings."""
+        return {entry["backend"] for entry in self.index().values()}
+
     def owned_ports(self, owner_uuid: str) -> list[str]:
         return sorted(port for port, entry in self.index().items() if entry.get("owner") == owner_uuid)
 
     def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
-        self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(self._index_path, json.dumps(index, sort_keys=True) + "\n", mode=0o600)
+        self._mkdir(self.rundir)
+        write_atomically(self.index_path, json.dumps(index, sort_keys=True) + "\n", mode=0o600)
+
+    @staticmethod
+    def _mkdir(path: Path) -> None:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise NwfilterError(f"cannot create {path}: {error.strerror}") from None
+
+
+def _applied_from(data: object, path: Path, port: str) -> AppliedBinding:
+    """A record's content, validated (RecordError naming what is wrong)."""
+    if not isinstance(data, dict):
+        raise RecordError(path, port, "does not hold a JSON object")
+    for key, kind in (("binding", str), ("backend", str), ("record", dict), ("hash", str)):
+        if key not in data:
+            raise RecordError(path, port, f"has no '{key}' field")
+        if not isinstance(data[key], kind):
+            raise RecordError(path, port, f"has a '{key}' field that is not a {kind.__name__}")
+    if data["backend"] not in BACKENDS:
+        raise RecordError(path, port, f"names an unknown backend '{data['backend']}'")
+    try:
+        binding = parse_binding(data["binding"], str(path))
+    except NwfilterError as error:
+        raise RecordError(path, port, f"holds a binding that does not parse ({' '.join(str(error).split())})") from None
+    if binding.portdev != port:
+        raise RecordError(path, port, f"holds the binding of port '{binding.portdev}'")
+    return AppliedBinding(binding, data["backend"], data["record"], data["hash"])
+
+
+def _valid_index(data: object) -> bool:
+    if not isinstance(data, dict):
+        return False
+    for port, entry in data.items():
+        if (not valid_port(port) or not isinstance(entry, dict) or not isinstance(entry.get("owner"), str)
+                or entry.get("backend") not in BACKENDS):
+            return False
+        pid = entry.get("id")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+            return False
+    return True
 
 
 def _index_entry(applied: AppliedBinding) -> dict[str, Any]:
-    return {"owner": applied.binding.owner_uuid, "id": applied.record.get("id")}
+    return {"owner": applied.binding.owner_uuid, "id": applied.record.get("id"), "backend": applied.backend}

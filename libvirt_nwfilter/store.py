@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from .errors import ConflictError, NwfilterError, UnknownFilterError, ValidationError
+from .files import write_atomically
 from .model import Filter
 from .syntax import FILTER_NAME_RE
 from .xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
@@ -33,22 +32,6 @@ class Origin(enum.Enum):
 
 def builtin_dir() -> Path:
     return Path(__file__).resolve().parent / "filters"
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FilterStore:

@@ -15,7 +15,7 @@ from . import executor
 from .backends.base import Step
 from .config import DEFAULT_CONFDIR, DEFAULT_RUNDIR
 from .errors import NwfilterError
-from .store import write_atomically
+from .files import write_atomically
 
 UNIT_NAME = "libvirt-nwfilterd.service"
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
@@ -84,10 +84,7 @@ def install(unit_dir: Path, text: str) -> tuple[Path, bool]:
     if packaged is not None and not path.exists():
         path = packaged
     else:
-        try:
-            write_atomically(path, text, mode=0o644)
-        except OSError as error:
-            raise NwfilterError(f"cannot write {path}: {error.strerror or error}") from None
+        write_atomically(path, text, mode=0o644)
     if not systemd_runs():
         return path, False
     _systemctl("daemon-reload")

@@ -116,7 +116,7 @@ class Healer:
     def check_fully(self, service: Service) -> None:
         """Against a reference kernel built from the records (at start)."""
         recorded = self._mine(service)
-        live, intact = service._kernel_check(recorded)
+        live, intact = service.kernel_check(recorded)
         self.expected = {a.binding.portdev: (a.ruleset_hash, live[a.binding.portdev])
                          for a in recorded if a.binding.portdev in intact}
         broken = sorted(a.binding.portdev for a in recorded if a.binding.portdev not in intact)
@@ -127,7 +127,7 @@ class Healer:
         more under the host lock (a change of ours may have been half way) before a repair."""
         broken = self._broken(service, self._mine(service))
         if broken:
-            with service.state.locked():
+            with service.state.locked(service.config.lock_timeout):
                 recorded = self._mine(service)
                 broken = self._broken(service, recorded)
         else:
@@ -150,7 +150,7 @@ class Healer:
             elif known is None or known[0] != applied.ruleset_hash:
                 unknown.append(applied)  # changed through the tool (or behind its back since)
         if unknown:  # checked against a reference kernel, once per change
-            _, intact = service._kernel_check(unknown)
+            _, intact = service.kernel_check(unknown)
             for applied in unknown:
                 port = applied.binding.portdev
                 if port in intact:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from ..store import write_atomically
+from ..files import write_atomically
 
 KNOWLEDGE_FILE = "kernel-intact.json"
 

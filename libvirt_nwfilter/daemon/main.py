@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="libvirt-nwfilterd: %(levelname)s: %(message)s")
     try:
-        config = Config.from_environment().with_overrides(args.confdir, args.rundir, args.backend)
+        config = Config.load(confdir=args.confdir, rundir=args.rundir, backend=args.backend)
         rundir = Path(os.path.abspath(config.rundir))
         with server.single_instance(rundir):
             _preload(config)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..store import write_atomically
+from ..files import write_atomically
 
 STATUS_FILE = "libvirt-nwfilterd.json"
 

@@ -191,7 +191,7 @@ def binding_state(cli, port: str) -> dict:
 
 
 def journal(cli) -> Path:
-    return cli.rundir / "update.json"
+    return cli.rundir / "journal.json"
 
 
 def mentions(text: str, port: str) -> bool:

@@ -23,7 +23,7 @@ SCRIPT = """
 from libvirt_nwfilter.config import Config
 from libvirt_nwfilter.model import Binding, FilterRef
 from libvirt_nwfilter.service import Service
-service = Service(Config.from_environment())
+service = Service(Config.load())
 binding = Binding("owner", "{uuid}", "{port}", "{mac}", FilterRef("clean-traffic", (("IP", ("10.0.0.5",)),)))
 {step}
 """

@@ -247,7 +247,7 @@ def test_failed_write_keeps_old_file_and_no_temp(store, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(NwfilterError, match=r"cannot write .*a\.xml: No space left on device"):
         define(store, doc("a", uuid=U1, priority=1))
     assert snapshot(tmp_path) == before
     assert os.listdir(tmp_path / "filters") == ["a.xml"]

@@ -66,7 +66,7 @@ def _require(condition: bool, message: str) -> None:
 def kernel_env():
     """Check once that kernel tests can run here; fail (never skip) when they cannot."""
     _require(os.geteuid() == 0, "kernel tests need root")
-    for tool in ("ip", "nft", "bridge", "sysctl", "ping"):
+    for tool in ("ip", "nft", "bridge", "sysctl", "ping", "strace"):
         _require(shutil.which(tool) is not None, f"kernel tests need {tool!r} (scripts/bootstrap)")
     reaped = netlab.reap_orphans()
     if reaped:

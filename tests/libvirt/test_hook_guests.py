@@ -187,11 +187,20 @@ def test_six_guests_started_and_destroyed_in_parallel(clean, libvirtd, nwf):
         assert_not_filtered(clean, tap)
 
 
-def test_reapply_domain_and_all_rebind_running_guests(clean, libvirtd, nwf):
+def test_reapply_domain_and_all_rebind_running_guests(clean, libvirtd, nwf, dirs):
     mac = "52:54:00:a3:00:01"
     guest = libvirtd.start_guest("nwft-hook-reapply", mac, metadata=metadata(mac))
     done = nwf("reapply", guest.name)
     assert done.stdout == f"domain '{guest.name}': filtered {guest.tap}\n"
+    # the repair of an unreadable record: the binding is derived again from the running guest
+    record = dirs["run"] / "bindings" / f"{guest.tap}.json"
+    record.write_text(record.read_text()[:40])
+    damaged = nwf("verify", check=False)
+    assert damaged.returncode == 1 and f"binding record {record} is not valid JSON" in damaged.stdout, damaged
+    assert f"'libvirt-nwfilter reapply GUEST'" in damaged.stdout
+    assert nwf("reapply", guest.name).stdout == f"domain '{guest.name}': filtered {guest.tap}\n"
+    assert nwf("verify").returncode == 0
+    assert_filtered(clean, guest.tap)
     done = nwf("reapply", "--all")
     assert f"domain '{guest.name}': filtered {guest.tap}" in done.stdout
     assert bindings(nwf) == {guest.tap: ("clean-traffic", guest.name)}

@@ -1,0 +1,277 @@
+"""Damaged files in the run directory: no port loses its rules, ``verify`` names the file, and
+the documented repair works. Real kernel, real frames, both backends side by side (each in a lab
+of its own, tests/crashlab.py).
+
+The lab: guest ``one`` (hook ``start``) on vp1, a CLI binding on vp2, both clean-traffic with
+their address; guest ``other`` on vp3 comes and goes through the hook while the files are
+damaged. Every case damages one file and then checks:
+
+* binding records (truncated, empty, a JSON list, a field missing, a binding XML that does not
+  parse, another port's binding, a symbolic link): ``verify`` exits 1 with a line naming the
+  file, the problem and the repair; ``reapply`` refuses in one line naming the file and the
+  repair, and the kernel is unchanged; the repair is alternately ``binding-delete --force vp1``
+  (the port's rules go with the record; the guest is started again) and the hook's
+  ``reconnect`` (the binding is derived again from the running guest: what ``reapply GUEST``
+  does), after which ``verify`` passes. The first case also checks that ``binding-create`` on
+  the port is refused naming the file, that ``stopped`` of its guest keeps its rules, that an
+  unrelated guest starts and stops, and frames;
+* the index (truncated, empty, a JSON list, entries of the wrong shape, a symbolic link,
+  missing, valid but without an entry): ``verify`` exits 1 naming it and rebuilds it, the next
+  ``verify`` passes; damaged or missing, ``stopped`` still finds the guest's binding;
+* the journal (truncated, empty, a JSON list, a binding that does not parse, a symbolic link):
+  ``verify`` exits 1 naming it and the repair; ``list``, ``dumpxml``, ``binding-list`` work;
+  an unrelated guest starts and stops; the bindings keep their rules; the repair ``reapply``
+  removes it and ``verify`` passes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, dispatch_entries, ip_frame
+from crashlab import KillLab, side_by_side
+
+NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
+MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
+PEER_MAC, PEER_IP = "52:54:00:00:01:99", "10.0.0.99"
+SPOOF = "10.0.0.77"
+GUESTS = {"one": "0b8f6b5e-4c59-4b0e-9d3c-6a1f2e7d8c01", "other": "0b8f6b5e-4c59-4b0e-9d3c-6a1f2e7d8c02"}
+
+
+def domain_xml(name: str, mac: str, tap: str, ip: str, running: bool = True) -> bytes:
+    target = f"<target dev='{tap}'/>" if running else ""
+    return (f"<domain type='kvm'><name>{name}</name><uuid>{GUESTS[name]}</uuid><metadata>"
+            f"<nwf:nwfilter xmlns:nwf='{NS}'><nwf:interface mac='{mac}'><nwf:filterref filter='clean-traffic'>"
+            f"<nwf:parameter name='IP' value='{ip}'/></nwf:filterref></nwf:interface></nwf:nwfilter>"
+            f"</metadata><devices><interface type='bridge'><mac address='{mac}'/><source bridge='br0'/>"
+            f"{target}</interface></devices></domain>").encode()
+
+
+@dataclass
+class World:
+    lab: object
+    cli: Cli
+    run: KillLab
+    vms: dict
+
+    def hook(self, guest: str, operation: str, running: bool = True) -> str:
+        vm = self.vms["a" if guest == "one" else "c"]
+        done = self.run.run([guest, operation, "begin", "-"], hook=True,
+                            stdin=domain_xml(guest, vm.mac, vm.port, vm.ipv4, running))
+        assert done.returncode == 0, f"hook {operation} of {guest}: {done.stderr.decode()}"
+        return done.stderr.decode()
+
+    def probes(self, filtered: bool = True) -> list[Probe]:
+        peer, found = self.vms["p"], []
+        for name in ("a", "b"):
+            vm = self.vms[name]
+            found += [Probe(f"{name}, its address", vm, ip_frame(vm.mac, peer.mac, vm.ipv4, PEER_IP, "udp"), peer, True),
+                      Probe(f"{name}, spoofed", vm, ip_frame(vm.mac, peer.mac, SPOOF, PEER_IP, "udp"), peer,
+                            not filtered)]
+        return found
+
+    def record(self, port: str = "vp1") -> Path:
+        return self.cli.rundir / "bindings" / f"{port}.json"
+
+
+def make_world(lab, cli: Cli) -> World:
+    vms = {"a": lab.add_vm("a", MAC_A, ipv4=f"{IP_A}/24"), "b": lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24"),
+           "c": lab.add_vm("c", MAC_C, ipv4=f"{IP_C}/24"), "p": lab.add_vm("p", PEER_MAC, ipv4=f"{PEER_IP}/24")}
+    world = World(lab, cli, KillLab(cli), vms)
+    world.hook("one", "start")
+    cli.binding_create("vp2", MAC_B, "clean-traffic", {"IP": IP_B})
+    check_probes(lab, world.probes(), context=f"[{cli.backend}] before any damage")
+    return world
+
+
+def expect_verify(world: World, subject: str, *words: str) -> str:
+    done = world.cli.run("verify", check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(f"{subject}: ")]
+    assert done.returncode == 1 and lines and all(word in lines[0] for word in words), \
+        f"[{world.cli.backend}] verify did not name {subject} ({words}):\n{done.stdout}{done.stderr}"
+    return lines[0]
+
+
+def verify_passes(world: World, context: str) -> None:
+    done = world.cli.run("verify", check=False)
+    assert done.returncode == 0, f"[{world.cli.backend}] {context}: verify exited {done.returncode}\n" \
+                                 f"{done.stdout}{done.stderr}"
+
+
+def symlink_to_copy(path: Path) -> None:
+    """``path`` becomes a symbolic link to a copy of itself (the content stays valid)."""
+    copy = path.with_name(f"copy-of-{path.name}.bak")
+    copy.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Binding records
+
+def _without(field: str):
+    def damage(path: Path) -> None:
+        data = json.loads(path.read_text())
+        del data[field]
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _bad_binding(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["binding"] = "<filterbinding><owner>"
+    path.write_text(json.dumps(data))
+
+
+RECORD_CASES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "is not valid JSON"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "a JSON list": (lambda p: p.write_text("[]\n"), "does not hold a JSON object"),
+    "a field missing": (_without("record"), "has no 'record' field"),
+    "a binding XML that does not parse": (_bad_binding, "holds a binding that does not parse"),
+    "another port's binding": (lambda p: p.write_bytes(p.with_name("vp2.json").read_bytes()),
+                               "holds the binding of port 'vp2'"),
+    "a symbolic link": (symlink_to_copy, "is a symbolic link"),
+}
+
+
+def damaged_records(world: World) -> None:
+    lab, cli, path = world.lab, world.cli, world.record()
+    for number, (case, (damage, problem)) in enumerate(RECORD_CASES.items()):
+        context = f"[{cli.backend}] record {case}"
+        reference = world.run.snapshot()
+        damage(path)
+        line = expect_verify(world, "vp1", str(path), problem, "binding-delete --force vp1", "reapply GUEST")
+        refused = cli.run("reapply", check=False)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, f"{context}: {refused}"
+        assert str(path) in refused.stderr and "binding-delete --force vp1" in refused.stderr, context
+        assert world.run.snapshot() == reference, f"{context}: the kernel changed"
+        if number == 0:
+            check_probes(lab, world.probes(), context=f"{context}: with the damaged record")
+            created = cli.binding_create("vp1", MAC_A, "clean-traffic", {"IP": IP_A}, check=False)
+            assert created.returncode == 1 and str(path) in created.stderr, f"{context}: {created}"
+            world.hook("one", "stopped", running=False)
+            world.hook("other", "start")
+            assert {"vp1", "vp2", "vp3"} <= dispatch_entries(lab.host_ns, cli.backend), context
+            world.hook("other", "stopped", running=False)
+            assert world.run.snapshot() == reference, f"{context}: the kernel changed (stopped, other guest)"
+        if number % 2 == 0:
+            cli.run("binding-delete", "--force", "vp1")
+            assert not path.exists() and not path.is_symlink(), context
+            assert dispatch_entries(lab.host_ns, cli.backend) == {"vp2"}, f"{context}: after --force"
+            world.hook("one", "start")
+        else:
+            world.hook("one", "reconnect")
+        assert path.is_file() and not path.is_symlink(), context
+        verify_passes(world, f"{context}: after the repair")
+        print(f"  [{cli.backend}] record {case}: {line[:150]}...")
+    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the repairs")
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+
+def _stale(path: Path) -> None:
+    data = json.loads(path.read_text())
+    del data["vp1"]
+    path.write_text(json.dumps(data))
+
+
+INDEX_CASES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:10]), "is not valid JSON"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "a JSON list": (lambda p: p.write_text("[]"), "does not have the expected shape"),
+    "entries of the wrong shape": (lambda p: p.write_text('{"vp1": 5}'), "does not have the expected shape"),
+    "a symbolic link": (symlink_to_copy, "is a symbolic link"),
+    "missing": (lambda p: p.unlink(), "is missing"),
+    "without an entry": (_stale, "does not match the binding files"),
+}
+
+
+def damaged_index(world: World) -> None:
+    lab, cli = world.lab, world.cli
+    path = cli.rundir / "index.json"
+    for case, (damage, problem) in INDEX_CASES.items():
+        damage(path)
+        expect_verify(world, str(path), problem, "rebuilt from the binding files")
+        verify_passes(world, f"index {case}: the index was rebuilt")
+        assert path.is_file() and not path.is_symlink()
+        if case in ("truncated", "missing"):
+            damage(path)
+            world.hook("one", "stopped", running=False)
+            assert not world.record().exists(), f"[{cli.backend}] index {case}: stopped missed the guest's binding"
+            assert dispatch_entries(lab.host_ns, cli.backend) == {"vp2"}
+            world.hook("one", "start")
+    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the index cases")
+
+
+# ----------------------------------------------------------------------------------------------
+# The journal
+
+VALID_JOURNAL = {"format": 1, "command": "binding-create", "writer": "1 test", "filter": None, "teardown": [],
+                 "ports": {"vp9": {"old": None, "new": None}}}
+
+
+def _journal_with_bad_binding(path: Path) -> None:
+    path.write_text(json.dumps({**VALID_JOURNAL, "ports": {"vp9": {"old": "<filterbinding>", "new": None}}}))
+
+
+def _journal_symlink(path: Path) -> None:
+    path.write_text(json.dumps(VALID_JOURNAL))
+    symlink_to_copy(path)
+
+
+JOURNAL_CASES = {
+    "truncated": (lambda p: p.write_text(json.dumps(VALID_JOURNAL)[:40]), "is not valid JSON"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "a JSON list": (lambda p: p.write_text("[]"), "does not have the expected content"),
+    "a binding that does not parse": (_journal_with_bad_binding, "does not have the expected content"),
+    "a symbolic link": (_journal_symlink, "is a symbolic link"),
+}
+
+
+def damaged_journal(world: World) -> None:
+    lab, cli = world.lab, world.cli
+    path = cli.rundir / "journal.json"
+    for number, (case, (damage, problem)) in enumerate(JOURNAL_CASES.items()):
+        context = f"[{cli.backend}] journal {case}"
+        damage(path)
+        expect_verify(world, str(path), problem, "libvirt-nwfilter reapply")
+        for args in (("list",), ("dumpxml", "clean-traffic"), ("-q", "binding-list")):
+            done = cli.run(*args, check=False)
+            assert done.returncode == 0 and done.stdout, f"{context}: {args}: {done.stderr}"
+        assert cli.binding_ports() == ["vp1", "vp2"], context
+        if number == 0:
+            world.hook("other", "start")
+            assert dispatch_entries(lab.host_ns, cli.backend) == {"vp1", "vp2", "vp3"}, context
+            world.hook("other", "stopped", running=False)
+            check_probes(lab, world.probes(), context=f"{context}: an unrelated guest came and went")
+        assert dispatch_entries(lab.host_ns, cli.backend) == {"vp1", "vp2"}, context
+        repaired = cli.run("reapply")
+        assert "removed the damaged journal" in repaired.stderr, f"{context}: {repaired.stderr}"
+        assert not path.exists() and not path.is_symlink(), context
+        verify_passes(world, f"{context}: after the repair")
+    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the journal cases")
+
+
+# ----------------------------------------------------------------------------------------------
+
+CHECKS = {"binding record": (damaged_records, RECORD_CASES), "index": (damaged_index, INDEX_CASES),
+          "journal": (damaged_journal, JOURNAL_CASES)}
+
+
+@pytest.mark.parametrize("kind", list(CHECKS))
+def test_damaged_files(lab, tmp_path, kind):
+    check, cases = CHECKS[kind]
+
+    def run(where, cli: Cli) -> str:
+        started = time.monotonic()
+        check(make_world(where, cli))
+        return f"[{cli.backend}] {len(cases)} damaged {kind} cases, {time.monotonic() - started:.1f} s"
+
+    side_by_side(lab, tmp_path, run)

@@ -48,8 +48,8 @@ class FirewallError(NwfilterError):
 
 
 class PartialChange(FirewallError):
-    """A refusal after part of a change was committed (a later step of a multi-step plan):
-    the kernel is neither before nor after the change."""
+    """A change whose outcome in the kernel is unknown or partial (a later step of a multi-step
+    plan was refused, or a tool did not finish): the kernel may be neither before nor after it."""
 
 
 class UnsupportedError(NwfilterError):

@@ -49,8 +49,10 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(argv, input=step.stdin, capture_output=True, text=True, env=_ENV,
                               timeout=TIMEOUT_SECONDS, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
+    except OSError as error:
         raise FirewallError(f"could not run {argv[0]}: {error}") from None
+    except subprocess.TimeoutExpired:  # killed: its transaction may or may not have happened
+        raise PartialChange(f"{argv[0]} did not finish in {TIMEOUT_SECONDS} s; the outcome is unknown") from None
 
 
 def stream(argv: tuple[str, ...]) -> subprocess.Popen:

@@ -26,7 +26,7 @@ from typing import Mapping
 from .config import BACKENDS
 from .errors import NwfilterError
 from .files import FileProblem, exists, read_json, write_atomically
-from .lock import holder_text
+from .lock import describe_holder, holder_text
 from .model import Binding
 from .state import valid_port
 from .xml import format_binding, parse_binding, parse_filter
@@ -62,6 +62,7 @@ class Intent:
     ports: Mapping[str, PortIntent]
     filter: FilterUpdate | None = None
     teardown: tuple[str, ...] = ()
+    writer: str = ""  # "PID COMMAND LINE" of the process that wrote it
 
     def describe(self) -> str:
         what = f"'{self.command}'"
@@ -72,6 +73,8 @@ class Intent:
             what += " on " + ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
         if self.teardown:
             what += f" (moving from backend {', '.join(self.teardown)})"
+        if self.writer:
+            what += f" of {describe_holder(self.writer)}"
         return what
 
 
@@ -135,9 +138,10 @@ def _one_line(error: Exception) -> str:
 def _intent_from(data: object, source: str) -> Intent:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a format {FORMAT} journal object")
-    command, ports, teardown = data["command"], data["ports"], data["teardown"]
-    if not isinstance(command, str) or not isinstance(ports, dict) or not isinstance(teardown, list):
-        raise TypeError("'command', 'ports' or 'teardown' has the wrong type")
+    command, ports, teardown, writer = data["command"], data["ports"], data["teardown"], data.get("writer", "")
+    if not all(isinstance(value, kind) for value, kind in ((command, str), (ports, dict), (teardown, list),
+                                                           (writer, str))):
+        raise TypeError("'command', 'ports', 'teardown' or 'writer' has the wrong type")
     if any(name not in BACKENDS for name in teardown):
         raise ValueError(f"unknown backend in 'teardown': {teardown}")
     intents = {}
@@ -146,7 +150,7 @@ def _intent_from(data: object, source: str) -> Intent:
             raise ValueError(f"bad entry for port {port!r}")
         old, new = (_binding(entry[key], port, source) for key in ("old", "new"))
         intents[port] = PortIntent(old, new)
-    return Intent(command, intents, _filter_update(data["filter"], source), tuple(teardown))
+    return Intent(command, intents, _filter_update(data["filter"], source), tuple(teardown), writer)
 
 
 def _binding(text: object, port: str, source: str) -> Binding | None:

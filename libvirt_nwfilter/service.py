@@ -102,16 +102,17 @@ class Service:
             return None
 
     def _settled(self) -> None:
-        """Before reading: complete a change a crash interrupted (a quick check otherwise)."""
+        """Before reading: complete a change a crash interrupted (a quick check otherwise). What
+        stands in the way (a damaged journal, the lock, a refused recovery) is a warning: the
+        records can be read anyway (each file is written atomically)."""
         if not self.journal.exists():
             return
         try:
             self.journal.read()
-        except JournalDamaged as damaged:
-            log.warning("%s", damaged)
-            return
-        with self.locked(migrate=False):
-            pass
+            with self.locked(migrate=False):
+                pass
+        except NwfilterError as error:
+            log.warning("%s", error)
 
     # -- filters ------------------------------------------------------------------------
     def list_filters(self) -> list[FilterInfo]:

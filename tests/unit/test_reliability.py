@@ -284,7 +284,7 @@ DESCRIPTION = 17 << 20  # more than 16 MiB
 def test_hook_reads_a_huge_domain_xml_in_bounded_memory(tmp_path, metadata):
     xml = domain_xml(DESCRIPTION, metadata)
     env = python_env(tmp_path)
-    for operation in ("prepare", "restore", "migrate"):
+    for operation in ("prepare", "restore"):
         code, out, err, seconds, peak = measured(hook_argv(operation), env, xml)
         print(f"{operation} of a {len(xml) >> 20} MiB domain XML (metadata {metadata}): {seconds:.2f} s, "
               f"peak {peak:.0f} MiB")
@@ -350,12 +350,16 @@ def test_index_is_a_superset_of_the_records_at_every_instant(tmp_path, monkeypat
     (b"\xff\xfe", "is not UTF-8 text"),
     (b'{"binding": "x", "backend": "nftables", "record": [], "hash": "0"}', "'record' field that is not a dict"),
     (b'{"binding": "x", "backend": "pf", "record": {}, "hash": "0"}', "unknown backend 'pf'"),
+    ("vp2", "holds the binding of port 'vp2'"),
 ])
 def test_unusable_record_is_an_error_naming_file_problem_and_repair(tmp_path, content, problem):
     path = tmp_path / "bindings" / "vp1.json"
     path.parent.mkdir(parents=True)
     if content is None:
         path.mkdir()
+    elif content == "vp2":  # another port's record
+        State(tmp_path).write([_applied("vp2")])
+        path.write_bytes(path.with_name("vp2.json").read_bytes())
     else:
         path.write_bytes(content)
     with pytest.raises(RecordError) as error:
@@ -379,6 +383,8 @@ def test_fifo_is_not_read(tmp_path):
                                                             "previous": None}, "teardown": []},
      "not filter 'a'"),
     ({"format": 1, "command": "x", "ports": {}, "teardown": []}, "has no 'filter' field"),
+    ({"format": 1, "command": "x", "ports": {"vp9": {"old": "<filterbinding>", "new": None}}, "filter": None,
+      "teardown": []}, "does not have the expected content"),
 ])
 def test_damaged_journal_names_file_problem_and_repair(tmp_path, data, problem):
     (tmp_path / "journal.json").write_text(json.dumps(data))
@@ -435,3 +441,23 @@ def test_render_help_says_what_it_touches(capsys):
         cli.main(["render", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "probe.json" in text and "'nft -c'" in text and "Changes no rule and no binding" in text
+
+
+def test_reading_commands_work_while_an_interrupted_change_cannot_be_completed(tmp_path, monkeypatch, capsys,
+                                                                                  caplog):
+    """A journal whose completion is refused (a record it would remove cannot be read): listing
+    commands warn and list; changes and verify refuse naming the file and the repair."""
+    for name, value in python_env(tmp_path, LIBVIRT_NWFILTER_BACKEND="ebiptables").items():
+        monkeypatch.setenv(name, value)
+    State(tmp_path / "run").write([_applied("vp1"), _applied("vp2")])
+    (tmp_path / "run" / "bindings" / "vp1.json").write_text("{")
+    (tmp_path / "run" / "journal.json").write_text(json.dumps(
+        {"format": 1, "command": "binding-delete", "ports": {"vp2": {"old": None, "new": None}}, "filter": None,
+         "teardown": []}))
+    assert cli.main(["-q", "binding-list"]) == 0
+    assert capsys.readouterr().out.split() == ["vp2", "allow-arp", "g"]
+    assert "refusing to rebuild every binding" in caplog.text
+    assert cli.main(["verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vp1.json is not valid JSON" in err and "binding-delete --force vp1" in err
+    assert (tmp_path / "run" / "journal.json").exists()

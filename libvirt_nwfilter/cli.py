@@ -39,19 +39,22 @@ exit status:
   1  the input was refused or the operation failed (nothing was changed)
   2  wrong usage
 
-configuration file CONFDIR/libvirt-nwfilter.conf ('key = value' lines, '#' comments):
-  backend = nftables|ebiptables   firewall backend (default nftables)
-  lock-timeout = SECONDS          how long a command waits for the host lock (default 60)
-  hook-lock-timeout = SECONDS     the same for the libvirt hook (default 10)
-  max-rules-per-binding = N       rules one binding may expand to (default 100000)
+configuration file:
+  backend = nftables|ebiptables  firewall backend (default nftables)
+  lock-timeout = SECONDS         how long a command waits for the host lock (default 60)
+  hook-lock-timeout = SECONDS    the same for the libvirt hook (default 10)
+  max-rules-per-binding = N      rules one binding may expand to (default 100000)
+CONFDIR/libvirt-nwfilter.conf holds these 'key = value' lines ('#' starts a comment); the
+environment overrides it and options override both.
 
-environment (overrides the file; options override both):
-  LIBVIRT_NWFILTER_CONFDIR  configuration directory (default /etc/libvirt-nwfilter)
-  LIBVIRT_NWFILTER_RUNDIR   run-time state directory (default /run/libvirt-nwfilter)
-  LIBVIRT_NWFILTER_BACKEND  firewall backend: nftables (default) or ebiptables
-  LIBVIRT_NWFILTER_LOCK_TIMEOUT, LIBVIRT_NWFILTER_HOOK_LOCK_TIMEOUT, LIBVIRT_NWFILTER_MAX_RULES
-                            lock-timeout, hook-lock-timeout, max-rules-per-binding
-  EDITOR, VISUAL            editor used by 'edit' (default vi)
+environment:
+  LIBVIRT_NWFILTER_CONFDIR            configuration directory (default /etc/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_RUNDIR             run-time state directory (default /run/libvirt-nwfilter)
+  LIBVIRT_NWFILTER_BACKEND            firewall backend: nftables (default) or ebiptables
+  LIBVIRT_NWFILTER_LOCK_TIMEOUT       lock-timeout
+  LIBVIRT_NWFILTER_HOOK_LOCK_TIMEOUT  hook-lock-timeout
+  LIBVIRT_NWFILTER_MAX_RULES          max-rules-per-binding
+  EDITOR, VISUAL                      editor used by 'edit' (default vi)
 
 files:
   CONFDIR/libvirt-nwfilter.conf  configuration (the keys above)

@@ -64,7 +64,9 @@ HELP = f"""\
 
 libvirt's qemu hook of libvirt-nwfilter. libvirtd runs it for every guest operation, with the
 guest's domain XML on standard input, and waits for it. It filters each interface that names a
-filter in the guest's libvirt-nwfilter metadata; guests without such metadata are left alone.
+filter in the guest's libvirt-nwfilter metadata; guests without such metadata are left alone
+(never refused, whatever the size of their XML). It waits at most hook-lock-timeout seconds
+(CONFDIR/libvirt-nwfilter.conf, default 10) for the host lock, then refuses naming its holder.
 Interface hot-plug runs no hook: 'libvirt-nwfilter reapply GUEST' filters a new interface.
 
 operations:
@@ -85,6 +87,8 @@ environment:
   LIBVIRT_NWFILTER_CONFDIR    configuration directory (default /etc/libvirt-nwfilter)
   LIBVIRT_NWFILTER_RUNDIR     run-time state directory (default /run/libvirt-nwfilter)
   LIBVIRT_NWFILTER_BACKEND    firewall backend: nftables (default) or ebiptables
+  LIBVIRT_NWFILTER_HOOK_LOCK_TIMEOUT
+                              seconds to wait for the host lock (default 10)
   {LOG_FILE_VARIABLE}   also log to this file
 
 logging:

@@ -194,7 +194,7 @@ def _l2_copies(instance: RuleInstance) -> list[tuple[Side, L2Rule]]:
     verdict = _L2_VERDICT[rule.action]
 
     def make(conds: list[Cond]) -> L2Rule:
-        return L2Rule(tuple(_implicit_l2(protocol) + conds), verdict, instance.origin)
+        return L2Rule(tuple(_implicit_l2(protocol) + conds), verdict, instance.origin, instance)
 
     if rule.direction is Direction.OUT:
         return [(Side.FROM_VM, make(written))]
@@ -265,7 +265,7 @@ def _l3_copies(instance: RuleInstance) -> dict[Copy, L3Rule]:
             continue
         conds = _insert_state(conds, instance, copy, is_reversed, state)
         result[copy] = L3Rule(family, protocol, tuple(conds), _l3_verdict(rule.action, copy),
-                              instance.origin, match.value("comment"))
+                              instance.origin, match.value("comment"), instance)
     return result
 
 

@@ -11,13 +11,21 @@ The layout mirrors libvirt's (semantics.md §1, §3, §7):
 Every condition is already oriented for the copy it sits in (reversal is done), every value is
 typed and validated, and verdicts are per layer (``accept`` at L3 from-VM is ``RETURN``,
 ``reject`` at L2 is ``DROP``). A backend only translates.
+
+Rules carry their ``source`` (the :class:`~libvirt_nwfilter.resolve.RuleInstance` they were
+compiled from: filter, chain, rule priority, the concrete rule) for ``simulate`` to name them.
+It is left out of ``repr`` and of comparisons, so rendering, equality and the ruleset hash
+(``service.ruleset_hash``) do not depend on it.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from .resolve import RuleInstance
 
 
 class Side(enum.Enum):
@@ -149,6 +157,7 @@ class L2Rule:
     conds: tuple[Cond, ...]
     verdict: Verdict  # never REJECT (reject is DROP at L2)
     origin: str  # "filter 'x' rule 3": for messages and comments
+    source: RuleInstance | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,7 @@ class L3Rule:
     verdict: Verdict
     origin: str
     comment: str | None = None
+    source: RuleInstance | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -369,6 +369,11 @@ def _format_rule(rule: Rule, indent: str) -> list[str]:
     return [f"{indent}{head}>", *_format_match(rule.match, indent + "  "), f"{indent}</rule>"]
 
 
+def format_rule(rule: Rule) -> str:
+    """One ``<rule>`` element as ``format_filter`` prints it (without indentation)."""
+    return "\n".join(_format_rule(rule, ""))
+
+
 def format_filterref(ref: FilterRef, indent: str = "  ", tag: str = "filterref") -> list[str]:
     if not ref.params:
         return [f"{indent}<{tag} filter='{escape(ref.filter)}'/>"]

@@ -20,6 +20,7 @@ from . import __version__, cli_libvirt
 from .config import BACKENDS, Config
 from .errors import NwfilterError
 from .service import Service
+from .simulate import cli as simulate_cli
 from .xml import format_binding, parse_binding
 
 log = logging.getLogger("libvirt_nwfilter")
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", metavar="FILTER", help="filter name or UUID")
     _binding_verbs(sub)
     cli_libvirt.register(sub, _verb)
+    simulate_cli.register(sub, _verb)
     return parser
 
 

@@ -7,6 +7,7 @@ the sbin directories themselves (libvirtd runs hooks with a short ``PATH``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -112,29 +113,71 @@ def survey(steps: tuple[Step, ...], netns: str | None = None) -> list[str]:
 
 
 REFERENCE_PREFIX = "libvirt-nwfilter-ref-"
+SIMULATION_PREFIX = "libvirt-nwfilter-sim-"
+_namespace_numbers = itertools.count(1)
 
 
 @contextlib.contextmanager
 def reference_namespace() -> Iterator[str]:
     """A fresh, empty network namespace to build reference rules in; always deleted."""
-    _remove_stale_references()
-    name = f"{REFERENCE_PREFIX}{os.getpid()}"
+    with throwaway_namespace(REFERENCE_PREFIX) as name:
+        yield name
+
+
+@contextlib.contextmanager
+def throwaway_namespace(prefix: str) -> Iterator[str]:
+    """A fresh, empty network namespace named ``<prefix><pid>-<n>``; always deleted (also
+    when this process was killed: the next caller with the same prefix removes it)."""
+    _remove_stale_namespaces(prefix)
+    name = f"{prefix}{os.getpid()}-{next(_namespace_numbers)}"
     if run(Step(("ip", "netns", "add", name))).returncode != 0:
-        raise FirewallError(f"cannot create the reference network namespace {name}")
+        raise FirewallError(f"cannot create the throw-away network namespace {name}")
     try:
         yield name
     finally:
         run(Step(("ip", "netns", "delete", name)))
 
 
-def _remove_stale_references() -> None:
-    """Delete reference namespaces left by killed processes of ours."""
+def _remove_stale_namespaces(prefix: str) -> None:
+    """Delete namespaces of ours whose creating process is gone."""
     listing = run(Step(("ip", "netns", "list"))).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.strip() else ""
-        pid = name.removeprefix(REFERENCE_PREFIX)
-        if name.startswith(REFERENCE_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        pid = name.removeprefix(prefix).split("-")[0]
+        if name.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             run(Step(("ip", "netns", "delete", name)))
+
+
+def start(step: Step, netns: str | None = None) -> subprocess.Popen:
+    """Start a long-running process (in ``netns`` if given) with text pipes for stdin and
+    stdout; the caller talks to it and must end it (:func:`stop`)."""
+    argv = [tool(step.argv[0]), *step.argv[1:]]
+    if netns is not None:
+        argv = [tool("ip"), "netns", "exec", netns, *argv]
+    log.debug("starting %s", " ".join(argv))
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=_ENV, bufsize=1)
+    except OSError as error:
+        raise FirewallError(f"could not run {argv[0]}: {error}") from None
+
+
+def stop(process: subprocess.Popen, timeout: float = 5.0) -> str:
+    """End a process from :func:`start` (SIGTERM, then SIGKILL); returns its stderr."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            stream.close()
+    error = process.stderr.read() if process.stderr else ""
+    if process.stderr is not None:
+        process.stderr.close()
+    return error
 
 
 def query(argv: tuple[str, ...], stdin: str = "") -> tuple[bool, str]:

@@ -33,6 +33,7 @@ Rendering of conditions (``!=`` when negated)
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -306,15 +307,47 @@ def _icmp_type(v: IcmpType, negated: bool, family: int) -> str:
     return f"{proto} type . {proto} code != {{ {v.type} . {v.code} }}"
 
 
+# nft 1.0.6 merges negated compares of neighbouring header fields into ONE compare of both
+# (``arp operation != 1 arp saddr ether != M`` becomes "not (operation 1 and sender M)"), which
+# matches when either field differs. A no-op all-ones mask keeps each compare on its own; it is
+# added when a rule has two or more negated plain compares (found by simulate's differential
+# test against the kernel).
+_FIELD_BITS = {Field.ETHER_SRC: 48, Field.ETHER_DST: 48, Field.SRC_MAC: 48, Field.ETHER_TYPE: 16,
+               Field.VLAN_ENCAP: 16, Field.ARP_HTYPE: 16, Field.ARP_PTYPE: 16, Field.ARP_OPCODE: 16,
+               Field.ARP_SHA: 48, Field.ARP_THA: 48, Field.ARP_SPA: 32, Field.ARP_TPA: 32, Field.IP_PROTO: 8,
+               Field.SPORT: 16, Field.DPORT: 16, Field.ICMP_TYPE: 8, Field.IP_SRC: 0, Field.IP_DST: 0}
+_PLAIN_NEGATED_RE = re.compile(r"^(?P<expr>(?!meta |ct )[^&{}]+?) != (?P<value>[^\s&{}/-]+)$")
+
+
+def _all_ones(value: str, bits: int) -> str:
+    """A mask of all ones written like ``value`` (MAC, IPv4, IPv6 or a number of ``bits``)."""
+    if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", value):
+        return "ff:ff:ff:ff:ff:ff"
+    if re.fullmatch(r"[0-9.]+", value) and value.count(".") == 3:
+        return "255.255.255.255"
+    if ":" in value:
+        return ":".join(["ffff"] * 8)
+    return "0x" + "f" * (bits // 4)
+
+
+def _unmerged(cond: Cond, text: str) -> str:
+    found = _PLAIN_NEGATED_RE.match(text)
+    if not cond.negated or cond.field not in _FIELD_BITS or not found:
+        return text
+    return f"{found['expr']} & {_all_ones(found['value'], _FIELD_BITS[cond.field])} != {found['value']}"
+
+
 def _render_conds(conds: Sequence[Cond], ctx: _RuleContext) -> list[str]:
     guards = _arp_guards(conds, ctx) if ctx.layer == "l2" else {}
     out: list[str] = []
     tail: list[str] = []  # statements with side effects (connlimit) come after every match
-    for cond in conds:
+    rendered = [(cond, _render_cond(cond, ctx)) for cond in conds]
+    if sum(1 for cond, text in rendered if _unmerged(cond, text) != text) >= 2:
+        rendered = [(cond, _unmerged(cond, text)) for cond, text in rendered]
+    for cond, text in rendered:
         for guard in guards.get(cond.field, ()):
             if guard not in out:
                 out.append(guard)
-        text = _render_cond(cond, ctx)
         if not text:
             continue
         (tail if cond.field is Field.CONNLIMIT_ABOVE else out).append(text)

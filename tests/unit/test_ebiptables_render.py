@@ -555,3 +555,13 @@ def test_purge_steps_spare_libvirt():
     (step,) = listing.purge_steps(TOOLS, listing.read({"iptables": IPT_SAVE}), globals=False)
     assert "-X nwf-in\n" not in step.stdin and "FORWARD" not in step.stdin
     assert ":nwf-in-post - [0:0]\n" in step.stdin and "-X nwf-in-post" not in step.stdin  # flushed, kept
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_both_ports_negated_use_two_match_instances(protocol):
+    """iptables-nft 1.8.9 compiles '! --sport A ! --dport B' of ONE match into a single compare
+    of both ports (matching unless both are equal); a second match instance keeps them apart."""
+    args = l3args(protocol, c(F.SPORT, NumRange(547, 547), True), c(F.DPORT, NumRange(40000, 40000), True))
+    assert args == f"-p {protocol} ! --sport 547 -m {protocol} ! --dport 40000 -j ACCEPT"
+    one = l3args(protocol, c(F.SPORT, NumRange(547, 547)), c(F.DPORT, NumRange(40000, 40000), True))
+    assert one == f"-p {protocol} --sport 547 ! --dport 40000 -j ACCEPT"

@@ -516,3 +516,10 @@ def test_teardown_and_probes():
     assert "table bridge libvirt_nwfilter_probe" in probe and "ct state" in probe and "ct count" in probe
     assert "reject" in probe_l2_reject_text()
     assert NftablesBackend().needs_br_netfilter and not NftablesBackend(conntrack="bridge").needs_br_netfilter
+
+
+def test_negated_prefixes_keep_their_form_beside_a_masked_compare():
+    line = l3_line(c(Field.IP_DST, IpNet("10.0.0.0", 8, 4), True), c(Field.IP_SRC, IpNet("10.0.0.9", 32, 4), True),
+                   c(Field.SPORT, NumRange(5, 5), True))
+    assert "ip daddr != 10.0.0.0/8" in line
+    assert "ip saddr & 255.255.255.255 != 10.0.0.9" in line and "th sport & 0xffff != 5" in line

@@ -344,6 +344,11 @@ def render_l3_args(rule: L3Rule) -> list[str]:
             if proto not in _PORT_PROTOCOLS:
                 raise UnsupportedError(f"ports on protocol {proto} ({where})")
             opt = "--sport" if f is Field.SPORT else "--dport"
+            if neg and f is Field.DPORT and any(c.field is Field.SPORT and c.negated for c in rule.conds):
+                # iptables-nft 1.8.9 turns "! --sport A ! --dport B" of one match into a single
+                # compare of both ports ("not (A and B)"); a second match instance keeps them
+                # apart (found by simulate's differential test against the kernel)
+                args += ["-m", proto]
             args += _neg_before(neg, opt, fmt_range(v))  # type: ignore[arg-type]
         elif f is Field.TCP_OPTION:
             if proto != "tcp":

@@ -19,7 +19,10 @@ decide the state of our packets:
   information (139) requests; neighbour discovery and MLD (130-136, 143) are not tracked at all
   and so match no state.
 * SCTP packets are INIT chunks, which open connections. DCCP packets carry ports only and are
-  INVALID. Every other protocol opens a connection per address pair (the generic tracker).
+  INVALID. UDP-Lite packets are INVALID too: the kernel checks their checksum with UDP's
+  pseudo-header (``udplite_error``), so a correct UDP-Lite checksum fails (found by the
+  differential test; the check is skipped only for packets whose checksum a device already
+  verified). Every other protocol opens a connection per address pair (the generic tracker).
 * A packet of a connection in the original direction is NEW until a reply was seen, then
   ESTABLISHED; a reply is ESTABLISHED.
 """
@@ -113,7 +116,7 @@ class Tracker:
             problem = _icmp_problem(p)
             if problem:
                 return Verdict(problem, None)
-        if p.ip_proto == 33:
+        if p.ip_proto in (33, 136):
             return Verdict("INVALID", None)
         found = self.table.get(_tuple(p))
         if found is not None:

@@ -19,6 +19,9 @@ have policy ACCEPT); ``return`` or the end of the root chain lets the frame cont
 ``reject`` stop it; ``continue`` goes on with the next rule. A packet passes when every stage
 lets it through. The connection tracker sees ``out`` packets after the L2 from-VM stage and
 ``in`` packets before any rule of the port.
+
+Before any rule, a Linux bridge drops a frame entering from a port whose source MAC is not a
+unicast address (multicast, broadcast or all zeros): the pseudo-stage ``bridge``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .conntrack import Verdict as CtVerdict
 from .packet import Packet
 
 STAGES = {
+    "bridge": "the bridge",
     "l2-out": "L2 from the guest",
     "l3-fi": "L3 forwarded from the guest",
     "l3-hi": "L3 from the guest to the host",
@@ -48,6 +52,7 @@ ROOT_RETURN = "root-return"  # an L2 root-chain rule returned: the frame continu
 SUB_END = "sub-end"  # the frame fell off an L2 sub-chain: accepted (policy ACCEPT)
 END = "end"  # no rule decided: the packet continues
 NO_RULES = "no-rules"  # the port has no rules for this stage
+BAD_SOURCE = "bad-source"  # the bridge drops frames whose source MAC is not unicast
 
 
 class SimulationError(Exception):
@@ -162,6 +167,8 @@ class Simulator:
         keys = _stage_keys(p)
         ct: CtVerdict | None = None
         host_sent = p.direction == "in" and p.host
+        if not host_sent and (p.src_mac >> 40 & 1 or p.src_mac == 0):
+            return Result(p, False, [Stage("bridge", False, BAD_SOURCE)], None, keys)
         if p.direction == "in" and p.family is not None:
             ct = self._track(p)
             if host_sent:  # the host's own stack tracked and confirmed it before the bridge

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from ..ir import Cond, Field, IcmpType, Icmpv6Range, IpNet, IpRange, Jump, MacMatch, NumRange, TcpFlags, Verdict
 from ..xml import format_rule
-from .evaluate import END, NO_RULES, ROOT_RETURN, RULE, STAGES, SUB_END, CompiledRule, Result, Stage
+from .evaluate import BAD_SOURCE, END, NO_RULES, ROOT_RETURN, RULE, STAGES, SUB_END, CompiledRule, Result, Stage
 from .packet import Packet
 
 FIELD_WORDS = {
@@ -210,6 +210,9 @@ def _miss_line(rule: CompiledRule, p: Packet) -> str:
 
 def _decision(stage: Stage) -> str:
     rule = stage.rule
+    if stage.how == BAD_SOURCE:
+        return ("the bridge drops frames whose source MAC is not a unicast address (multicast, broadcast "
+                "or zero) before any rule")
     if stage.how == NO_RULES:
         return "no rules for this traffic: it passes"
     if stage.how == END:

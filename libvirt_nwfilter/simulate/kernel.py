@@ -354,10 +354,13 @@ def _result(backend: str, number: int, p: Packet, events: list[Event], arrived: 
     destination = _where(p)[1]
     if destination is not None:
         passed = number in arrived.get(destination, set())
-        note = ""
     else:
         table = ("inet", lab.TABLE, "seen-host") if p.family is not None else ("bridge", lab.TABLE, "seen-l2in")
         passed = any((e.family, e.table, e.chain) == table for e in events)
-        note = "" if passed or not all(s.passed for s in stages) else \
-            "the host's stack did not take it (not addressed to the host, or a martian source)"
+    note = ""
+    if not passed and not events:
+        note = "no hook saw the frame: the bridge dropped it first (a source MAC that is not unicast?)"
+    elif not passed and all(s.passed for s in stages):
+        note = ("the host's stack did not take it (not addressed to the host, or a martian source)"
+                if destination is None else "it was dropped after the port's rules")
     return KernelResult(backend, passed, stages, note)

@@ -39,8 +39,8 @@ SYSCTLS = ("net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip
 SYSCTL_TCP_LIBERAL = "net.netfilter.nf_conntrack_tcp_be_liberal=1"
 
 
-def link_commands(port: str, host_mac: str, ipv4: Iterable[str], ipv6: Iterable[str]) -> str:
-    """``ip -batch`` input building the bridge, the veths and the host's addresses."""
+def link_commands(port: str, host_mac: str) -> str:
+    """``ip -batch`` input building the bridge and the veths."""
     lines = [f"link add {BRIDGE} address {host_mac} type bridge stp_state 0 forward_delay 0 mcast_snooping 0",
              f"link add {port} type veth peer name {GUEST}",
              f"link add {REMOTE_PORT} type veth peer name {REMOTE}",
@@ -49,9 +49,14 @@ def link_commands(port: str, host_mac: str, ipv4: Iterable[str], ipv6: Iterable[
         lines.append(f"link set {link} master {BRIDGE}")
     for link in ("lo", BRIDGE, port, GUEST, REMOTE_PORT, REMOTE, MARKER_PORT, MARKER):
         lines.append(f"link set {link} up")
-    lines += [f"address add {address}/32 dev {BRIDGE}" for address in ipv4]
-    lines += [f"address add {address}/128 dev {BRIDGE} nodad" for address in ipv6]
     return "\n".join(lines) + "\n"
+
+
+def address_commands(ipv4: Iterable[str], ipv6: Iterable[str]) -> str:
+    """``ip -batch`` input giving the host (``br0``) the addresses packets are sent to."""
+    lines = [f"address add {address}/32 dev {BRIDGE}" for address in ipv4]
+    lines += [f"address add {address}/128 dev {BRIDGE} nodad" for address in ipv6]
+    return "".join(line + "\n" for line in lines)
 
 
 def bridge_commands(port: str) -> str:
@@ -95,13 +100,12 @@ table inet {TABLE} {{
 def setup_steps(port: str, host_mac: str, ipv4: Iterable[str], ipv6: Iterable[str], ns: str,
                 ipv6_on_bridge: bool) -> list[Step]:
     """Everything but the port's rules, in order (``ns``: the namespace, for ``ip -n``)."""
-    steps = [Step(("sysctl", "-q", "-w", *SYSCTLS_BEFORE_LINKS)),
-             Step(("ip", "-n", ns, "-batch", "-"), link_commands(port, host_mac, ipv4, ipv6)),
-             Step(("bridge", "-n", ns, "-batch", "-"), bridge_commands(port)),
-             Step(("sysctl", "-q", "-w", *SYSCTLS))]
-    if ipv6_on_bridge:
-        steps.append(Step(("sysctl", "-q", "-w", f"net.ipv6.conf.{BRIDGE}.disable_ipv6=0")))
-    return steps
+    sysctls = SYSCTLS + ((f"net.ipv6.conf.{BRIDGE}.disable_ipv6=0",) if ipv6_on_bridge else ())
+    return [Step(("sysctl", "-q", "-w", *SYSCTLS_BEFORE_LINKS)),
+            Step(("ip", "-n", ns, "-batch", "-"), link_commands(port, host_mac)),
+            Step(("bridge", "-n", ns, "-batch", "-"), bridge_commands(port)),
+            Step(("sysctl", "-q", "-w", *sysctls)),
+            Step(("ip", "-n", ns, "-batch", "-"), address_commands(ipv4, ipv6))]
 
 
 def marker_frame(number: int) -> bytes:

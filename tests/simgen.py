@@ -96,14 +96,16 @@ def _rule(draw, chain: str) -> str:
     if "dstportend" in attrs and int(attrs["dstportend"]) < int(attrs.get("dstportstart", 0)):
         del attrs["dstportend"]
     if "srcipfrom" in attrs and "srcipaddr" in attrs:
-        del attrs["srcipfrom"], attrs["srcipto"]
+        attrs.pop("srcipfrom"), attrs.pop("srcipto", None)
     extra = ""
     layer3 = element not in ("mac", "vlan", "stp", "arp", "rarp", "ip", "ipv6")
     if layer3 and draw(st.integers(0, 9)) == 0:
         extra = " statematch='false'"
     if layer3 and draw(st.integers(0, 7)) == 0:
         attrs["state"] = draw(st.sampled_from(("NEW", "ESTABLISHED", "NEW,ESTABLISHED", "INVALID", "NONE")))
-    negated = draw(st.booleans()) and any(k not in ("state",) for k in attrs)
+    # ebtables refuses ports beside a negated protocol (libvirt too): no match='no' there
+    ports = any("port" in k for k in attrs)
+    negated = draw(st.booleans()) and any(k != "state" for k in attrs) and not (element in ("ip", "ipv6") and ports)
     action = draw(st.sampled_from(("accept", "accept", "drop", "drop", "return", "continue", "reject")))
     direction = draw(st.sampled_from(("out", "in", "inout")))
     priority = draw(st.integers(-1000, 1000))

@@ -80,7 +80,7 @@ class Chain:
     problem: str | None = None  # why this chain cannot be evaluated (SimulationError when reached)
 
 
-@dataclass
+@dataclass(slots=True)
 class Stage:
     """How one stage treated the packet."""
 
@@ -96,7 +96,7 @@ class Stage:
         return STAGES[self.key]
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     packet: Packet
     passed: bool
@@ -168,7 +168,7 @@ class Simulator:
         ct: CtVerdict | None = None
         host_sent = p.direction == "in" and p.host
         if not host_sent and (p.src_mac >> 40 & 1 or p.src_mac == 0):
-            return Result(p, False, [Stage("bridge", False, BAD_SOURCE)], None, keys)
+            return Result(p, False, [Stage("bridge", False, BAD_SOURCE)], None, list(keys))
         if p.direction == "in" and p.family is not None:
             ct = self._track(p)
             if host_sent:  # the host's own stack tracked and confirmed it before the bridge
@@ -179,7 +179,7 @@ class Simulator:
             stage = self._stage(key, p)
             stages.append(stage)
             if not stage.passed:
-                return Result(p, False, stages, ct, keys[position + 1:])
+                return Result(p, False, stages, ct, list(keys[position + 1:]))
         if ct is not None and not host_sent:
             self.tracker.confirm(ct)
         return Result(p, True, stages, ct)
@@ -197,12 +197,15 @@ class Simulator:
         return _run_l3(key, self.l3[(key[3:], p.family)], p)
 
 
-def _stage_keys(p: Packet) -> list[str]:
-    if p.direction == "out":
-        if not p.reaches_l3:
-            return ["l2-out"]
-        return ["l2-out", "l3-hi" if p.host else "l3-fi"]
-    return ["l3-fo", "l2-in"] if p.reaches_l3 else ["l2-in"]
+_STAGE_KEYS = {  # (direction, host, reaches L3) -> stages
+    ("out", False, False): ("l2-out",), ("out", True, False): ("l2-out",),
+    ("out", False, True): ("l2-out", "l3-fi"), ("out", True, True): ("l2-out", "l3-hi"),
+    ("in", False, False): ("l2-in",), ("in", True, False): ("l2-in",), ("in", False, True): ("l3-fo", "l2-in"),
+}
+
+
+def _stage_keys(p: Packet) -> tuple[str, ...]:
+    return _STAGE_KEYS[(p.direction, p.host, p.family is not None and not (p.direction == "in" and p.host))]
 
 
 def _check(chain: Chain) -> None:

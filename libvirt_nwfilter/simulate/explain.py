@@ -141,7 +141,7 @@ def rule_info(rule: CompiledRule) -> dict:
     ir_rule = rule.rule
     if isinstance(ir_rule, Jump):
         return {"jump": ir_rule.chain}
-    info = {"kernel-chain": rule.chain, "position": rule.index + 1, "verdict": _ACTIONS[ir_rule.verdict]}
+    info = {"port-chain": rule.chain, "position": rule.index + 1, "verdict": _ACTIONS[ir_rule.verdict]}
     source = ir_rule.source
     if source is not None:
         info.update({"filter": source.filter, "rule": source.rule_number, "chain": source.chain,
@@ -155,7 +155,7 @@ def rule_name(rule: CompiledRule) -> str:
     if "jump" in info:
         return f"the jump to sub-chain '{info['jump']}'"
     if "filter" not in info:
-        return f"rule {info['position']} of chain {info['kernel-chain']}"
+        return f"rule {info['position']} of chain {info['port-chain']}"
     return f"filter '{info['filter']}' rule {info['rule']} (priority {info['priority']}, {info['action']})"
 
 

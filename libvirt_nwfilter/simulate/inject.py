@@ -3,10 +3,11 @@
 A standalone script (standard library only, so it runs with any python3 whatever the import
 path): ``python3 inject.py`` reads one JSON command per line on stdin and answers one JSON line:
 
-* ``{"cpu": N, "capture": [IFACE, ...]}`` pins this process to CPU N (the frames of one run are
+* ``{"cpu": N, "capture": [IFACE, ...], "mark": N}`` pins this process to CPU N (the frames of one run are
   then processed in the order they are sent, which the kernel trace relies on) and starts
   capturing on the interfaces -> ``{"ready": true}``
-* ``{"send": [[IFACE, HEX], ...]}`` sends the frames in order -> ``{"sent": COUNT}``
+* ``{"send": [[IFACE, HEX], ...]}`` sends the frames in order -> ``{"sent": COUNT}``; frames
+  sent on the bridge (from the host) carry the mark ``{"mark": N}`` of the first command
 * ``{"collect": true}`` -> ``{"frames": {IFACE: [HEX, ...]}}`` (every frame captured, in order)
   and exits.
 """
@@ -49,10 +50,12 @@ def main() -> int:
     captures: dict = {}
     senders: dict = {}
     frames: dict = {}
+    mark = 0
     for line in sys.stdin:
         command = json.loads(line)
         if "cpu" in command:
             os.sched_setaffinity(0, {command["cpu"]})
+            mark = command.get("mark", 0)
             for iface in command["capture"]:
                 captures[iface] = _open(iface)
                 frames[iface] = []
@@ -61,6 +64,7 @@ def main() -> int:
             for iface, data in command["send"]:
                 if iface not in senders:
                     senders[iface] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                    senders[iface].setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
                     senders[iface].bind((iface, 0))
                 senders[iface].send(bytes.fromhex(data))
             _drain(captures, frames)

@@ -189,7 +189,7 @@ class _Run:
     def start(self) -> None:
         self.monitor = executor.start(Step(("stdbuf", "-oL", "nft", "-a", "monitor", "trace")), self.ns)
         self.injector = executor.start(Step((sys.executable, str(INJECT))), self.ns)
-        self._ask({"cpu": 0, "capture": [lab.GUEST, lab.REMOTE]})
+        self._ask({"cpu": 0, "capture": [lab.GUEST, lab.REMOTE], "mark": lab.HOST_MARK})
         self._wait_ready()
 
     def _ask(self, command: dict) -> dict:

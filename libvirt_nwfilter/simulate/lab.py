@@ -13,11 +13,15 @@ flooded, IPv6 is off on every interface but ``br0`` (no stray neighbour discover
 bridge-netfilter calls are on (L3 rules see bridged packets) and the connection tracker does not
 check TCP windows (our packets carry no real sequence numbers).
 
-Our table ``libvirt_nwfilter_sim`` (bridge and inet) switches tracing on for every frame that
-enters from a port or leaves the host (``meta nftrace set 1``), drops separator frames after
-tracing them, and ends each path with a chain of the highest priority whose trace entry proves
-that the packet got through: ``seen-fwd`` (bridge postrouting, towards a port), ``seen-l2in``
-(bridge input, frames for the host) and ``seen-host`` (inet input, packets for the host's stack).
+Our table ``libvirt_nwfilter_sim`` (bridge, inet, netdev) switches tracing on for every frame
+that enters from a port or that the injector sends from the host (marked ``HOST_MARK``; the
+host's own traffic is not traced), drops separator frames after tracing them, and ends each path
+with a chain of the highest priority whose trace entry proves that the packet got through:
+``seen-fwd`` (bridge postrouting, towards a port), ``seen-l2in`` (bridge input, frames for the
+host) and ``seen-host`` (inet input, packets for the host's stack). The host takes nothing
+further: ``seen-host`` and ``seen-l2in`` drop what they saw, and the guest's and the remote
+peer's ends of the veths drop every frame at ingress (after the injector's capture saw it), so
+the host's own stack never answers a test frame, which would open or answer connections.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ MARKER, MARKER_PORT = "sim-marker", "sim-mport"
 TABLE = "libvirt_nwfilter_sim"
 LAST = 2147483647  # the highest hook priority: after every other chain
 MARKER_MAC_PREFIX = 0x020000000000
+HOST_MARK = 0x4E  # the mark of frames the injector sends from the host (bits 0-7: not ours)
 SYSCTLS_BEFORE_LINKS = ("net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.conf.default.rp_filter=0",
                         "net.ipv4.conf.all.rp_filter=0")
 SYSCTLS = ("net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1",
@@ -77,7 +82,7 @@ def tracer_ruleset(port: str) -> str:
   }}
   chain trace-out {{
     type filter hook output priority -1000; policy accept;
-    meta nftrace set 1
+    meta mark {HOST_MARK:#x} meta nftrace set 1
   }}
   chain seen-fwd {{
     type filter hook postrouting priority {LAST}; policy accept;
@@ -85,13 +90,21 @@ def tracer_ruleset(port: str) -> str:
   }}
   chain seen-l2in {{
     type filter hook input priority {LAST}; policy accept;
-    counter
+    ether type {{ ip, ip6 }} accept
+    drop
   }}
 }}
 table inet {TABLE} {{
   chain seen-host {{
-    type filter hook input priority {LAST}; policy accept;
-    counter
+    type filter hook input priority {LAST}; policy drop;
+  }}
+}}
+table netdev {TABLE} {{
+  chain keep-guest {{
+    type filter hook ingress device "{GUEST}" priority 0; policy drop;
+  }}
+  chain keep-remote {{
+    type filter hook ingress device "{REMOTE}" priority 0; policy drop;
   }}
 }}
 """

@@ -430,9 +430,9 @@ class _Builder:
             packet.tcp_options = tuple(kinds)
 
     def _conntrack(self, packet: Packet) -> None:
-        state, ctdir = self.raw("state"), self.raw("ctdir")
         if packet.family is None:
-            return
+            return  # state= and ctdir= stay unused: refused by build()
+        state, ctdir = self.raw("state"), self.raw("ctdir")
         if state is not None:
             if state.upper() not in STATES:
                 raise self.fail("state", f"expected one of {', '.join(STATES)}")

@@ -44,6 +44,9 @@ def _mac_value(value: MacMatch | str) -> tuple[int, int]:
     return int(value.mac.replace(":", ""), 16) & mask, mask
 
 
+_FULL_MAC = (1 << 48) - 1
+
+
 def _negatable(test: Predicate, negated: bool) -> Predicate:
     return (lambda p: not test(p)) if negated else test
 
@@ -57,7 +60,11 @@ def _guarded(present: Predicate, test: Predicate, negated: bool) -> Predicate:
 
 def _mac_cond(attr: str, value, negated: bool) -> Predicate:
     wanted, mask = _mac_value(value)
-    return _negatable(lambda p: (getattr(p, attr) & mask) == wanted, negated)
+    if attr == "src_mac":
+        test = (lambda p: p.src_mac == wanted) if mask == _FULL_MAC else (lambda p: p.src_mac & mask == wanted)
+    else:
+        test = (lambda p: p.dst_mac == wanted) if mask == _FULL_MAC else (lambda p: p.dst_mac & mask == wanted)
+    return _negatable(test, negated)
 
 
 def _net(value: IpNet) -> tuple[int, int, int]:
@@ -66,8 +73,15 @@ def _net(value: IpNet) -> tuple[int, int, int]:
 
 
 def _ip_cond(attr: str, value: IpNet, negated: bool) -> Predicate:
+    """The hottest condition: one lambda per (field, negation), no nested calls."""
     family, wanted, mask = _net(value)
-    return _guarded(lambda p: p.family == family, lambda p: (getattr(p, attr) & mask) == wanted, negated)
+    if attr == "ip_src":
+        if negated:
+            return lambda p: p.family == family and p.ip_src & mask != wanted
+        return lambda p: p.family == family and p.ip_src & mask == wanted
+    if negated:
+        return lambda p: p.family == family and p.ip_dst & mask != wanted
+    return lambda p: p.family == family and p.ip_dst & mask == wanted
 
 
 def _range_cond(attr: str, value: IpRange, negated: bool) -> Predicate:
@@ -164,7 +178,7 @@ def compile_cond(cond: Cond, family: int | None = None,
     counts the connections of a packet's source for this rule (stateful: called once per test)."""
     f, v, neg = cond.field, cond.value, cond.negated
     if f is Field.ETHER_TYPE:
-        return _negatable(lambda p: p.ethertype == v, neg)
+        return (lambda p: p.ethertype != v) if neg else (lambda p: p.ethertype == v)
     if f is Field.IP_PROTO:
         return _guarded(lambda p: p.family is not None, lambda p: p.ip_proto == v, neg)
     if f is Field.DSCP:

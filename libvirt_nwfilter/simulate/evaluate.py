@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from ..ir import Jump, L3Rule, PortRuleset, Side, Verdict
+from ..ir import Field, Jump, L3Rule, PortRuleset, Side, Verdict
 from .conds import Predicate, Unsupported, compile_cond
 from .conntrack import Tracker
 from .conntrack import Verdict as CtVerdict
@@ -60,24 +60,41 @@ class SimulationError(Exception):
 
 
 class CompiledRule:
-    __slots__ = ("rule", "preds", "verdict", "chain", "index", "sub")
+    __slots__ = ("rule", "preds", "verdict", "chain", "index", "sub", "key")
 
     def __init__(self, rule, preds: tuple[Predicate, ...], chain: str, index: int, sub: "Chain | None" = None):
         self.rule, self.preds, self.chain, self.index, self.sub = rule, preds, chain, index, sub
         self.verdict = None if isinstance(rule, Jump) else rule.verdict
+        self.key = _index_key(rule)
 
     def matches(self, p: Packet) -> bool:
-        for pred in self.preds:
-            if not pred(p):
-                return False
-        return True
+        return _matches(self, p)
+
+
+def _index_key(rule) -> int | None:
+    """The one value of the packet's index field (ethertype at L2, protocol at L3) this rule can
+    match, or None when it may match any."""
+    if isinstance(rule, L3Rule):
+        return None if rule.protocol == "all" else _PROTOCOL_NUMBERS[rule.protocol]
+    return next((c.value for c in rule.conds if c.field is Field.ETHER_TYPE and not c.negated), None)
 
 
 @dataclass
 class Chain:
+    """A chain's rules in order, and per value of the index field (ethertype or protocol) the
+    rules that can match it: most rules test the ethertype first, so a packet only looks at
+    its own ones (a cache filled as packets come)."""
+
     name: str  # "root", a sub-chain name, or "FI"/"FO"/"HI"
     rules: list[CompiledRule]
     problem: str | None = None  # why this chain cannot be evaluated (SimulationError when reached)
+    indexed: dict[int | None, list[CompiledRule]] = field(default_factory=dict)
+
+    def candidates(self, value: int | None) -> list[CompiledRule]:
+        found = self.indexed.get(value)
+        if found is None:
+            found = self.indexed[value] = [r for r in self.rules if r.key is None or r.key == value]
+        return found
 
 
 @dataclass(slots=True)
@@ -120,6 +137,9 @@ class Simulator:
         self.l3 = {(copy, family): self._l3_chain(copy.upper(), [r for r in rules if r.family == family])
                    for copy, rules in (("fi", ruleset.fi), ("fo", ruleset.fo), ("hi", ruleset.hi))
                    for family in (4, 6)}
+        # stage key (and family) -> (runner, chain): one dictionary lookup per stage
+        self._stages = {"l2-out": (_run_l2, self.l2[Side.FROM_VM]), "l2-in": (_run_l2, self.l2[Side.TO_VM])}
+        self._stages.update({(f"l3-{copy}", family): (_run_l3, chain) for (copy, family), chain in self.l3.items()})
 
     def reset(self) -> None:
         """Forget every connection (a new conversation)."""
@@ -190,11 +210,8 @@ class Simulator:
         return ct
 
     def _stage(self, key: str, p: Packet) -> Stage:
-        if key == "l2-out":
-            return _run_l2(key, self.l2[Side.FROM_VM], p)
-        if key == "l2-in":
-            return _run_l2(key, self.l2[Side.TO_VM], p)
-        return _run_l3(key, self.l3[(key[3:], p.family)], p)
+        runner, chain = self._stages[key if key[1] == "2" else (key, p.family)]
+        return runner(key, chain, p)
 
 
 _STAGE_KEYS = {  # (direction, host, reaches L3) -> stages
@@ -213,13 +230,20 @@ def _check(chain: Chain) -> None:
         raise SimulationError(chain.problem)
 
 
+def _matches(rule: CompiledRule, p: Packet) -> bool:
+    for pred in rule.preds:
+        if not pred(p):
+            return False
+    return True
+
+
 def _run_l2(key: str, root: Chain, p: Packet) -> Stage:
     if not root.rules:
         return Stage(key, True, NO_RULES, chain=root)
     _check(root)
     visited: list[tuple[Chain, int]] = []
-    for rule in root.rules:
-        if not rule.matches(p):
+    for rule in root.candidates(p.ethertype):
+        if not _matches(rule, p):
             continue
         sub = rule.sub
         if sub is not None:
@@ -242,8 +266,8 @@ def _run_l2(key: str, root: Chain, p: Packet) -> Stage:
 def _run_sub(key: str, root: Chain, jump: CompiledRule, sub: Chain, p: Packet,
              visited: list[tuple[Chain, int]]) -> Stage | None:
     """The sub-chain's decision, or None when it returned to the root chain."""
-    for rule in sub.rules:
-        if not rule.matches(p):
+    for rule in sub.candidates(p.ethertype):
+        if not _matches(rule, p):
             continue
         verdict = rule.verdict
         if verdict is Verdict.CONTINUE:
@@ -262,8 +286,8 @@ def _run_l3(key: str, chain: Chain, p: Packet) -> Stage:
     if not chain.rules:
         return Stage(key, True, NO_RULES, chain=chain)
     _check(chain)
-    for rule in chain.rules:
-        if rule.matches(p) and rule.verdict is not Verdict.CONTINUE:
+    for rule in chain.candidates(p.ip_proto):
+        if rule.verdict is not Verdict.CONTINUE and _matches(rule, p):
             passed = rule.verdict in (Verdict.ACCEPT, Verdict.RETURN)
             return Stage(key, passed, RULE, rule, [(chain, rule.index)], chain)
     return Stage(key, True, END, None, [(chain, len(chain.rules) - 1)], chain)

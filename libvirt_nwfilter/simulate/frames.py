@@ -148,8 +148,9 @@ def bpdu(packet: Packet) -> bytes:
     return llc + head + body
 
 
-def build(packet: Packet, tag: int = 0) -> bytes:
-    """The frame as it leaves the sender (padded to the Ethernet minimum of 60 bytes)."""
+def build(packet: Packet, tag: int = 0, pad: bool = True) -> bytes:
+    """The frame as it leaves the sender, padded to the Ethernet minimum of 60 bytes unless
+    ``pad`` is false (bridge netfilter trims IP packets to their own length in any case)."""
     marker = b"nwfs" + tag.to_bytes(4, "big")
     header = _mac(packet.dst_mac) + _mac(packet.src_mac)
     if packet.family is not None:
@@ -164,4 +165,4 @@ def build(packet: Packet, tag: int = 0) -> bytes:
     else:
         body = struct.pack("!H", packet.ethertype) + marker
     frame = header + body
-    return frame + bytes(max(0, 14 + ETH_MIN_PAYLOAD - len(frame)))
+    return frame + bytes(max(0, 14 + ETH_MIN_PAYLOAD - len(frame))) if pad else frame

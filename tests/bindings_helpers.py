@@ -41,6 +41,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirtd
 import netlab
+from libvirt_nwfilter.simulate.frames import checksum
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("nftables", "ebiptables")
@@ -201,13 +202,7 @@ def ether(dst: str, src: str, ethertype: int, payload: bytes = b"") -> bytes:
     return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", ethertype) + payload
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+_csum = checksum  # the Internet checksum (RFC 1071)
 
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int | None = None, ttl: int = 64,

@@ -100,6 +100,7 @@ class KernelResult:
     passed: bool
     stages: list[KernelStage] = field(default_factory=list)
     note: str = ""
+    unreached: list[str] = field(default_factory=list)  # stages after the one that dropped it
 
     @property
     def verdict(self) -> str:
@@ -110,6 +111,7 @@ class KernelResult:
         lines = [f"  kernel ({self.backend}): {self.verdict} ({agree} the offline engine)"]
         for stage in self.stages:
             lines.append(f"    {STAGES[stage.key]}: {'pass' if stage.passed else 'DROP'} - {stage.describe()}")
+        lines += [f"    {STAGES[key]}: not reached" for key in self.unreached]
         if self.note:
             lines.append(f"    note: {self.note}")
         return "\n".join(lines) + "\n"
@@ -126,6 +128,7 @@ class KernelResult:
             elif stage.note:
                 item["note"] = stage.note
             out["stages"].append(item)
+        out["stages"] += [{"stage": key, "verdict": "not-reached"} for key in self.unreached]
         if self.note:
             out["note"] = self.note
         return out
@@ -350,7 +353,11 @@ def kernel_results(backend: Backend, port: str, ruleset: PortRuleset, packets: S
 def _result(backend: str, number: int, p: Packet, events: list[Event], arrived: dict, mapper: _Mapper,
             role_of) -> KernelResult:
     keys = _stage_keys(p)
-    stages = [mapper.stage(stage_decision(key, events, role_of)) for key in keys]
+    stages: list[KernelStage] = []
+    for key in keys:
+        stages.append(mapper.stage(stage_decision(key, events, role_of)))
+        if not stages[-1].passed:
+            break
     destination = _where(p)[1]
     if destination is not None:
         passed = number in arrived.get(destination, set())
@@ -363,4 +370,4 @@ def _result(backend: str, number: int, p: Packet, events: list[Event], arrived: 
     elif not passed and all(s.passed for s in stages):
         note = ("the host's stack did not take it (not addressed to the host, or a martian source)"
                 if destination is None else "it was dropped after the port's rules")
-    return KernelResult(backend, passed, stages, note)
+    return KernelResult(backend, passed, stages, note, list(keys[len(stages):]))

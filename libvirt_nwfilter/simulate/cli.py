@@ -28,20 +28,19 @@ TARGET is the port of a binding ('vnet3', as binding-list shows), a <filterbindi
 (as binding-create takes; '-' reads standard input), or, with --domain and --mac, a guest's
 interface as its libvirt-nwfilter metadata describes it (the guest need not run).
 
-Each PACKET is written like a rule's match, with nwfilter's attribute names:
-
-  DIRECTION PROTOCOL [name=value ...] [--to-host | --from-host]
-
-  DIRECTION  out (sent by the guest) or in (delivered to the guest)
-  PROTOCOL   mac, vlan, stp, arp, rarp, ip, ipv6, tcp, udp, udplite, esp, ah, sctp, icmp, igmp,
-             tcp-ipv6, udp-ipv6, udplite-ipv6, esp-ipv6, ah-ipv6, sctp-ipv6, icmpv6
-  fields     srcmacaddr dstmacaddr protocolid vlanid encap-protocol hwtype protocoltype opcode
-             arpsrcmacaddr arpdstmacaddr arpsrcipaddr arpdstipaddr gratuitous=true srcipaddr
-             dstipaddr protocol dscp srcportstart dstportstart type code flags=SYN,ACK option=2,3
-             and the stp element's fields; state=NEW|ESTABLISHED|RELATED|INVALID|UNTRACKED and
-             ctdir=original|reply (default reply for ESTABLISHED and RELATED)
-  --to-host    an out packet for the host itself (HI rules instead of FI)
-  --from-host  an in packet sent by the host (no L3 rule applies, as with libvirt)
+Each PACKET is "DIRECTION PROTOCOL [name=value ...] [--to-host | --from-host]", written
+like a rule's match. DIRECTION is out (sent by the guest) or in (delivered to the guest).
+PROTOCOL is a protocol element's name: mac, vlan, stp, arp, rarp, ip, ipv6, tcp, udp, udplite,
+esp, ah, sctp, icmp, igmp, tcp-ipv6, udp-ipv6, udplite-ipv6, esp-ipv6, ah-ipv6, sctp-ipv6,
+icmpv6. The fields use nwfilter's attribute names for the header fields the packet has:
+srcmacaddr, dstmacaddr, protocolid, vlanid, encap-protocol, hwtype, protocoltype, opcode,
+arpsrcmacaddr, arpdstmacaddr, arpsrcipaddr, arpdstipaddr, gratuitous=true, srcipaddr,
+dstipaddr, protocol, dscp, srcportstart, dstportstart, type, code, flags=SYN,ACK (the flags
+set), option=2,3 (the TCP options present) and the stp element's fields; state=NEW,
+ESTABLISHED, RELATED, INVALID or UNTRACKED and ctdir=original or reply (default reply for
+ESTABLISHED and RELATED) say what the connection tracker thinks of it. --to-host makes an out
+packet one for the host itself (HI rules instead of FI); --from-host makes an in packet one the
+host sends (no L3 rule applies, as with libvirt).
 
 Fields left out get defaults: the guest's MAC and first IP/IPV6 parameter (else 192.0.2.2 and
 2001:db8::2), a remote peer 52:54:00:ff:ff:01 192.0.2.1 2001:db8::1, the host

@@ -7,8 +7,9 @@ Offline: packets per CPU-second (the machine may be shared) through the engine f
 of generated filters (pre-parsed packets, one conversation, connection tracking on), and the
 cost of parsing packet words and of writing explanations. Differential: the comparison of
 tests/kernel/test_simulate_differential.py with more packets and more generated filters
-(``--packets``, ``--filters``, ``--seed``), on both backends; prints how many packets and
-filters were compared, the time, and every disagreement.
+(``--packets``, ``--filters``, ``--seed``: the same seed gives the same filters and packets),
+on both backends; prints how many packets and filters were compared, the time, and every
+disagreement with its filters and packet seed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import hypothesis  # noqa: E402
+import hypothesis.strategies  # noqa: E402
 
 from libvirt_nwfilter.errors import FirewallError, NwfilterError  # noqa: E402
 from libvirt_nwfilter.simulate.evaluate import Simulator  # noqa: E402
@@ -78,7 +82,7 @@ def offline(count: int, seed: int) -> None:
 
 def differential(packets: int, filters: int, seed: int) -> int:
     started = time.monotonic()
-    compared = refused = kernel_packets = 0
+    compared = kernel_packets = 0
     problems: list[str] = []
     for index, name in enumerate(BUILTINS):
         ruleset = ruleset_of(name, BUILTIN_PARAMS.get(name, {}))
@@ -87,21 +91,29 @@ def differential(packets: int, filters: int, seed: int) -> int:
         problems += [f"{name}: {p}" for p in found]
         compared += 1
         kernel_packets += 2 * len(words)
-    rng = random.Random(seed)
-    while compared < len(BUILTINS) + filters:
-        trees = filter_trees().example()
+    counts = {"generated": 0, "refused": 0}
+
+    @hypothesis.seed(seed)
+    @hypothesis.settings(max_examples=filters, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(trees=filter_trees(), packet_seed=hypothesis.strategies.integers(0, 2 ** 32 - 1))
+    def generated(trees, packet_seed):
         try:
             ruleset = ruleset_of("gen-root", {}, trees)
-            words = PacketGenerator(ruleset, random.Random(rng.getrandbits(32))).words(packets)
+            words = PacketGenerator(ruleset, random.Random(packet_seed)).words(packets)
             _, found = compare(ruleset, words)
         except FirewallError:
-            refused += 1
-            continue
+            counts["refused"] += 1
+            return
         except NwfilterError:
-            continue
-        problems += [f"generated {compared}: {p}\n{trees}" for p in found]
-        compared += 1
-        kernel_packets += 2 * len(words)
+            return
+        problems.extend(f"generated (packet seed {packet_seed}): {p}\n{trees}" for p in found)
+        counts["generated"] += 1
+
+    generated()
+    compared += counts["generated"]
+    refused = counts["refused"]
+    kernel_packets += 2 * packets * counts["generated"]
     print(f"differential: {compared} filters ({len(BUILTINS)} reference, {compared - len(BUILTINS)} generated; "
           f"{refused} generated filters refused by a backend's tools), {kernel_packets // 2} packets offline, "
           f"{kernel_packets} through the kernel (both backends), {time.monotonic() - started:.0f} s, "

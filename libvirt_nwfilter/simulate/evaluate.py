@@ -141,10 +141,6 @@ class Simulator:
         self._stages = {"l2-out": (_run_l2, self.l2[Side.FROM_VM]), "l2-in": (_run_l2, self.l2[Side.TO_VM])}
         self._stages.update({(f"l3-{copy}", family): (_run_l3, chain) for (copy, family), chain in self.l3.items()})
 
-    def reset(self) -> None:
-        """Forget every connection (a new conversation)."""
-        self.tracker = Tracker()
-
     # -- compiling ---------------------------------------------------------------------------
     def _preds(self, conds, family: int | None, key: tuple) -> tuple[Predicate, ...]:
         def count(p: Packet, _limit: int) -> int:

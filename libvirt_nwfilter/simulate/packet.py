@@ -140,15 +140,6 @@ class Packet:
     ct_dir: str | None = field(default=None, compare=False)
     ct_key: object = field(default=None, compare=False)
 
-    @property
-    def is_ip(self) -> bool:
-        return self.family is not None
-
-    @property
-    def reaches_l3(self) -> bool:
-        """IP packets meet the L3 rules unless VLAN-tagged or sent by the host (semantics §1.2)."""
-        return self.family is not None and not (self.direction == "in" and self.host)
-
 
 # ------------------------------------------------------------------------------------------
 # Words -> packets
@@ -269,7 +260,7 @@ class _Builder:
         if self.word in ("mac", "vlan"):
             self._raw_ethernet(packet)
         elif self.word in ("arp", "rarp"):
-            self._arp(packet, own if out else peer, peer if out else own)
+            self._arp(packet)
         elif self.word == "stp":
             self._stp(packet)
         else:
@@ -334,7 +325,8 @@ class _Builder:
             raise self.fail("protocolid", f"describe this frame with the '{word}' protocol word")
         packet.ethertype = 0x88B5 if ethertype is None else ethertype
 
-    def _arp(self, packet: Packet, sender: int, target: int) -> None:
+    def _arp(self, packet: Packet) -> None:
+        """The ARP header; the hardware addresses follow the frame's (see build())."""
         out = self.direction == "out"
         packet.ethertype = ETHERTYPE[self.word]
         opcode = self.number("opcode", "arp")
@@ -355,7 +347,7 @@ class _Builder:
             packet.arp_tpa = packet.arp_spa
         else:
             packet.arp_tpa = int(ipaddress.IPv4Address(self.literal("arpdstipaddr", "arp") or tpa_default))
-        packet.arp_sha = self.mac("arpsrcmacaddr", sender)
+        packet.arp_sha = self.mac("arpsrcmacaddr", 0)
         packet.arp_tha = self.mac("arpdstmacaddr", 0)
 
     def _stp(self, packet: Packet) -> None:

@@ -10,7 +10,7 @@ are kept below as regression cases, each with its passing twin.
 Seeds: reference filter N uses ``random.Random(N + NWFT_SIM_SEED)``; generated filters come
 from hypothesis (derandomized unless ``NWFT_SIM_RANDOM=1``; a failure prints its filters and
 seed, and ``@hypothesis.seed`` or the printed example replays it). Sizes: NWFT_SIM_PACKETS
-(packets per filter, default 120), NWFT_SIM_EXAMPLES (generated filters, default 12).
+(packets per filter, default 100), NWFT_SIM_EXAMPLES (generated filters, default 10).
 ``bench/simulate.py --differential`` runs the same comparison at a larger scale.
 """
 
@@ -28,8 +28,8 @@ from libvirt_nwfilter.errors import FirewallError, NwfilterError
 from simdiff import BUILTIN_PARAMS, BUILTINS, compare, ruleset_of
 from simgen import PacketGenerator, filter_trees
 
-PACKETS = int(os.environ.get("NWFT_SIM_PACKETS", "120"))
-EXAMPLES = int(os.environ.get("NWFT_SIM_EXAMPLES", "12"))
+PACKETS = int(os.environ.get("NWFT_SIM_PACKETS", "100"))
+EXAMPLES = int(os.environ.get("NWFT_SIM_EXAMPLES", "10"))
 SEED = int(os.environ.get("NWFT_SIM_SEED", "0"))
 RANDOM = os.environ.get("NWFT_SIM_RANDOM") == "1"
 COMPARED = {"filters": 0, "refused": 0}

@@ -29,6 +29,11 @@ from .packet import Packet
 Predicate = Callable[[Packet], bool]
 
 
+def never(p: Packet) -> bool:
+    """A condition no packet meets (a backend may leave its rule out of the kernel)."""
+    return False
+
+
 class Unsupported(Exception):
     """A condition whose outcome simulate cannot know (a kernel ipset's members)."""
 
@@ -115,7 +120,7 @@ def _icmp_cond(value: IcmpType, negated: bool, family: int) -> Predicate:
     kind = value.type
     codes = (0, 255) if value.code is None else (value.code, value.code)
     if family == 4 and kind == 255:
-        return (lambda p: False) if negated else (lambda p: p.icmp_type is not None)
+        return never if negated else (lambda p: p.icmp_type is not None)
     return _guarded(lambda p: p.icmp_type is not None,
                     lambda p: p.icmp_type == kind and codes[0] <= p.icmp_code <= codes[1], negated)
 

@@ -30,6 +30,7 @@ from ..errors import FirewallError
 from ..ir import PortRuleset
 from . import frames, lab
 from .evaluate import STAGES, Chain, CompiledRule, Result, Simulator, _stage_keys
+from .conds import never
 from .explain import rule_info, rule_name
 from .packet import Addresses, Packet
 from .trace import Event, Role, StageTrace, split_windows, stage_decision
@@ -302,6 +303,8 @@ class _Mapper:
             return stage
         position = handles.index(event.handle)
         ir = self._ir_chain(self.role_of(event), event.family)
+        if len(kernel) - len(ir) < 0:  # the nftables backend leaves out rules that never match
+            ir = [rule for rule in ir if never not in rule.preds]
         extra = len(kernel) - len(ir)
         if extra == 1 and _sets_mark(kernel[0]):
             if position == 0:

@@ -115,3 +115,11 @@ def test_the_bridge_drops_a_multicast_source_mac_before_any_rule(kernel_env):
     xml = "<filter name='t' chain='root'><rule action='accept' direction='out' priority='1'/></filter>"
     assert _both(xml, ["out mac srcmacaddr=01:00:5e:00:00:fb", "out mac srcmacaddr=52:54:00:00:00:09"]) \
         == ["drop", "pass"]
+
+
+def test_a_rule_the_nftables_backend_leaves_out_does_not_shift_the_rules_named(kernel_env):
+    """``icmp match='no' type='255'`` never matches (iptables: type 255 is any type), so the
+    nftables backend leaves it out of the kernel: the rules after it are still named right."""
+    xml = ("<filter name='t' chain='root'><rule action='accept' direction='in' priority='1'><icmp match='no' type='255'/>"
+           "</rule><rule action='drop' direction='in' priority='2'><all srcipaddr='192.0.2.9'/></rule></filter>")
+    assert _both(xml, ["in udp srcipaddr=192.0.2.9", "in udp srcipaddr=192.0.2.8"]) == ["drop", "pass"]

@@ -78,3 +78,24 @@ def test_offline_verdicts_equal_libvirts(libvirt_lab, l3_filter_defined, index):
              for probe in theirs if theirs[probe] != ours[probe]]
     assert len(set(theirs.values())) == 2, f"{name}: libvirt gave one verdict for every packet: the case proves nothing"
     assert not wrong, f"{name} (seed {index}): {len(wrong)} of {len(probes)} differ:\n" + "\n".join(wrong)
+
+
+def test_domain_target_reads_a_defined_guests_metadata_through_libvirt(libvirtd, tmp_path, capsys):
+    """``simulate --domain GUEST --mac MAC``: the guest is defined, not running."""
+    from libvirt_nwfilter.cli import main
+
+    metadata = (f"<nwf:nwfilter xmlns:nwf='http://libvirt-nwfilter.org/xmlns/nwfilter/1.0'>"
+                f"<nwf:interface mac='{MAC_A}'><nwf:filterref filter='clean-traffic'>"
+                "<nwf:parameter name='IP' value='10.0.0.1'/></nwf:filterref></nwf:interface></nwf:nwfilter>")
+    guest = libvirtd.define_guest("nwft-sim-guest", MAC_A, metadata=metadata)
+    try:
+        argv = ["--confdir", str(tmp_path / "conf"), "--rundir", str(tmp_path / "run"), "simulate", "--json",
+                "--domain", guest.name, "--mac", MAC_A, "out udp srcipaddr=10.0.0.9", "out udp srcipaddr=10.0.0.1"]
+        assert main(argv) == 0
+    finally:
+        libvirtd.remove_guest(guest.name)
+    import json
+
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["verdict"] for r in reports] == ["drop", "pass"]
+    assert reports[0]["stages"][0]["rule"]["filter"] == "no-ip-spoofing"

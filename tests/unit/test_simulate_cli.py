@@ -53,8 +53,9 @@ def test_binding_file_target_with_packets_as_separate_or_quoted_words(cli, bindi
 
 def test_bound_port_target_reads_the_recorded_binding(cli, tmp_path):
     ref = FilterRef("clean-traffic", (("IP", ("10.0.0.5",)),))
-    State(tmp_path / "run").put(AppliedBinding(Binding("guest1", "c7a5fdbd-cdaf-9455-926a-d65c16db1809", "vnet3",
-                                                       MAC, ref), "nftables", {}, "0"))
+    applied = AppliedBinding(Binding("guest1", "c7a5fdbd-cdaf-9455-926a-d65c16db1809", "vnet3", MAC, ref),
+                             "nftables", {}, "0")
+    State(tmp_path / "run").update([applied], [])
     code, out, _ = cli("simulate", "vnet3", FORGED, TWIN)
     assert code == 0 and verdicts(out) == ["drop", "pass"]
     code, _, err = cli("simulate", "vnet9", FORGED)

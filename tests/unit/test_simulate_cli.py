@@ -55,7 +55,7 @@ def test_bound_port_target_reads_the_recorded_binding(cli, tmp_path):
     ref = FilterRef("clean-traffic", (("IP", ("10.0.0.5",)),))
     applied = AppliedBinding(Binding("guest1", "c7a5fdbd-cdaf-9455-926a-d65c16db1809", "vnet3", MAC, ref),
                              "nftables", {}, "0")
-    State(tmp_path / "run").update([applied], [])
+    State(tmp_path / "run").write([applied])
     code, out, _ = cli("simulate", "vnet3", FORGED, TWIN)
     assert code == 0 and verdicts(out) == ["drop", "pass"]
     code, _, err = cli("simulate", "vnet9", FORGED)

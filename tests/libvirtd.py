@@ -9,7 +9,8 @@ live in ``lab.host_ns``; virsh from anywhere reaches the daemon as ``qemu:///sys
 
 Only one libvirtd can run per host (it owns ``/run/libvirt``): a host-wide lock serializes
 test sessions, a distribution libvirtd found running is stopped (and restarted afterwards when
-it was a systemd unit), and a daemon left behind by a crashed test run is killed by its PID.
+it was a systemd unit), a daemon left behind by a crashed test run is killed by its PID and
+the `nwft-` filters such a run left defined are undefined.
 
 :meth:`Libvirtd.stop` (called by the fixtures, also on failure) removes test guests and every
 nwfilter binding, kills the daemon by PID, removes binding leftovers, the hook, restores
@@ -173,6 +174,7 @@ class Libvirtd:
             self.lab = netlab.Lab()
             self._spawn()
             self._remove_stale_guests()
+            self._remove_stale_filters()
         except BaseException:
             self.stop()
             raise
@@ -292,6 +294,14 @@ class Libvirtd:
         for name in names:
             if name.startswith(GUEST_PREFIX):
                 self._destroy_undefine(name)
+
+    def _remove_stale_filters(self) -> None:
+        # Filters a killed test run defined persist in /etc/libvirt/nwfilter: tests name theirs
+        # with the guest prefix and expect libvirt to hold none of them when they begin.
+        for line in virsh("nwfilter-list").stdout.splitlines()[2:]:
+            fields = line.split()
+            if len(fields) == 2 and fields[1].startswith(GUEST_PREFIX):
+                virsh("nwfilter-undefine", fields[1])
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of libvirtd's stdout/stderr."""

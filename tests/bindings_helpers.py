@@ -14,6 +14,7 @@ the machine's ``python3`` as well as with ``.venv/bin/python``.
   about one ``settle``.
 * :func:`kernel_snapshot` captures the firewall state of a namespace (nft ruleset, ebtables,
   iptables, ip6tables) with counters removed, for "nothing changed" assertions;
+  :func:`port_items` everything of one port, handles included ("nothing re-created");
   :func:`dispatch_entries` lists the ports our backend dispatches.
 * :func:`exchange` / :func:`run_concurrently`: thread-safe TCP/UDP checks, run side by side;
   :class:`HostEndpoint` makes the host namespace a connection source.
@@ -166,6 +167,30 @@ def kernel_snapshot(ns: str) -> dict[str, str]:
 
 def nft_json(ns: str) -> list[dict]:
     return json.loads(netlab.run_in(ns, ["nft", "-j", "list", "ruleset"]).stdout)["nftables"]
+
+
+_ITEM_KINDS = ("chain", "rule", "set", "map")
+
+
+def port_items(ns: str, port: str) -> list[str]:
+    """Everything of ``port`` in the namespace's ruleset (ebtables and iptables-nft live there
+    too), handles included and counters without numbers: chains and sets named after it, rules
+    that name it (its chains' rules, the jumps to them, its interface), map elements that name
+    it. Equal lists: nothing of the port was removed, changed or created anew."""
+    mention = re.compile(rf"(?<![\w.-]){re.escape(port)}(?![\w.-])")
+    found = []
+    for item in json.loads(netlab.run_in(ns, ["nft", "-a", "-j", "list", "ruleset"]).stdout)["nftables"]:
+        (kind, body), = item.items()
+        if kind not in _ITEM_KINDS or not isinstance(body, dict):
+            continue
+        if kind in ("chain", "set", "map") and mention.search(body["name"]):
+            found.append(json.dumps(item, sort_keys=True))
+        elif kind == "rule" and mention.search(json.dumps(body)):
+            found.append(re.sub(r'"counter": \{[^}]*\}', '"counter": {}', json.dumps(item, sort_keys=True)))
+        elif kind == "map":
+            found += [json.dumps([body["family"], body["table"], body["name"], pair], sort_keys=True)
+                      for pair in body.get("elem", ()) if mention.search(json.dumps(pair))]
+    return sorted(found)
 
 
 def dispatch_entries(ns: str, backend: str) -> set[str]:

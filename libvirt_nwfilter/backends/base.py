@@ -9,8 +9,9 @@ Drift detection and recovery (``verify``, ``reapply``, hook ``reconnect``), the 
 backend: ``survey_steps()`` lists everything of ours (run each with ``executor.run``; stdout, or
 "" for a failed step); ``kernel_digests(survey outputs, records)`` gives each port's digest of
 what a kernel has; ``kernel_ports(survey outputs)`` names every port of which the kernel holds
-anything of ours, and ``inventory`` lists those objects per port; ``rebuild_plan(changes,
-survey)`` removes everything of ours and builds exactly the given ports. Applying a change
+anything of ours, ``inventory`` lists those objects per port and ``unrecorded`` names those no
+record names (orphans); ``rebuild_plan(changes, survey)`` removes everything of ours and builds
+exactly the given ports (keeping, if asked, the objects of some ports untouched). Applying a change
 computes no digest (the per-binding path stays as cheap as the change itself): the expected
 digest of a port is that of a reference kernel (a throw-away network namespace) into which
 ``rebuild_plan`` put the recorded rulesets. Digests are therefore independent of generations,
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from collections import Counter
+from typing import Any, Hashable, Iterable, Mapping, Protocol, Sequence
 
 from ..ir import PortRuleset
 
@@ -106,7 +108,7 @@ class PortChange:
 
 class Backend(Protocol):
     name: str  # stored with every binding: a record is only ever given back to its backend
-    rebuild_reads_kernel: bool  # does rebuild_plan need the survey's outputs?
+    rebuild_reads_kernel: bool  # does rebuild_plan need the survey's outputs (even without keep)?
     needs_br_netfilter: bool  # do L3 rules see bridged packets only through br_netfilter?
 
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
@@ -118,12 +120,17 @@ class Backend(Protocol):
         ...
 
     def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str],
-                     ids_in_use: Iterable[int] | None = None,
+                     ids_in_use: Iterable[int] | None = None, keep: Iterable[str] = (),
                      ) -> tuple[Plan, dict[str, PortRecord | None]]:
         """A plan that removes everything of ours found in the kernel (``survey``: the outputs of
         :meth:`survey_steps`) and builds exactly the ports in ``changes`` — EVERY binding that
         should exist, ``old`` being its stored record, possibly stale (used for ids and
-        generations only). Never fails because recorded objects are missing (``reapply``)."""
+        generations only). Never fails because recorded objects are missing (``reapply``).
+
+        ``keep``: ports (not in ``changes``) whose objects the survey shows stay exactly as they
+        are — chains, sets, rules, dispatch entries and mark ids, which no new port is given —
+        while everything else of ours is rebuilt (a port whose record cannot be read). Given,
+        the survey is always needed."""
         ...
 
     def teardown_plan(self, survey: Sequence[str]) -> Plan:
@@ -158,6 +165,26 @@ class Backend(Protocol):
         else. What a rebuild that keeps some ports' objects untouched builds on: remove the
         other ports' inventories, build the wanted ports beside the kept ones."""
         ...
+
+    def unrecorded(self, held: PortRecord, record: PortRecord | None) -> list[str]:
+        """Pure: the objects of ``held`` (a port's :meth:`inventory` record) that ``record`` (the
+        port's stored record; None: it has none) does not name, one phrase each (``chain bridge
+        I-1/vp1``): the orphans ``verify`` names and a rebuild removes."""
+        ...
+
+
+def not_named(held: Iterable[tuple[Hashable, str]], named: Iterable[Hashable]) -> list[str]:
+    """The phrases of ``held`` ((identity, phrase) per kernel object) whose identity ``named``
+    lacks, counting repeats: an object the kernel holds twice and a record names once is one
+    phrase."""
+    left = Counter(named)
+    phrases = []
+    for identity, phrase in held:
+        if left[identity] > 0:
+            left[identity] -= 1
+        else:
+            phrases.append(phrase)
+    return phrases
 
 
 def canonical_digest(value: Any) -> str:

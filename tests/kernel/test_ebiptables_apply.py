@@ -14,13 +14,14 @@ import time
 import pytest
 
 import netlab
+from bindings_helpers import port_items
 from golden.ebiptables import cases
 from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.ebiptables import EbiptablesBackend
 from libvirt_nwfilter.backends.ebiptables.names import GLOBAL_CHAINS, GLOBAL_HOOKS, is_temp_chain
 from libvirt_nwfilter.backends.ebiptables.tools import TOOLS
-from libvirt_nwfilter.errors import FirewallError
+from libvirt_nwfilter.errors import FirewallError, PartialChange
 from libvirt_nwfilter.ir import Cond, Field, IpSet, Jump, L2Rule, L2Side, L3Rule, MacMatch, NumRange, PortRuleset
 from libvirt_nwfilter.ir import SubChain, Verdict
 
@@ -230,6 +231,30 @@ def test_failing_batch_rolls_back(lab, family):
         executor.execute(plan, ns)
     assert saves(ns) == before
     assert_matches_kernel(ns, records)
+
+
+def test_leftovers_of_a_lost_record_refuse_the_change_and_a_rebuild_keeping_a_port_removes_them(lab):
+    """A record lost (the kernel keeps the port's chains, rules and in-post ACCEPT): a change of
+    the port is refused in its apply step (``-N`` of a final name that exists) with nothing
+    changed, in ebtables and in iptables; a rebuild keeping another port then removes the
+    leftovers and leaves that port exactly as it was (``nft -a``: same handles)."""
+    ns = lab.host_ns
+    for ruleset in (cases.to_vm_only(), cases.l3_example()):  # ebtables, then iptables first
+        run_plan(ns, [("vp1", ruleset)])
+        before = saves(ns)
+        plan, _ = backend.plan([PortChange("vp1", None, ruleset)])
+        with pytest.raises(FirewallError) as refused:
+            executor.execute(plan, ns)
+        assert not isinstance(refused.value, PartialChange) and saves(ns) == before, refused.value
+        run_plan(ns, [("vp2", cases.mixed())])
+        vp2 = port_items(ns, "vp2")
+        survey = executor.survey(backend.survey_steps(), ns)
+        plan, records = backend.rebuild_plan([PortChange("vp1", None, cases.mixed())], survey, keep=["vp2"])
+        executor.execute(plan, ns)
+        assert port_items(ns, "vp2") == vp2
+        held = backend.inventory(executor.survey(backend.survey_steps(), ns))
+        assert backend.unrecorded(held["vp1"], records["vp1"]) == [] and "vp2" not in records
+        executor.execute(backend.teardown_plan(executor.survey(backend.survey_steps(), ns)), ns)
 
 
 def test_interrupted_change_is_recovered_from_the_kernel(lab):

@@ -18,6 +18,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 
 import netlab
+from bindings_helpers import port_items
 from golden.nftables import cases as nft_cases
 from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
@@ -167,6 +168,38 @@ def test_id_clash_is_refused_not_shared(host):
                               [r["id"] for r in records.values()])
     assert fine["vp2"]["id"] == 2
     run_plan(ns, plan)
+
+
+def test_leftovers_of_a_lost_record_never_stay_in_front_of_new_rules(host):
+    """A record lost (the kernel keeps the port's objects): a change with the same chain names
+    flushes them before filling them (no rule doubled, none of the old left); a change that
+    leaves a dispatch slot the leftovers hold (their L2 root, their L3 copies at the mark id)
+    is refused as a whole; a rebuild keeping another port removes the leftovers and leaves
+    that port exactly as it was, its mark id given to nobody else."""
+    ns = host.host_ns
+    backend = NftablesBackend(conntrack="inet")
+    plan, _ = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], [])
+    run_plan(ns, plan)
+    before = ruleset(ns)
+    plan, _ = backend.plan([PortChange("vp1", None, nft_cases.ssh_to_a())], [])
+    run_plan(ns, plan)
+    assert ruleset(ns) == before  # the same rules once, not twice
+    plan, _ = backend.plan([PortChange("vp1", None, nft_cases.only_fo())], [])
+    refused = try_plan(ns, plan)
+    assert refused.returncode != 0 and "File exists" in refused.stderr and ruleset(ns) == before
+    # vp2 is kept (its record cannot be read) while vp1 is rebuilt from a stale record claiming id 1
+    plan, kept = backend.plan([PortChange("vp2", None, nft_cases.ssh_to_a(MAC_B, "10.0.0.2"))], [1])
+    run_plan(ns, plan)
+    vp2 = port_items(ns, "vp2")
+    survey = executor.survey(backend.survey_steps(), ns)
+    stale = {"backend": "nftables", "mode": "inet", "gen": 0, "id": kept["vp2"]["id"]}
+    plan, records = backend.rebuild_plan([PortChange("vp1", stale, nft_cases.only_fo())], survey, [], keep=["vp2"])
+    run_plan(ns, plan)
+    assert port_items(ns, "vp2") == vp2  # handles included: nothing of it was re-created
+    assert records["vp1"]["id"] not in (None, kept["vp2"]["id"]) and records["vp1"]["gen"] == 2
+    held = backend.inventory(executor.survey(backend.survey_steps(), ns))
+    assert sorted(held["vp1"]["chains"]) == [["bridge", "MO-2/vp1"], ["inet", "FO-2/vp1"]]
+    assert held["vp2"] == backend.inventory(survey)["vp2"]
 
 
 def test_rebuild_after_flush_ruleset(host):

@@ -350,3 +350,48 @@ def test_inventory_and_kernel_ports():
     removal = "".join(s.stdin for s in plan.commit)
     assert "-X NFI-vp2\n" in removal and "-D nwf-in-post -m physdev --physdev-in vp2 -j ACCEPT\n" in removal
     assert "vp1" not in removal and "vp9" not in removal
+
+
+def test_rebuild_plan_keeping_a_port():
+    """A port kept (its record cannot be read): none of its chains or rules is in any step; the
+    other ports' objects are rebuilt or removed as without it."""
+    records = eb_records()
+    plan, new = EB.rebuild_plan([PortChange("vp5", None, cases.to_vm_only())], SURVEY, keep=["vp2"])
+    text = "".join(s.stdin for s in plan.apply + plan.commit + plan.rollback)
+    assert "vp2" not in text and set(new) == {"vp1", "vp5"} and new["vp1"] is None
+    (ebt_commit,) = _steps(plan, "commit", "ebtables")
+    assert "-D POSTROUTING -o vp1 -j nwf-O-vp1\n" in ebt_commit.stdin  # vp1 has no binding: removed
+    # kept or not, a port the changes rebuild is rebuilt
+    plan, _ = EB.rebuild_plan([PortChange("vp2", records["vp2"], cases.l3_example())], SURVEY, keep=["vp1"])
+    text = "".join(s.stdin for s in plan.apply + plan.commit + plan.rollback)
+    assert "vp1" not in text and "-E NFJ-vp2 NFI-vp2" in text
+
+
+def test_a_final_name_the_record_does_not_list_is_taken_first():
+    """A leftover chain of a lost record refuses the apply step (``-N``), before the temporary
+    chains are linked behind it; commit removes the placeholders before renaming."""
+    plan, _ = EB.plan([PortChange("vp1", None, cases.to_vm_only())])
+    (apply,) = _steps(plan, "apply", "ebtables")
+    (commit,) = _steps(plan, "commit", "ebtables")
+    lines = apply.stdin.splitlines()
+    assert lines.index("-N nwf-O-vp1") < lines.index(":nwf-P-vp1 ACCEPT")
+    assert commit.stdin.index("-X nwf-O-vp1\n") < commit.stdin.index("-E nwf-P-vp1 nwf-O-vp1\n")
+    # a final name the old record lists exists already: not taken again
+    _, records = EB.plan([PortChange("vp1", None, cases.to_vm_only())])
+    plan, _ = EB.plan([PortChange("vp1", records["vp1"], cases.to_vm_only())])
+    assert "-N " not in "".join(s.stdin for s in plan.apply)
+
+
+def test_unrecorded_objects_are_named():
+    records, held = eb_records(), EB.inventory(SURVEY)
+    # the tools print options in their own order: the records still name every object
+    assert EB.unrecorded(held["vp1"], records["vp1"]) == [] and EB.unrecorded(held["vp2"], records["vp2"]) == []
+    assert "iptables rule '-A nwf-in-post -m physdev --physdev-in vp2 -j ACCEPT'" in EB.unrecorded(held["vp2"], None)
+    leftover = [EBT_SAVE.replace(":nwf-O-vp1 ACCEPT\n", ":nwf-O-vp1 ACCEPT\n:nwf-P-vp1 ACCEPT\n:NO-vp1:old ACCEPT\n")
+                .replace("-A POSTROUTING -o vp1 -j nwf-O-vp1\n",
+                         "-A POSTROUTING -o vp1 -j nwf-O-vp1\n-A POSTROUTING -o vp1 -j nwf-O-vp1\n"),
+                IPT_SAVE, IP6T_SAVE]
+    assert sorted(EB.unrecorded(EB.inventory(leftover)["vp1"], records["vp1"])) == [
+        "ebtables chain NO-vp1:old", "ebtables chain nwf-P-vp1", "ebtables rule '-A POSTROUTING -o vp1 -j nwf-O-vp1'"]
+    assert EB.unrecorded(held["vp1"], {"ebtables": "x", "iptables": {"chains": None}}) == \
+        EB.unrecorded(held["vp1"], None)

@@ -365,3 +365,49 @@ def test_rebuild_plan():
     assert records2["vp1"]["gen"] == 3 and records2["vp1"]["id"] == 1 and records2["vp2"]["gen"] == 1
     # the survey is not needed: the same plan without it
     assert NFT.rebuild_plan(changes, [], ids_in_use=[2]) == (plan, records)
+
+
+def test_rebuild_plan_keeping_a_port():
+    """A port kept (its record cannot be read): nothing of it is in the batch, its mark id is
+    given to no other port, and every other object of ours the survey shows is removed."""
+    first, both = nft_records()
+    orphan = survey("live_2", lambda docs: (
+        items(docs, "map", name="port_ids")[0]["elem"].append([9, "vp9"]),
+        items(docs, "map", name="l2_to_vm")[0]["elem"].append(["vp9", {"jump": {"target": "O-1/vp2"}}])))
+    changes = [PortChange("vp2", both["vp2"], cases.ssh_to_a()), PortChange("vp3", None, cases.only_fo())]
+    plan, records = NFT.rebuild_plan(changes, orphan, [], keep=["vp1"])
+    text = plan.apply[0].stdin
+    assert "vp1" not in text and "delete table" not in text
+    assert set(records) == {"vp2", "vp3", "vp9"} and records["vp9"] is None
+    assert 1 not in (records["vp2"]["id"], records["vp3"]["id"])  # vp1's id stays vp1's
+    # vp2's objects the kernel holds are removed; the new generation is above them
+    for family, name in NFT.inventory(LIVE_2)["vp2"]["chains"]:
+        assert f"delete chain {family} libvirt_nwfilter {name}\n" in text
+    assert records["vp2"]["gen"] == both["vp2"]["gen"] + 1
+    # the orphan's elements go, whatever their value
+    assert 'delete element bridge libvirt_nwfilter l2_to_vm { "vp9" }\n' in text
+    assert "delete element inet libvirt_nwfilter port_ids { 0x00000009 }\n" in text
+    # the kept port's objects survive in what the batch leaves: the inventory minus the deletions
+    deleted = {line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("delete ")}
+    for family, name in NFT.inventory(orphan)["vp1"]["chains"]:
+        assert f"{family} libvirt_nwfilter {name}" not in deleted
+    # without a survey nothing can be kept: nothing of vp1 is known, nothing of it is touched
+    plan, _ = NFT.rebuild_plan(changes, ["", ""], [], keep=["vp1"])
+    assert "vp1" not in plan.apply[0].stdin and "delete table" not in plan.apply[0].stdin
+
+
+def test_unrecorded_objects_are_named():
+    first, both = nft_records()
+    held = NFT.inventory(LIVE_1)
+    assert NFT.unrecorded(held["vp1"], first["vp1"]) == [] and NFT.unrecorded(held["vp2"], first["vp2"]) == []
+    # no record: everything it holds; a record of another generation: the chains it does not list
+    assert NFT.unrecorded(held["vp1"], None)[:1] == ["chain bridge I-1/vp1"]
+    assert "element inet port_ids 0x00000001" in NFT.unrecorded(held["vp1"], None)
+    stale = NFT.unrecorded(held["vp1"], both["vp1"])
+    assert "chain bridge I-1/vp1" in stale and not any("element" in phrase for phrase in stale)
+    orphan = survey("live_1", lambda docs: items(docs, "map", name="l2_to_vm")[0]["elem"].append(
+        ["vp1", {"jump": {"target": "O-1/vp2"}}]))
+    assert NFT.unrecorded(NFT.inventory(orphan)["vp1"], first["vp1"]) == ['element bridge l2_to_vm "vp1"']
+    # a malformed record names nothing, never an exception
+    assert NFT.unrecorded(held["vp2"], {"chains": [["bridge"], 3, None], "elements": "x"}) == \
+        NFT.unrecorded(held["vp2"], None)

@@ -415,9 +415,15 @@ def test_delete_only_removes_what_the_record_lists():
     _, records = render(backend, [PortChange("vnet0", None, PortRuleset(to_vm=sample().to_vm))])
     text, new = render(backend, [PortChange("vnet0", records["vnet0"], None)])
     assert new == {"vnet0": None}
-    deletions = [l for l in text.splitlines() if l.startswith("delete")]
+    lines = text.splitlines()
+    probes = [l for l in lines if l.endswith(": accept }")]
+    deletions = [l for l in lines if l.startswith("delete") and l.replace("delete", "add", 1)[:-1] + ": accept }"
+                 not in probes]
     assert deletions == ['delete element bridge libvirt_nwfilter l2_to_vm { "vnet0" }',
                          "delete chain bridge libvirt_nwfilter O-1/vnet0"]
+    # the port's other dispatch slots are probed (a leftover element there refuses the batch)
+    assert probes == ['add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : accept }',
+                      'add element bridge libvirt_nwfilter mark_out { "vnet0" : accept }']
 
 
 def test_batch_text_does_not_depend_on_other_ports():
@@ -480,7 +486,11 @@ def test_empty_batch_and_noop():
     text, records = render(NftablesBackend(), [])
     assert records == {} and "add element" not in text
     text, records = render(NftablesBackend(), [PortChange("vnet0", None, None)])
-    assert records == {"vnet0": None} and "vnet0" not in text
+    # nothing of vnet0 is created or deleted: its dispatch slots are only probed (add, delete)
+    assert records == {"vnet0": None}
+    assert [l for l in text.splitlines() if "vnet0" in l] == [
+        f'{verb} element bridge libvirt_nwfilter {m} {{ "vnet0"{value} }}'
+        for m in ("l2_from_vm", "l2_to_vm", "mark_out") for verb, value in (("add", " : accept"), ("delete", ""))]
 
 
 @pytest.mark.parametrize("port", ["", "a" * 16, "vnet 0", 'x"y', "a/b", "a*", "..", "é"])

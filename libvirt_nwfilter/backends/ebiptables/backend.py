@@ -35,10 +35,11 @@ class EbiptablesBackend:
         return plan(self.tools, changes)
 
     def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str],
-                     ids_in_use: Iterable[int] | None = None,
+                     ids_in_use: Iterable[int] | None = None, keep: Iterable[str] = (),
                      ) -> tuple[Plan, dict[str, PortRecord | None]]:
-        """For ``reapply``: ``changes`` lists EVERY port that should have rules; ``survey`` is
-        the output of :meth:`survey_steps`. The stored records (``old``) are ignored: what the
+        """For ``reapply``: ``changes`` lists EVERY port that should have rules but those of
+        ``keep``, whose chains and rules the survey shows stay untouched; ``survey`` is the
+        output of :meth:`survey_steps`. The stored records (``old``) are ignored: what the
         survey shows is the old state (:func:`.listing.inventory`), so objects a record lists
         but the kernel lost are never deleted, and leftovers (damaged chains, temporary chains,
         ports without a binding) are removed. The two-phase protocol is kept: apply builds the
@@ -47,9 +48,9 @@ class EbiptablesBackend:
         del ids_in_use  # ports are not numbered here
         saves = listing.read(survey, self.tools)
         found = listing.inventory(saves)
-        wanted = {c.port for c in changes}
+        skipped = {c.port for c in changes} | set(keep)
         rebuilt = [PortChange(c.port, found.get(c.port), c.new) for c in changes]
-        rebuilt += [PortChange(port, rec, None) for port, rec in sorted(found.items()) if port not in wanted]
+        rebuilt += [PortChange(port, rec, None) for port, rec in sorted(found.items()) if port not in skipped]
         repair = {t.name: listing.repair_globals_lines(saves[t.name]) for t in self.tools if t.l3}
         return plan(self.tools, rebuilt, globals_repair=repair)
 
@@ -89,3 +90,8 @@ class EbiptablesBackend:
         """Per port, a record of every object of ours the kernel holds (:func:`.listing.inventory`):
         ``PortChange(port, record, None)`` removes exactly those."""
         return listing.inventory(listing.read(outputs, self.tools))
+
+    def unrecorded(self, held: PortRecord, record: PortRecord | None) -> list[str]:
+        """The chains and rules of ``held`` (an inventory record) that ``record`` does not name
+        (``ebtables chain nwf-J-vp1``, ``iptables rule '-A nwf-in-post … -j ACCEPT'``)."""
+        return listing.unrecorded(held, record)

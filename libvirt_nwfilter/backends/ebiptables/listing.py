@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ...ir import Side
-from ..base import Step
+from ..base import Step, not_named
 from .names import (GLOBAL_CHAINS, GLOBAL_HOOKS, GLOBAL_IN_POST, NAME, RECORD_FORMAT, delete_line, is_port_name,
                     l2_root_chain, l3_chain, rule_target)
 from .tools import TOOLS, Tool
@@ -160,3 +160,23 @@ def repair_globals_lines(save: Save) -> list[str]:
     lines += [f"-N {chain}" for chain in GLOBAL_CHAINS if chain not in save.policies]
     lines += [f"-I {hook} {pos} -j {chain}" for chain, hook, pos in GLOBAL_HOOKS]
     return lines
+
+
+def unrecorded(held: Mapping, record: Mapping | None) -> list[str]:
+    """The chains and rules of the inventory record ``held`` that the stored ``record`` does not
+    name. A rule is known by the chain it is in and where it leads (the tools print options in
+    an order of their own; what else a rule says is the digests' business)."""
+    def link(rule: str) -> tuple[str, str | None]:
+        words = rule.split()
+        return (words[1] if len(words) > 1 else "", rule_target(rule))
+
+    phrases = []
+    for tool in TOOLS:
+        have, named = held.get(tool.name) or {}, (record or {}).get(tool.name) or {}
+        if not isinstance(named, Mapping):
+            named = {}
+        phrases += not_named([(("chain", c), f"{tool.name} chain {c}") for c in have.get("chains", ())]
+                             + [(("rule", *link(r)), f"{tool.name} rule '{r}'") for r in have.get("rules", ())],
+                             [("chain", str(c)) for c in named.get("chains", ()) or ()]
+                             + [("rule", *link(str(r))) for r in named.get("rules", ()) or ()])
+    return phrases

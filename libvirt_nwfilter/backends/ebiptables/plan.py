@@ -7,22 +7,26 @@ Each ``*-restore --noflush`` run on the nf_tables based tools (Debian 12: iptabl
 kernel transaction: it applies completely or not at all.
 
 ``apply``
-    per tool: build every port's new chains under the temporary names (declared with ``:NAME``,
-    which creates a chain or flushes a leftover one), fill them, and link the temporary roots
-    *after* the old ones (``-A``), so old and new are both active, the old first. ip(6)tables also
+    per tool: take every final name the old record does not list with ``-N`` (which fails when
+    a chain of that name exists, so a leftover of a lost record refuses the change before
+    anything changed, instead of old rules staying in front of the new ones), build every
+    port's new chains under the temporary names (declared with ``:NAME``, which creates a chain
+    or flushes a leftover one), fill them, and link the temporary roots *after* the old ones
+    (``-A``), so old and new are both active, the old first. ip(6)tables also
     get the port's ``nwf-in-post`` ACCEPT if it was not there. Before the ip(6)tables step, an
     "ensure" step (errors ignored) creates the four global chains and their FORWARD/INPUT jumps in
     one transaction: it fails as a whole, changing nothing, when they exist already, so jumps are
     never duplicated. A rebuild instead repairs them at the start of the apply step
     (:func:`~.listing.repair_globals_lines`).
 ``commit``
-    per tool: delete the old links (from the record), flush and delete the old chains, and rename
-    the temporary chains to the final names (libvirt's tearOldRules; jumps follow a rename).
+    per tool: delete the old links (from the record), flush and delete the old chains and the
+    ``-N`` placeholders, and rename the temporary chains to the final names (libvirt's
+    tearOldRules; jumps follow a rename).
     Removing a port (``new=None``) happens here only (libvirt's allTeardown), so a failing batch
     removes nothing either.
 ``rollback``
-    per tool, errors ignored: unlink and delete the temporary chains, and the ``nwf-in-post`` rule
-    if this plan added it (libvirt's tearNewRules). A tool whose apply step failed has nothing to
+    per tool, errors ignored: unlink and delete the temporary chains and the placeholders, and the
+    ``nwf-in-post`` rule if this plan added it (libvirt's tearNewRules). A tool whose apply step failed has nothing to
     roll back (its transaction was not applied), so its rollback fails harmlessly.
 
 Record (``PortRecord``, JSON)
@@ -181,22 +185,24 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 def _phases(tool: Tool, old: _Old, part: ToolPart) -> tuple[list[str], list[str], list[str]]:
     """One port's lines in one tool: apply, commit, rollback."""
-    # apply: drop leftovers of an interrupted earlier change, then build the new set.
+    # apply: drop leftovers of an interrupted earlier change, then build the new set. Every
+    # final name the old record does not list is taken now with -N, which fails when a chain
+    # of that name exists: a leftover of a lost record refuses the change before anything
+    # changed (the caller rebuilds, removing what no record names) instead of the rename.
     added = [p for p in part.permanent if p not in old.final_rules]
+    placeholders = _unique(final for _, final in part.chains if final not in old.final_chains)
     apply = [*(delete_line(x) for x in old.temp_rules), *tool.remove(old.temp_chains),
+             *(f"-N {final}" for final in placeholders),
              *(tool.declare(temp) for temp, _ in part.chains), *part.rules, *(temp for temp, _ in part.links),
              *added]
-    # commit: tear the old set, move the new one to the final names. Where a transaction may
-    # create and delete a chain, also clear the final names first (orphans of a lost record);
-    # elsewhere only chains known to exist are removed.
-    clear = old.final_chains
-    if tool.clears_unseen_chains:
-        clear = _unique(clear + [final for _, final in part.chains])
-    commit = [*(delete_line(x) for x in old.final_rules if x not in part.permanent), *tool.remove(clear),
+    # commit: tear the old set and the placeholders (known to exist: apply made them, in a
+    # transaction of its own), move the new set to the final names.
+    commit = [*(delete_line(x) for x in old.final_rules if x not in part.permanent),
+              *tool.remove(_unique(old.final_chains + placeholders)),
               *(f"-E {temp} {final}" for temp, final in part.chains)]
     # rollback: remove what apply added.
     rollback = [*(delete_line(temp) for temp, _ in part.links), *(delete_line(x) for x in added),
-                *tool.remove([temp for temp, _ in part.chains])]
+                *tool.remove([temp for temp, _ in part.chains] + placeholders)]
     return apply, commit, rollback
 
 

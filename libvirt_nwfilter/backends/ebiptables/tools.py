@@ -47,7 +47,6 @@ class Tool:
     policy: str  # after ":CHAIN": what declaring a chain gives it (and flushes it)
     commits: bool  # the input ends with COMMIT
     l3: bool  # holds L3 copies, the global chains and nwf-in-post (ip(6)tables)
-    clears_unseen_chains: bool  # can one transaction create and delete a chain (not ebtables-nft)
     family: int | None  # IP family of its L3 copies
     chain_max: int
     chain_patterns: tuple[re.Pattern, ...]  # our per-port chain names: kind, port, (sub)
@@ -81,10 +80,10 @@ class Tool:
 
 
 EBTABLES = Tool("ebtables", "nat", ("ebtables-restore", "--noflush"), ("ebtables-save", "-t", "nat"),
-                "ACCEPT", commits=False, l3=False, clears_unseen_chains=False, family=None,
+                "ACCEPT", commits=False, l3=False, family=None,
                 chain_max=EBTABLES_CHAIN_MAX, chain_patterns=EB_CHAIN_PATTERNS)
 IPTABLES = Tool("iptables", "filter", ("iptables-restore", "-w", "--noflush"), ("iptables-save", "-t", "filter"),
-                "- [0:0]", commits=True, l3=True, clears_unseen_chains=True, family=4,
+                "- [0:0]", commits=True, l3=True, family=4,
                 chain_max=IPTABLES_CHAIN_MAX, chain_patterns=IP_CHAIN_PATTERNS)
 IP6TABLES = dataclasses.replace(IPTABLES, name="ip6tables", restore=("ip6tables-restore", "-w", "--noflush"),
                                 save=("ip6tables-save", "-t", "filter"), family=6)

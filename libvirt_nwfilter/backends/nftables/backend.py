@@ -20,7 +20,7 @@ class NftablesBackend:
     """Renders port changes as one nftables transaction (see :mod:`.plan`)."""
 
     name = "nftables"
-    rebuild_reads_kernel = False  # rebuild_plan deletes and re-creates our tables
+    rebuild_reads_kernel = False  # rebuild_plan deletes and re-creates our tables (unless it keeps ports)
 
     def __init__(self, conntrack: str = "inet", l2_reject: bool = False, nft: str = DEFAULT_NFT,
                  *, mark_shift: int = 8, id_bits: int = 12):
@@ -49,17 +49,21 @@ class NftablesBackend:
         return self._plan(text), records
 
     def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str] = (),
-                     ids_in_use: Iterable[int] | None = None,
+                     ids_in_use: Iterable[int] | None = None, keep: Iterable[str] = (),
                      ) -> tuple[Plan, dict[str, PortRecord | None]]:
-        """Like :meth:`plan`, but the transaction first deletes our tables and re-creates only the
-        ports in ``changes`` (which must therefore be ALL filtered ports; ``old`` records only keep
-        ids and generations, and may be stale, missing or of another backend). For ``reapply``
-        when the kernel may not match the records (e.g. after ``nft flush ruleset``): atomic, and
-        never fails because of missing old objects. ``survey`` is not needed: deleting both
-        tables removes whatever is left."""
-        del survey  # deleting the tables makes the plan independent of what the kernel has
+        """Like :meth:`plan`, but for ``reapply`` when the kernel may not match the records
+        (e.g. after ``nft flush ruleset``): ``changes`` must be ALL filtered ports but those of
+        ``keep`` (``old`` records only keep ids and generations, and may be stale, missing or of
+        another backend); atomic, and never fails because of missing old objects. Without
+        ``keep`` the transaction deletes our tables first (``survey`` is not needed). With it,
+        what the survey shows of the kept ports (chains, sets, dispatch elements, mark ids) stays
+        untouched and counts as in use, and every other object of ours it shows is removed
+        (:func:`.plan.beside`)."""
+        kept = set(keep)
+        held = self.inventory(survey) if kept else {}
+        kept_ids = planning.held_ids((held[p] for p in kept if p in held), self.marks)
         cleaned: list[PortChange] = []
-        claimed: set[int] = set()
+        claimed = set(kept_ids)
         for change in changes:
             old = planning.reusable(change.old, self.conntrack)
             pid = port_id(old)
@@ -67,8 +71,14 @@ class NftablesBackend:
                 old["id"] = None  # a corrupt state gave two ports one id: renumber
             elif pid is not None:
                 claimed.add(pid)
+            if kept:
+                old = planning.beside(old, held.get(change.port), self.conntrack)
             cleaned.append(PortChange(change.port, old, change.new))
-        text, records = planning.batch(self.layout, cleaned, ids_in_use=list(ids_in_use or ()), rebuild=True)
+        wanted = {change.port for change in changes}
+        cleaned += [PortChange(port, record, None) for port, record in sorted(held.items())
+                    if port not in wanted and port not in kept]
+        text, records = planning.batch(self.layout, cleaned, ids_in_use=[*(ids_in_use or ()), *kept_ids],
+                                       rebuild=not kept)
         return self._plan(text), records
 
     def teardown_plan(self, survey: Sequence[str] = ()) -> Plan:
@@ -115,3 +125,10 @@ class NftablesBackend:
 
         with listing.paused_gc():
             return listing.inventory(listing.read(outputs))
+
+    def unrecorded(self, held: PortRecord, record: PortRecord | None) -> list[str]:
+        """The chains, sets and map elements of ``held`` (an inventory record) that ``record``
+        does not list (``chain bridge I-1/vp1``, ``element inet port_ids 0x00000005``)."""
+        from . import listing
+
+        return listing.unrecorded(held, record)

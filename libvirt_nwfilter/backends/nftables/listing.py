@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from ..base import PortRecord, Step
+from ..base import PortRecord, Step, not_named
 from .names import FAMILIES, MAPS, PORT_NAME_RE, RECORD_FORMAT, TABLE, parse_object
 
 _STRUCTURAL = frozenset({"family", "table", "name", "chain", "handle"})  # where, not what
@@ -181,3 +181,27 @@ def inventory(view: View) -> dict[str, PortRecord]:
                 if element.map == "port_ids":
                     entry["id"] = element.key
     return {port: entry for port, entry in found.items() if PORT_NAME_RE.match(port)}
+
+
+def unrecorded(held: PortRecord, record: PortRecord | None) -> list[str]:
+    """The objects of the inventory record ``held`` that the stored ``record`` does not name."""
+    return not_named(((entry, _phrase(entry)) for entry in _named_objects(held)), _named_objects(record))
+
+
+def _named_objects(record: PortRecord | None) -> list[tuple]:
+    """(kind, family, name[, key]) of every chain, set and element a record lists (malformed
+    entries skipped)."""
+    found = []
+    for kind, size in (("chain", 2), ("set", 2), ("element", 3)):
+        for entry in (record or {}).get(kind + "s") or ():
+            if isinstance(entry, (list, tuple)) and len(entry) == size \
+                    and all(isinstance(part, (str, int)) for part in entry):
+                found.append((kind, *entry))
+    return found
+
+
+def _phrase(entry: tuple) -> str:
+    kind, family, name, *key = entry
+    if not key:
+        return f"{kind} {family} {name}"
+    return f"{kind} {family} {name} " + (f'"{key[0]}"' if isinstance(key[0], str) else f"0x{key[0]:08x}")

@@ -31,7 +31,16 @@ A change, in one transaction: ensure tables, maps and base chains (``add`` is id
 base chain is flushed and refilled with its 1-2 dispatch rules), add the new chains and sets,
 their rules, ``delete element`` the elements the old record lists, ``add element`` the new ones,
 then flush and delete the old chains and sets. A refused batch changes nothing. A rebuild
-deletes both tables first and re-creates every port.
+deletes both tables first and re-creates every port; one that keeps some ports' objects
+(:func:`beside`) removes the others' from what the kernel holds instead.
+
+Whatever the record says, a change never leaves old rules of its port in front of the new ones,
+without listing the kernel: every chain and set it creates is flushed right after its ``add``
+(a same-named leftover contributes no old rule or address), and every dispatch slot of the port
+that the change neither fills nor empties is probed (``add element … : accept`` then ``delete
+element``): a leftover element there, or one the change adds, holding another verdict makes
+``add element`` fail ("File exists", nft 1.0.6), so the batch is refused and the caller rebuilds,
+which removes what no record names.
 """
 
 from __future__ import annotations
@@ -129,15 +138,15 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
             "elements": [[fam, m, key] for fam, m, key, _ in objects.elements],
         }
 
-    # 1. new chains and sets, then their rules (jumps need their targets to exist)
+    # 1. new chains and sets (flushed: a same-named leftover keeps nothing), then their rules
+    # (jumps need their targets to exist)
     for change, objects in news:
         out.add([f"# port {change.port}: generation {records[change.port]['gen']}",
-                 *(f"add chain {fam} {TABLE} {name}" for fam, name in objects.chains),
-                 *(f"add set {fam} {TABLE} {name} {{ {spec} }}" for fam, name, spec in objects.sets),
+                 *_creation_lines(objects, flush=not rebuild),
                  *(f"add rule {fam} {TABLE} {chain} {rule}" for fam, chain, rule in objects.rules)],
                 change.port)
     olds = [c for c in changes if c.old is not None and not rebuild]
-    # 2. switch the dispatch: old elements out, new elements in
+    # 2. switch the dispatch: old elements out, new elements in, the port's other slots empty
     if olds or news:
         out.add(["# switch"])
     for change in olds:
@@ -146,6 +155,12 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
     for change, objects in news:
         out.add((f"add element {fam} {TABLE} {m} {{ {key_text(key)} : {data} }}"
                  for fam, m, key, data in objects.elements), change.port)
+    if not rebuild:
+        filled = {change.port: objects.elements for change, objects in news}
+        for change in changes:
+            out.add((f"{verb} element {fam} {TABLE} {m} {{ {key_text(key)}{value} }}"
+                     for fam, m, key in _unused_slots(layout, change, records[change.port], filled.get(change.port, ()))
+                     for verb, value in (("add", " : accept"), ("delete", ""))), change.port)
     # 3. remove the old generation: every old chain is flushed before any is deleted
     if olds:
         out.add(["# remove old generations"])
@@ -155,6 +170,41 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
         out.add([*(f"delete chain {fam} {TABLE} {name}" for fam, name in change.old.get("chains", ())),
                  *(f"delete set {fam} {TABLE} {name}" for fam, name in change.old.get("sets", ()))], change.port)
     return out, records
+
+
+def _creation_lines(objects: _Objects, flush: bool) -> list[str]:
+    """``add`` every chain and set of ``objects``, each followed by its ``flush`` (unless the
+    tables were just deleted)."""
+    lines = []
+    for kind, family, name, spec in ([("chain", fam, name, "") for fam, name in objects.chains]
+                                     + [("set", fam, name, f" {{ {spec} }}") for fam, name, spec in objects.sets]):
+        lines.append(f"add {kind} {family} {TABLE} {name}{spec}")
+        if flush:
+            lines.append(f"flush {kind} {family} {TABLE} {name}")
+    return lines
+
+
+def _unused_slots(layout: Layout, change: PortChange, new: PortRecord | None,
+                  added: Sequence[tuple[str, str, object, str]]) -> list[tuple[str, str, object]]:
+    """The dispatch slots of ``change.port`` this change neither fills nor empties: the
+    ``ifname``-keyed maps, and with a new mark id the maps keyed by it (``port_ids`` is always
+    filled). A port removed keeps no mark slot to probe: an element left at its old id is only
+    reached by a packet some port marks with that id, and a later port given the id fills the
+    slot, which a leftover makes fail."""
+    port = change.port
+    slots = [("bridge", "l2_from_vm", port), ("bridge", "l2_to_vm", port)]
+    if not layout.inet:
+        slots += [("bridge", m, port) for m in ("fi", "fo", "hi")]
+    else:
+        slots.append(("bridge", "mark_out", port))
+        pid = port_id(new)
+        if pid is not None:
+            marks = layout.marks
+            slots += [("inet", "fi", pid << marks.in_shift), ("inet", "fo", pid << marks.out_shift),
+                      ("inet", "hi", pid << marks.in_shift)]
+    used = {(fam, m, key) for fam, m, key, _ in added}
+    used |= {tuple(entry) for entry in (change.old or {}).get("elements", ()) if len(entry) == 3}
+    return [slot for slot in slots if slot not in used]
 
 
 def reusable(record: PortRecord | None, mode: str) -> dict | None:
@@ -169,6 +219,25 @@ def reusable(record: PortRecord | None, mode: str) -> dict | None:
     except (TypeError, ValueError):
         return None
     return {"backend": "nftables", "format": RECORD_FORMAT, "mode": mode, "gen": max(gen, 0), "id": pid}
+
+
+def beside(record: dict | None, held: PortRecord | None, mode: str) -> dict:
+    """The ``old`` of a port rebuilt beside kept ones: what the kernel holds of it (``held``, its
+    inventory record: removed by the batch), the mark id of its stored ``record`` (a
+    :func:`reusable` one) and a generation above both, so no new name meets an old one."""
+    held = held or {}
+    gen = max(int((record or {}).get("gen", 0)), int(held.get("gen", 0)))
+    return {"backend": "nftables", "format": RECORD_FORMAT, "mode": mode, "gen": gen,
+            "id": (record or {}).get("id"), "chains": list(held.get("chains", ())),
+            "sets": list(held.get("sets", ())), "elements": list(held.get("elements", ()))}
+
+
+def held_ids(held: Iterable[PortRecord], marks: MarkLayout) -> set[int]:
+    """The mark ids the inventory records ``held`` occupy: ``port_ids`` keys, and the ids in the
+    keys of the mark-keyed dispatch maps."""
+    shifts = {"port_ids": 0, "fi": marks.in_shift, "hi": marks.in_shift, "fo": marks.out_shift}
+    return {key >> shifts[m] for record in held for fam, m, key in record.get("elements", ())
+            if fam == "inet" and m in shifts and isinstance(key, int) and not isinstance(key, bool)}
 
 
 def _allocate(marks: MarkLayout, taken: set[int], port: str, know_others: bool) -> int:

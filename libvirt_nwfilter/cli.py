@@ -277,8 +277,8 @@ def _binding_verbs(sub) -> None:
               "--force is the repair for a record that cannot be read (verify names them): the\n"
               "record files of the PORTDEVs are deleted whatever they hold, and every other\n"
               "binding is rebuilt from its record in one transaction, which removes whatever the\n"
-              "kernel holds for the PORTDEVs. Refused while another record cannot be read (give\n"
-              "its port too, or repair it first).")
+              "kernel holds for the PORTDEVs. The rules of ports whose record cannot be read and\n"
+              "that are not named stay exactly as they are.")
     p.add_argument("ports", metavar="PORTDEV", nargs="+", help="the port (interface) name")
     p.add_argument("--force", action="store_true",
                    help="forget the records whatever they hold, and rebuild every other binding")
@@ -304,11 +304,15 @@ def _binding_verbs(sub) -> None:
           "events it handled.")
     _verb(sub, "verify", cmd_verify, "Check that the kernel holds exactly the recorded rules.",
           "Compares every binding's rules in the kernel with what was applied (rules missing,\n"
-          "extra or different, dispatch entries gone) and with what its filters give now, and\n"
-          "checks the files of the run directory (binding records, index, journal). A change a\n"
-          "crash interrupted is completed first. Exit status 1 and one line per port that\n"
-          "drifted ('reapply' repairs them) or file that cannot be used (with its repair); a\n"
-          "damaged index is rebuilt from the binding records.")
+          "extra or different, dispatch entries gone) and with what its filters give now, names\n"
+          "the kernel objects of ours that no record names (orphans: chains, sets, dispatch\n"
+          "entries and mark ids of a port without a binding, older generations and leftovers of\n"
+          "a bound port), and checks the files of the run directory (binding records, index,\n"
+          "journal). A change a crash interrupted is completed first. Exit status 1 and one line\n"
+          "per port that drifted or holds orphans ('reapply' repairs both) or file that cannot be\n"
+          "used (with its repair); a damaged index is rebuilt from the binding records. The\n"
+          "rules of a port whose record cannot be read are not orphans: every rebuild keeps them\n"
+          "as they are until the record is repaired.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

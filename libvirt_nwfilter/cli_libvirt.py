@@ -381,7 +381,9 @@ def register(sub, verb: Callable[..., argparse.ArgumentParser]) -> None:
              "exists or is a running guest's tap (other bindings, e.g. made with binding-create on a\n"
              "container's port, are kept and listed).\n\n"
              "Without arguments: re-instantiates every recorded binding from the state, without\n"
-             "asking libvirt.\n\n"
+             "asking libvirt, in one transaction that also removes every kernel object of ours no\n"
+             "record names (what verify reports as orphans). A port whose record cannot be read\n"
+             "keeps its rules exactly as they are (verify names it with its repair).\n\n"
              "Run it in libvirtd's network namespace (the one its taps live in).")
     p.add_argument("domains", metavar="DOMAIN", nargs="*", help="running guest (name, UUID or id)")
     p.add_argument("--all", action="store_true", help="every running guest, and remove orphaned bindings")

@@ -4,8 +4,9 @@ Every change (and every rebuild) goes through :class:`Committer`, under the host
 
 1. the rulesets are compiled and the backend's plan made (pure; a refusal changes nothing);
 2. the intent is journalled (:mod:`journal`), atomically, BEFORE the kernel is touched;
-3. the plan runs; a plan the kernel refuses while replacing recorded rules is retried once as a
-   rebuild of every binding (our rules may have been wiped behind our back);
+3. the plan runs; a plan the kernel refuses is retried once as a rebuild of every binding (our
+   rules may have been wiped behind our back, or objects of a lost record left in the way: a
+   plan never lists the kernel, it is refused when it meets them);
 4. the records are written (and, for a filter update, the filter stored);
 5. the journal is removed.
 
@@ -15,8 +16,9 @@ and builds exactly the recorded bindings: a port never keeps rules that no recor
 a generation still in the kernel is never started again. A refusal before any rule changed
 (compile errors, a refused or rolled-back transaction) removes the journal: nothing happened.
 
-A rebuild never removes the rules of a port whose record cannot be read (:class:`DamagedRecords`)
-unless the change replaces that port's binding or the operator forces its removal.
+A rebuild never removes the rules of a port whose record cannot be read: unless the change
+replaces that port's binding or the operator forces its removal, the backend keeps that port's
+objects in the kernel exactly as they are (``rebuild_plan(keep=…)``) and rebuilds the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, PortIntent
 from .model import Binding, FilterRef, make_params
 from .resolve import port_variables
-from .state import AppliedBinding, RecordError, State, repair, valid_port
+from .state import AppliedBinding, State, valid_port
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,6 @@ class Change:
     old: AppliedBinding | None
     new: Binding | None
     ruleset: PortRuleset | None = None
-
-
-class DamagedRecords(NwfilterError):
-    """A rebuild refused because it would remove ports whose record cannot be read."""
-
-    def __init__(self, damaged: Sequence[RecordError]):
-        self.damaged = tuple(damaged)
-        ports = ", ".join(f"port {e.port} (record {e.path} {e.problem})" for e in damaged)
-        super().__init__(f"refusing to rebuild every binding: it would remove the rules of {ports}; "
-                         + repair([e.port for e in damaged]))
 
 
 def with_mac_parameter(binding: Binding) -> Binding:
@@ -131,10 +123,11 @@ class Committer:
             try:
                 self._execute(plan)
             except FirewallError as error:
-                if isinstance(error, PartialChange) or not any(c.old for c in changes):
+                if isinstance(error, PartialChange):
                     raise
-                # Refused while replacing or removing recorded rules: if they were wiped behind
-                # our back (nft flush ruleset, a firewall reload), building everything anew works.
+                # Refused: if our rules were wiped behind our back (nft flush ruleset, a
+                # firewall reload) or objects no record names are in the way (a record lost),
+                # building everything anew from what the kernel holds works.
                 log.info("%s; retrying as one rebuild of every binding", error)
                 try:
                     applied = self.rebuild_with(changes, command)
@@ -169,41 +162,45 @@ class Committer:
         """Make the kernel and the records hold exactly ``bindings`` (whatever the kernel holds
         now), in one plan; then remove the rules of the backends ``teardown``. A port whose
         record cannot be read is replaced when ``bindings`` has it, dropped when ``forget``
-        names it, and otherwise refuses the rebuild (DamagedRecords)."""
+        names it, and otherwise kept exactly as the kernel holds it (its record stays, and
+        ``verify`` names it until it is repaired)."""
         rulesets = rulesets or {}
         records, damaged = self.state.scan()
         damaged = [e for e in damaged if valid_port(e.port)]  # other files are not records of ours
         current = {a.binding.portdev: a for a in records}
         wanted = {b.portdev: b for b in bindings}
         dropped = set(forget)
-        refused = [error for error in damaged if error.port not in wanted and error.port not in dropped]
-        if refused:
-            raise DamagedRecords(refused)
+        keep = sorted({e.port for e in damaged} - set(wanted) - dropped)
+        for error in damaged:
+            if error.port in keep:
+                log.warning("%s", error)
         changes = [Change(port, current.get(port), binding, rulesets.get(port) or self.compile(binding))
                    for port, binding in wanted.items()]
-        stale = sorted((set(current) | {e.port for e in damaged}) - set(wanted))
+        stale = sorted((set(current) | {e.port for e in damaged}) - set(wanted) - set(keep))
         ports = {c.port: PortIntent(c.old.binding if c.old else None, c.new) for c in changes
                  if c.old is None or c.old.binding != with_mac_parameter(c.new)}
         ports.update({port: PortIntent(current[port].binding if port in current else None, None) for port in stale})
         with self._journalled(Intent(command, ports, filter_update, tuple(teardown))):
             steps = self.backend.survey_steps()
-            survey = executor.survey(steps) if self.backend.rebuild_reads_kernel else ["" for _ in steps]
+            survey = executor.survey(steps) if self.backend.rebuild_reads_kernel or keep else ["" for _ in steps]
             plan, records_by_port = self.backend.rebuild_plan(
-                [PortChange(c.port, self._own_record(c.old), c.ruleset) for c in changes], survey, [])
+                [PortChange(c.port, self._own_record(c.old), c.ruleset) for c in changes], survey, [], keep=keep)
             self._require_bridge_netfilter(changes)
             self._execute(plan)
             applied = self._record(changes, records_by_port, stale)
             for name in teardown:
-                self.teardown(name)
+                self.teardown(name, keep)
             if then is not None:
                 then()
             return applied
 
-    def teardown(self, name: str) -> None:
-        """Remove every rule of ours that backend ``name`` made (a backend change)."""
+    def teardown(self, name: str, keep: Sequence[str] = ()) -> None:
+        """Remove every rule of ours that backend ``name`` made (a backend change), but those of
+        the ports ``keep``."""
         other = self.backend_named(name)
-        executor.execute(other.teardown_plan(executor.survey(other.survey_steps())))
-        log.warning("removed the rules of backend %s", name)
+        survey = executor.survey(other.survey_steps())
+        executor.execute(other.rebuild_plan([], survey, [], keep=keep)[0] if keep else other.teardown_plan(survey))
+        log.warning("removed the rules of backend %s%s", name, f" but those of {', '.join(keep)}" if keep else "")
 
     # -- kernel and records ------------------------------------------------------------------
     def _execute(self, plan: Plan) -> None:

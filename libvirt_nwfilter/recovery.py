@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .commit import Committer, DamagedRecords
+from .commit import Committer
 from .errors import NwfilterError
 from .journal import Intent, Journal
 from .state import State
@@ -37,8 +37,6 @@ def complete(intent: Intent, committer: Committer, state: State, journal: Journa
     with committer.adopted():
         try:
             _roll(intent, committer, state, store, True, forget)
-        except DamagedRecords:
-            raise
         except NwfilterError as error:
             if intent.filter is not None:
                 log.error("cannot complete the update of filter '%s' (%s); restoring the previous one",

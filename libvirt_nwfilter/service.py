@@ -24,7 +24,7 @@ from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, JournalDamaged
 from .model import Binding, Filter
 from .resolve import Lookup, resolve
-from .state import AppliedBinding, RecordError, State
+from .state import AppliedBinding, RecordError, State, valid_port
 from .store import FilterStore, Origin, referencing
 from .xml import format_filter, parse_filter
 
@@ -360,7 +360,8 @@ class Service:
 
     def verify(self) -> list[Drift]:
         """Compare kernel, records and filters; everything that disagrees, with what is wrong
-        (an interrupted change is completed first)."""
+        (an interrupted change is completed first): ports whose rules drifted, kernel objects
+        of ours that no record names (orphans), files that cannot be used."""
         with self.locked(migrate=False):
             found: list[Drift] = []
             if self.journal_damage is not None:
@@ -383,7 +384,8 @@ class Service:
                     unchanged.append(applied)
                 else:  # what the kernel should hold is unknown: the filters changed since
                     found.append(Drift(applied.binding.portdev, "applied rules differ from its filters' definitions"))
-            return kernel_drift(self.backend, unchanged, self.ruleset) + found
+            kept = [error.port for error in damaged if valid_port(error.port)]
+            return kernel_drift(self.backend, unchanged, self.ruleset, records, kept) + found
 
     # -- status -------------------------------------------------------------------------
     def status(self) -> list[tuple[str, str]]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_nwfilter import cli, files, state as state_mod
+from libvirt_nwfilter import cli, executor, files, state as state_mod
 from libvirt_nwfilter.config import Config
-from libvirt_nwfilter.errors import ExpansionLimitError, NwfilterError
+from libvirt_nwfilter.errors import ExpansionLimitError, FirewallError, NwfilterError
 from libvirt_nwfilter.journal import Journal, JournalDamaged
 from libvirt_nwfilter.lock import LockTimeout, host_lock
 from libvirt_nwfilter.model import FilterRef
@@ -311,11 +311,11 @@ def test_huge_domain_is_parsed_into_what_filtering_needs():
 # Files of the run directory (items 1 and 4)
 
 
-def _applied(port: str) -> AppliedBinding:
+def _applied(port: str, backend: str = "nftables") -> AppliedBinding:
     binding = parse_binding(f"<filterbinding><owner><name>g</name><uuid>{UUID}</uuid></owner>"
                             f"<portdev name='{port}'/><mac address='{MAC}'/><filterref filter='allow-arp'/>"
                             "</filterbinding>")
-    return AppliedBinding(binding, "nftables", {"id": 7}, "0" * 16)
+    return AppliedBinding(binding, backend, {"id": 7}, "0" * 16)
 
 
 def test_index_is_a_superset_of_the_records_at_every_instant(tmp_path, monkeypatch):
@@ -445,19 +445,26 @@ def test_render_help_says_what_it_touches(capsys):
 
 def test_reading_commands_work_while_an_interrupted_change_cannot_be_completed(tmp_path, monkeypatch, capsys,
                                                                                   caplog):
-    """A journal whose completion is refused (a record it would remove cannot be read): listing
-    commands warn and list; changes and verify refuse naming the file and the repair."""
+    """A journal whose completion the kernel refuses (forward and back): listing commands warn
+    and list; verify fails in one line naming the refusal; the journal stays. (The firewall
+    tools are the boundary faked here: nothing runs.)"""
     for name, value in python_env(tmp_path, LIBVIRT_NWFILTER_BACKEND="ebiptables").items():
         monkeypatch.setenv(name, value)
-    State(tmp_path / "run").write([_applied("vp1"), _applied("vp2")])
-    (tmp_path / "run" / "bindings" / "vp1.json").write_text("{")
+
+    def refused(plan, netns=None):
+        raise FirewallError("ebtables-restore refused the change: Chain nwf-I-vp1 already exists")
+
+    monkeypatch.setattr(executor, "execute", refused)
+    monkeypatch.setattr(executor, "survey", lambda steps, netns=None: ["" for _ in steps])
+    State(tmp_path / "run").write([_applied("vp1", "ebiptables"), _applied("vp2", "ebiptables")])
     (tmp_path / "run" / "journal.json").write_text(json.dumps(
         {"format": 1, "command": "binding-delete", "ports": {"vp2": {"old": None, "new": None}}, "filter": None,
          "teardown": []}))
     assert cli.main(["-q", "binding-list"]) == 0
-    assert capsys.readouterr().out.split() == ["vp2", "allow-arp", "g"]
-    assert "refusing to rebuild every binding" in caplog.text
+    assert capsys.readouterr().out.split() == ["vp1", "allow-arp", "g", "vp2", "allow-arp", "g"]
+    assert "cannot complete 'binding-delete' on vp2" in caplog.text
+    assert "Chain nwf-I-vp1 already exists" in caplog.text
     assert cli.main(["verify"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vp1.json is not valid JSON" in err and "binding-delete --force vp1" in err
+    assert err.count("\n") == 1 and "Chain nwf-I-vp1 already exists" in err
     assert (tmp_path / "run" / "journal.json").exists()

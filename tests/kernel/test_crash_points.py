@@ -21,8 +21,11 @@ state is put back and the command SIGKILLed as it enters that step. Afterwards:
 
 Commands: ``binding-create``; hook ``start`` with one interface (its tap still has the binding
 of an earlier run with the old address) and with two; hook ``stopped``; ``define`` of a filter
-in use; ``reapply`` after the filter file changed behind the tool's back. The number of steps
-per command and backend is printed (``-s``) with where each kill landed.
+in use; ``reapply`` after the filter file changed behind the tool's back, and the same with
+vp2's record damaged (the rebuild lists the kernel to keep vp2: one more step): there ``verify``
+always names the file too, and vp2's objects stay exactly as they were (``nft -a``, handles
+included) after every kill and recovery, its old rules still deciding its frames. The number of
+steps per command and backend is printed (``-s``) with where each kill landed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import Callable
 
 import pytest
 
-from bindings_helpers import IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, filter_xml, ip_frame
+from bindings_helpers import (IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, filter_xml, ip_frame,
+                              port_items)
 from crashlab import KillLab, normalized, side_by_side
 
 OLD, NEW = IP_A, IP_A2  # VM a's address before and after the change
@@ -74,6 +78,7 @@ class Ctx:
     b: object
     peer: object
     hashes: dict = field(default_factory=dict)  # the records' ruleset hashes -> "before"/"after"
+    scenario: object = None
 
     def record_ip(self, port: str) -> str | None:
         """The IP parameter of the record of ``port`` (None: no record)."""
@@ -116,6 +121,8 @@ class Scenario:
     probes: Callable[[Ctx], list[Probe]]
     hook_stdin: Callable[[Ctx], bytes] | None = None
     drift_before: str | None = None  # what verify reports while the records say "before"
+    hashes: Callable[[Ctx], frozenset] | None = None  # the records' hashes that tell before from after
+    damaged: str | None = None  # a port whose record is damaged (kept by every rebuild)
 
 
 def _create_prepare(ctx: Ctx) -> None:
@@ -156,13 +163,29 @@ def _stored_filter_world(ctx: Ctx) -> str | None:
     return "after" if f"'{OLD}'" in text else "before" if f"'{NEW}'" in text else None
 
 
-def _hashes(ctx: Ctx) -> frozenset:
-    return frozenset(json.loads((ctx.cli.rundir / "bindings" / f"{vm.port}.json").read_text())["hash"]
-                     for vm in (ctx.a, ctx.b))
+def _hashes(ctx: Ctx, vms: tuple[str, ...] = ("a", "b")) -> frozenset:
+    return frozenset(json.loads((ctx.cli.rundir / "bindings" / f"{getattr(ctx, vm).port}.json").read_text())["hash"]
+                     for vm in vms)
 
 
-def _reapply_world(ctx: Ctx) -> str | None:
-    return ctx.hashes.get(_hashes(ctx))
+def _hash_a(ctx: Ctx) -> frozenset:
+    return _hashes(ctx, ("a",))
+
+
+def _hashes_world(ctx: Ctx) -> str | None:
+    return ctx.hashes.get(ctx.scenario.hashes(ctx))
+
+
+def _reapply_keeping_prepare(ctx: Ctx) -> None:
+    _reapply_prepare(ctx)
+    (ctx.cli.rundir / "bindings" / f"{ctx.b.port}.json").write_text("{")  # truncated
+
+
+def _kept_b(ctx: Ctx) -> list[Probe]:
+    """b keeps the rules applied before the filter changed: NEW is dropped, OLD passes."""
+    b, peer = ctx.b, ctx.peer
+    return [Probe("b (kept), new address of a", b, ip_frame(b.mac, peer.mac, NEW, PEER_IP, "udp"), peer, False),
+            Probe("b (kept), old address of a", b, ip_frame(b.mac, peer.mac, OLD, PEER_IP, "udp"), peer, True)]
 
 
 SCENARIOS = {
@@ -189,13 +212,17 @@ SCENARIOS = {
         _define_prepare, lambda ctx: ["define", ctx.cli._file("crash-ip-v2", drop_from(OLD))],
         _stored_filter_world, new_address_only),
     "reapply after the filter changed": Scenario(
-        _reapply_prepare, lambda ctx: ["reapply"], _reapply_world,
+        _reapply_prepare, lambda ctx: ["reapply"], _hashes_world,
         lambda ctx: new_address_only(ctx)
         + [Probe("b, old address of a", ctx.b, ip_frame(ctx.b.mac, ctx.peer.mac, OLD, PEER_IP, "udp"), ctx.peer,
                  False),
            Probe("b, new address of a", ctx.b, ip_frame(ctx.b.mac, ctx.peer.mac, NEW, PEER_IP, "udp"), ctx.peer,
                  True)],
-        drift_before="applied rules differ from its filters' definitions"),
+        drift_before="applied rules differ from its filters' definitions", hashes=_hashes),
+    "reapply keeping a port whose record is damaged": Scenario(
+        _reapply_keeping_prepare, lambda ctx: ["reapply"], _hashes_world,
+        lambda ctx: new_address_only(ctx) + _kept_b(ctx),
+        drift_before="applied rules differ from its filters' definitions", hashes=_hash_a, damaged="vp2"),
 }
 
 
@@ -212,23 +239,25 @@ def run_scenario(lab, cli: Cli, name: str) -> str:
     a = lab.add_vm("a", MAC_A, ipv4=f"{OLD}/24")
     b = lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24")
     peer = lab.add_vm("p", PEER_MAC, ipv4=f"{PEER_IP}/24")
-    ctx = Ctx(lab, cli, KillLab(cli), a, b, peer)
+    ctx = Ctx(lab, cli, KillLab(cli), a, b, peer, scenario=scenario)
     cli.run("status")  # the kernel's capabilities are probed (and cached) once per boot: not here
     scenario.prepare(ctx)
     kill = ctx.kill
     kill.save()
     kill.restore()
     reference = kill.snapshot()
+    kept = port_items(lab.host_ns, scenario.damaged) if scenario.damaged else None
     args = scenario.args(ctx)
     hook = scenario.hook_stdin is not None
     stdin = scenario.hook_stdin(ctx) if hook else None
-    if scenario.world is _reapply_world:
-        ctx.hashes[_hashes(ctx)] = "before"
+    if scenario.hashes:
+        ctx.hashes[scenario.hashes(ctx)] = "before"
 
     steps = kill.steps(args, hook, stdin)
-    if scenario.world is _reapply_world:
-        ctx.hashes[_hashes(ctx)] = "after"
+    if scenario.hashes:
+        ctx.hashes[scenario.hashes(ctx)] = "after"
     assert scenario.world(ctx) == "after", "the undisturbed command did not reach the after state"
+    assert kept is None or port_items(lab.host_ns, scenario.damaged) == kept, "the kept port's objects changed"
     assert steps and steps[0].syscall == "rename" and steps[0].what == "journal.json", \
         f"the journal is not the first thing written: {steps}"
     checked = {normalized(kill.snapshot())}  # kernel states whose frames were checked
@@ -249,21 +278,30 @@ def run_scenario(lab, cli: Cli, name: str) -> str:
         verify = cli.run("verify", check=False)
         world = scenario.world(ctx)
         report = f"{context}: verify exited {verify.returncode}\n{verify.stdout}{verify.stderr}"
+        lines = verify.stdout.strip().splitlines() if verify.returncode else []  # the problems named
+        if scenario.damaged:  # named at every run until repaired; its objects never touched
+            record = cli.rundir / "bindings" / f"{scenario.damaged}.json"
+            named = [line for line in lines if line.startswith(f"{scenario.damaged}: binding record {record} ")]
+            assert named and verify.returncode == 1, report
+            lines = [line for line in lines if line not in named]
+            assert port_items(lab.host_ns, scenario.damaged) == kept, f"{report}\nthe kept port's objects changed"
         if left:
-            assert verify.returncode == 0 and "completing the interrupted" in verify.stderr, report
+            assert not lines and "completing the interrupted" in verify.stderr, report
+            assert verify.returncode == (1 if scenario.damaged else 0), report
             assert world == "after", f"{report}\nthe records say {world}: an interrupted change must roll forward"
         else:
             assert world == "before", f"{report}\nthe records say {world}"
             if scenario.drift_before:
-                lines = verify.stdout.strip().splitlines()
                 assert verify.returncode == 1 and lines and all(scenario.drift_before in line for line in lines), report
             else:
-                assert verify.returncode == 0, report
+                assert verify.returncode == (1 if scenario.damaged else 0) and not lines, report
         rerun = ""
         if world == "before":  # the next command converges
             done = kill.run(args, hook, stdin)
             assert done.returncode == 0, f"{context}: the command run again failed: {done.stderr.decode()}"
             assert scenario.world(ctx) == "after", f"{context}: the command run again did not converge"
+            if scenario.damaged:
+                assert port_items(lab.host_ns, scenario.damaged) == kept, f"{context}: run again, the kept port changed"
             rerun = "run again"
         assert not kill.journal.exists(), f"{context}: journal left after the next commands"
         state = normalized(kill.snapshot())

@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _verb(sub, "list", cmd_list, "List defined filters.",
           "Prints UUID, name and source of every filter, sorted by name. Source is 'builtin'\n"
-          "(shipped with the package), 'user' (defined here) or 'user (overrides builtin)'.")
+          "(one of libvirt's filters, shipped with the package), 'builtin (libvirt-nwfilter)'\n"
+          "(one of ours: IPv6 first-hop security), 'user' (defined here) or\n"
+          "'user (overrides builtin)'.")
     p = _verb(sub, "define", cmd_define, "Define (add or replace) a filter from an XML file.",
               "FILE holds one libvirt <filter> document ('-' reads standard input). The whole\n"
               "document is validated first; every problem is reported and nothing is stored if any\n"

@@ -282,7 +282,6 @@ def _same_content(a, b) -> bool:
 def cmd_import_libvirt(service: "Service", args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .store import Origin
     from .xml import format_filter, parse_filter
 
     with _client(args) as client:
@@ -299,7 +298,7 @@ def cmd_import_libvirt(service: "Service", args: argparse.Namespace) -> int:
                 counts["identical"] += 1
                 continue
             if current is not None and current.uuid != flt.uuid:
-                if service.store.origin(flt.name) is not Origin.BUILTIN:
+                if not service.store.origin(flt.name).shipped:
                     raise NwfilterError(f"defined here with another content and UUID {current.uuid}; "
                                         "not replaced (undefine it first to import libvirt's)")
                 # libvirt's (changed) copy of a built-in filter: it overrides ours, under our UUID.

@@ -15,7 +15,7 @@ from . import ir
 from .ir import Cond, Field, L2Rule, L2Side, L3Rule, PortRuleset, Side, SubChain, Verdict
 from .model import Action, Direction, Match, chain_prefix
 from .resolve import RuleInstance
-from .schema import PROTOCOLS, Layer, decode_uint, mask_prefix, tcp_flag_bits
+from .schema import ND_LLADDR, ND_TARGET, PROTOCOLS, Layer, decode_uint, mask_prefix, tcp_flag_bits
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def _renderings(protocol: str, family: int | None) -> list[_Rendering]:
     if protocol == "stp":
         out = out[:1] + _stp_renderings()
     elif protocol == "ipv6":
-        out.append(r("type", Field.ICMPV6_TYPE_CODE, _icmpv6_range))
+        out += [r("type", Field.ICMPV6_TYPE_CODE, _icmpv6_range),
+                r(ND_TARGET, Field.ND_TARGET, lambda m: m.value(ND_TARGET)),
+                r(ND_LLADDR, Field.ND_LLADDR, _nd_link_layer)]
     elif protocol in ("icmp", "icmpv6"):
         out.append(r("type", Field.ICMP_TYPE,
                      lambda m: ir.IcmpType(_num(m, "type"), _num(m, "code") if m.get("code") else None)))
@@ -143,6 +145,15 @@ def _icmpv6_range(match: Match) -> ir.Icmpv6Range:
         return start, _num(match, high) if match.get(high) else start
 
     return ir.Icmpv6Range(*bounds("type", "typeend"), *bounds("code", "codeend"))
+
+
+# The link-layer address option a Neighbour Solicitation / Advertisement carries (RFC 4861 4.6.1).
+_ND_OPTION = {135: 1, 136: 2}
+
+
+def _nd_link_layer(match: Match) -> ir.NdLinkLayer:
+    value = match.value(ND_LLADDR)
+    return ir.NdLinkLayer(_ND_OPTION[_num(match, "type")], None if value == "none" else value)
 
 
 PROTOCOL_LAYER = {name: spec.layer for name, spec in PROTOCOLS.items()}

@@ -82,6 +82,9 @@ class Field(enum.Enum):
     SPORT = "sport"  # NumRange
     DPORT = "dport"  # NumRange
     ICMPV6_TYPE_CODE = "icmpv6-type-code"  # Icmpv6Range (L2 ipv6 element)
+    # Neighbour Discovery (L2 ipv6 element; our extension, docs/filter-language-extensions.md)
+    ND_TARGET = "nd-target"  # str (IPv6 address): bytes 8..23 of the ICMPv6 message
+    ND_LLADDR = "nd-lladdr"  # NdLinkLayer; never negated
     # L3 only
     SRC_MAC = "src-mac"  # str (MAC)
     ICMP_TYPE = "icmp-type"  # IcmpType (icmp / icmpv6 elements; family from the rule)
@@ -125,6 +128,17 @@ class Icmpv6Range:
     type_high: int
     code_low: int
     code_high: int
+
+
+@dataclass(frozen=True)
+class NdLinkLayer:
+    """The options of a Neighbour Solicitation/Advertisement sent straight over IPv6 (next
+    header 58): ``mac`` None = no option at all (ICMPv6 length 24); otherwise exactly one
+    option, of type ``option`` (1 source, 2 target link-layer address), length 1, holding
+    ``mac`` (ICMPv6 length 32)."""
+
+    option: int
+    mac: str | None  # lower-case aa:bb:cc:dd:ee:ff
 
 
 @dataclass(frozen=True)

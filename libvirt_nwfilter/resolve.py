@@ -7,6 +7,7 @@ tree, list variables and iterators, type-checking of substituted values, libvirt
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import math
 from dataclasses import dataclass
@@ -14,12 +15,15 @@ from typing import Callable, Mapping
 
 from .errors import ExpansionLimitError, MissingVariablesError, UnknownFilterError, ValidationError
 from .model import Attr, Filter, FilterRef, Match, Rule, VarRef
-from .schema import parse_literal
+from .schema import PROTOCOLS, parse_literal
 from .syntax import match_problems
 
 Variables = Mapping[str, tuple[str, ...]]
 Lookup = Callable[[str], "Filter | None"]
 LEARNING_VALUES = ("any", "dhcp", "none")
+# Our reserved variable: the guest's IPv6 link-local address(es); by default the one its kernel
+# derives from each MAC (modified EUI-64, RFC 4291 appendix A), docs/filter-language-extensions.md.
+LINK_LOCAL = "IPV6_LINKLOCAL"
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,33 @@ def port_variables(params: Variables, mac: str) -> dict[str, tuple[str, ...]]:
     return variables
 
 
+def eui64_link_local(mac: str) -> str:
+    """The link-local address a kernel forms from ``mac`` (fe80::/64 + modified EUI-64)."""
+    octets = bytes.fromhex(parse_literal(PROTOCOLS["mac"].attr("srcmacaddr"), mac).replace(":", ""))
+    interface_id = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + interface_id))
+
+
+def _link_locals(macs: tuple[str, ...]) -> tuple[str, ...]:
+    """The EUI-64 link-locals of the MACs that are valid (others are refused where used)."""
+    found = []
+    for mac in macs:
+        try:
+            address = eui64_link_local(mac)
+        except ValueError:
+            continue
+        if address not in found:
+            found.append(address)
+    return tuple(found)
+
+
 def resolve(ref: FilterRef, mac: str, lookup: Lookup, max_rules: int | None = None) -> list[RuleInstance]:
     """Expand ``ref`` (a binding's filter reference) into the port's ordered concrete rules;
     with ``max_rules``, a tree that would expand to more rules is refused BEFORE expanding
     (ExpansionLimitError naming the filter, rule and list variables)."""
     variables = port_variables(ref.param_dict(), mac)
+    if LINK_LOCAL not in variables and _link_locals(variables["MAC"]):
+        variables[LINK_LOCAL] = _link_locals(variables["MAC"])
     _check_learning(variables)
     pending: list[_Pending] = []
     _walk(ref.filter, variables, lookup, pending, ())

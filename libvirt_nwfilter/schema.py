@@ -34,6 +34,7 @@ class ValueType(enum.Enum):
     TCPFLAGS = "TCPFLAGS"
     IPSETNAME = "IPSETNAME"
     IPSETFLAGS = "IPSETFLAGS"
+    NDLLADDR = "NDLLADDR"  # extension: a MAC, or ``none`` (docs/filter-language-extensions.md)
 
 
 class Negation(enum.Enum):
@@ -67,6 +68,12 @@ IP_PROTOCOLS = _names({
     "icmpv6": 58,
 })
 
+# Our namespace: the domain metadata's, and that of the extension attributes of the filter
+# language (docs/filter-language-extensions.md), written with the prefix ``nwf:``.
+NWF_NAMESPACE = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
+EXTENSION_PREFIX = "nwf:"
+ND_TYPES = (135, 136)  # Neighbour Solicitation, Neighbour Advertisement: what nwf:nd-* apply to
+
 CONNTRACK_STATES = ("NEW", "ESTABLISHED", "RELATED", "INVALID")
 TCP_FLAG_BITS = _names({"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20})
 TCP_FLAGS_ALL = 0x3F
@@ -91,6 +98,11 @@ class AttrSpec:
     maximum: int | None = None
     variables: bool = True  # may the value be a $variable?
     names_only_decimal: bool = False  # unnamed numbers always print in decimal (opcode)
+
+    @property
+    def extension(self) -> bool:
+        """One of our attributes (namespace :data:`NWF_NAMESPACE`): libvirt does not know it."""
+        return self.name.startswith(EXTENSION_PREFIX)
 
     @property
     def upper(self) -> int:
@@ -188,6 +200,10 @@ _IP4 = _l3_group(V.IPV4, V.IPV4MASK)
 _IP6 = _l3_group(V.IPV6, V.IPV6MASK)
 _ICMP_TYPE = (_a("type", V.UINT8), _a("code", V.UINT8, "type"))
 _ICMPV6_GROUP = ("type", "typeend", "code", "codeend")
+# Extension (docs/filter-language-extensions.md): Neighbour Discovery fields ebtables cannot read.
+ND_TARGET = "nwf:nd-target"
+ND_LLADDR = "nwf:nd-lladdr"
+_ND = (_a(ND_TARGET, V.IPV6), _a(ND_LLADDR, V.NDLLADDR, negation=Negation.REFUSED))
 
 _PROTOCOLS: tuple[ProtocolSpec, ...] = (
     ProtocolSpec("mac", Layer.L2, ETH + (
@@ -202,7 +218,7 @@ _PROTOCOLS: tuple[ProtocolSpec, ...] = (
         _a("dscp", V.UINT8, maximum=63),)),
     ProtocolSpec("ipv6", Layer.L2, ETH + _ip_group(V.IPV6, V.IPV6MASK) + (_IPPROTO,) + _ports() + (
         _a("type", V.UINT8), _a("typeend", V.UINT8, "type"),
-        _a("code", V.UINT8, "type"), _a("codeend", V.UINT8, "type"))),
+        _a("code", V.UINT8, "type"), _a("codeend", V.UINT8, "type")) + _ND),
     ProtocolSpec("tcp", Layer.L3V4, _IP4 + _ports() + (
         _a("option", V.UINT8), _a("flags", V.TCPFLAGS, variables=False))),
     ProtocolSpec("udp", Layer.L3V4, _IP4 + _ports()),
@@ -401,6 +417,15 @@ def _parse_ipsetname(text: str) -> str:
     return text
 
 
+def _parse_ndlladdr(text: str) -> str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return _parse_mac(text)
+    except ValueError:
+        raise ValueError("expected a MAC address like 52:54:00:12:34:56 or 'none'") from None
+
+
 def _parse_ipsetflags(text: str) -> str:
     items = [item.strip().lower() for item in text.split(",")]
     if not 1 <= len(items) <= 6 or any(item not in ("src", "dst") for item in items):
@@ -413,6 +438,7 @@ _PARSERS = {
     V.IPV4MASK: lambda t: _parse_mask(t, 32), V.IPV6MASK: lambda t: _parse_mask(t, 128),
     V.BOOLEAN: _parse_boolean, V.COMMENT: _parse_comment, V.STATE: _parse_state,
     V.TCPFLAGS: _parse_tcpflags, V.IPSETNAME: _parse_ipsetname, V.IPSETFLAGS: _parse_ipsetflags,
+    V.NDLLADDR: _parse_ndlladdr,
 }
 
 

@@ -169,7 +169,7 @@ class Service:
                 failures.append(f"binding on {applied.binding.portdev} (owner {applied.binding.owner_name}): {error}")
         if failures:
             raise NwfilterError(f"filter '{flt.name}' not defined, in use and not applicable: " + "; ".join(failures))
-        previous = format_filter(current) if current is not None and self.store.origin(flt.name) is not Origin.BUILTIN \
+        previous = format_filter(current) if current is not None and not self.store.origin(flt.name).shipped \
             else None
         update = FilterUpdate(flt.name, format_filter(flt), previous)
         self.committer.commit(changes, "define", update, then=lambda: self.store.write(flt))
@@ -410,7 +410,7 @@ class Service:
             lines.append((name.rsplit("/", 1)[1], shown))
         filters = self.list_filters()
         bindings, damaged = self.state.scan()
-        user = sum(1 for f in filters if f.origin is not Origin.BUILTIN)
+        user = sum(1 for f in filters if not f.origin.shipped)
         count = f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"
         if damaged:
             count += f", and {len(damaged)} unreadable record(s) ('verify' names them)"

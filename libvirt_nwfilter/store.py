@@ -1,5 +1,9 @@
 """The filter store: user filters under ``$CONFDIR/filters`` over the shipped built-in filters.
 
+Two sets are built in: libvirt's 24 filters (``filters/``, exactly as libvirt ships them) and
+ours (``own_filters/``: IPv6 first-hop security, README "IPv6 first-hop security"); their names
+never overlap, and ``list`` tells them apart.
+
 Lookups read only the files they need (the hook must stay fast); defining checks libvirt's
 conflict rules and loops against every defined filter and writes atomically.
 """
@@ -25,13 +29,25 @@ FILE_HEADER = "<!-- managed by libvirt-nwfilter: change it with 'libvirt-nwfilte
 
 
 class Origin(enum.Enum):
-    BUILTIN = "builtin"
+    BUILTIN = "builtin"  # one of libvirt's filters
+    OWN = "builtin (libvirt-nwfilter)"  # one of ours
     USER = "user"
     OVERRIDE = "user (overrides builtin)"
 
+    @property
+    def shipped(self) -> bool:
+        """Built in and not overridden (a user definition does not exist)."""
+        return self in (Origin.BUILTIN, Origin.OWN)
+
 
 def builtin_dir() -> Path:
+    """libvirt's filters."""
     return Path(__file__).resolve().parent / "filters"
+
+
+def own_dir() -> Path:
+    """The filters of ours that are built in."""
+    return Path(__file__).resolve().parent / "own_filters"
 
 
 class FilterStore:
@@ -40,6 +56,7 @@ class FilterStore:
     def __init__(self, confdir: Path):
         self.user_dir = Path(confdir) / "filters"
         self.builtin_dir = builtin_dir()
+        self.own_dir = own_dir()
         self._cache: dict[str, Filter | None] = {}
 
     # -- reading ------------------------------------------------------------------------
@@ -49,12 +66,15 @@ class FilterStore:
     def _load(self, name: str) -> Filter | None:
         if not FILTER_NAME_RE.match(name):
             return None
-        for path, builtin in ((self._user_path(name), False), (self.builtin_dir / f"{name}.xml", True)):
+        for path in (self._user_path(name), *self._shipped_paths(name)):
             if path.is_file():
-                return self._read(path, name, builtin)
+                return self._read(path, name)
         return None
 
-    def _read(self, path: Path, name: str, builtin: bool) -> Filter:
+    def _shipped_paths(self, name: str) -> tuple[Path, Path]:
+        return self.builtin_dir / f"{name}.xml", self.own_dir / f"{name}.xml"
+
+    def _read(self, path: Path, name: str) -> Filter:
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -87,17 +107,17 @@ class FilterStore:
         return flt
 
     def names(self) -> list[str]:
-        found = {p.stem for p in self.builtin_dir.glob("*.xml")}
+        found = {p.stem for p in self.builtin_dir.glob("*.xml")} | {p.stem for p in self.own_dir.glob("*.xml")}
         if self.user_dir.is_dir():
             found |= {p.stem for p in self.user_dir.glob("*.xml") if FILTER_NAME_RE.match(p.stem)}
         return sorted(found, key=lambda n: (n.lower(), n))
 
     def origin(self, name: str) -> Origin:
         user = self._user_path(name).is_file()
-        builtin = (self.builtin_dir / f"{name}.xml").is_file()
-        if user and builtin:
-            return Origin.OVERRIDE
-        return Origin.USER if user else Origin.BUILTIN
+        libvirt, own = (path.is_file() for path in self._shipped_paths(name))
+        if user:
+            return Origin.OVERRIDE if libvirt or own else Origin.USER
+        return Origin.OWN if own else Origin.BUILTIN
 
     def all(self) -> dict[str, Filter]:
         """Every readable filter; unreadable user files are logged and skipped."""

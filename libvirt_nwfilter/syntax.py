@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from .model import CHAIN_PREFIXES, Direction, Match, VarRef
-from .schema import ICMPV6_GROUP, IP_PROTOCOLS, PORT_PROTOCOLS, decimal, decode_uint
+from .schema import ICMPV6_GROUP, IP_PROTOCOLS, ND_TYPES, PORT_PROTOCOLS, decimal, decode_uint
 
 FILTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}\Z")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_]+\Z")
@@ -96,4 +96,24 @@ def _ip_element_problems(match: Match, names: set[str]) -> list[str]:
             problems.append(f"{kind} rule with ports requires protocol tcp(6), udp(17), dccp(33) or sctp(132)")
     if names & set(ICMPV6_GROUP) and not protocol_var and protocol != IP_PROTOCOLS["icmpv6"]:
         problems.append("ICMPv6 type/code requires protocol='icmpv6'")
+    for name in sorted(n for n in names if match.spec.attr(n).extension):
+        problem = _nd_problem(match)
+        if problem:
+            problems.append(f"attribute '{name}' {problem}")
     return problems
+
+
+def _nd_problem(match: Match) -> str | None:
+    """Why the Neighbour Discovery fields (nwf:nd-*) cannot apply to ``match``, or None: they
+    need one ICMPv6 message type, Neighbour Solicitation or Advertisement, matched positively."""
+    want = f"requires a positive protocol='icmpv6' and type='{ND_TYPES[0]}' or '{ND_TYPES[1]}' without typeend"
+    protocol, icmp_type = match.get("protocol"), match.get("type")
+    if protocol is None or icmp_type is None or protocol.negated or icmp_type.negated:
+        return want
+    end = match.get("typeend")
+    if isinstance(icmp_type.value, VarRef) or isinstance(end.value if end else None, VarRef):
+        return None  # checked again once the values are known
+    number = decode_uint(match.spec.attr("type"), icmp_type.value)
+    if number not in ND_TYPES or (end is not None and decode_uint(match.spec.attr("typeend"), end.value) != number):
+        return want
+    return None

@@ -16,7 +16,8 @@ from lxml import etree
 from .errors import ValidationError
 from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Binding, Direction,
                     Filter, FilterRef, Match, Rule, chain_prefix, make_params)
-from .schema import ICMPV6_GROUP, PROTOCOLS, Negation, ValueType, decimal, parse_literal
+from .schema import (EXTENSION_PREFIX, ICMPV6_GROUP, NWF_NAMESPACE, PROTOCOLS, Negation, ValueType, decimal,
+                     parse_literal)
 from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
 from .schema import ATTR_ORDER
@@ -73,8 +74,19 @@ def _children(node: etree._Element) -> list[etree._Element]:
     return [child for child in node if isinstance(child.tag, str)]
 
 
+def _attribute_name(qualified: str) -> str:
+    """An attribute's name as the schema knows it: ours (in :data:`NWF_NAMESPACE`) prefixed
+    ``nwf:`` whatever prefix the document declared; another namespace's in Clark notation."""
+    if qualified.startswith(_NWF_CLARK):
+        return EXTENSION_PREFIX + qualified[len(_NWF_CLARK):]
+    return qualified
+
+
+_NWF_CLARK = "{" + NWF_NAMESPACE + "}"
+
+
 def _check_attributes(node: etree._Element, allowed: tuple[str, ...], problems: _Problems) -> None:
-    for name in node.attrib:
+    for name in map(_attribute_name, node.attrib):
         if name not in allowed:
             problems.add(node, f"unknown attribute '{name}'{_hint(name, allowed)}")
 
@@ -243,7 +255,8 @@ def _parse_element(element, merged: dict[str, Attr], problems: _Problems) -> Non
     if match_text not in ("yes", "no"):
         problems.add(element, f"attribute 'match': '{match_text}' is not 'yes' or 'no'")
     negated = match_text == "no"
-    for name, text in element.attrib.items():
+    for qualified, text in element.attrib.items():
+        name = _attribute_name(qualified)
         if name == "match":
             continue
         attr_spec = spec.attr(name)
@@ -383,11 +396,20 @@ def format_filterref(ref: FilterRef, indent: str = "  ", tag: str = "filterref")
     return lines + [f"{indent}</{tag}>"]
 
 
+def uses_extensions(flt: Filter) -> bool:
+    """Whether a rule of ``flt`` has an attribute of ours (docs/filter-language-extensions.md)."""
+    return any(attr.name.startswith(EXTENSION_PREFIX) for entry in flt.entries
+               if isinstance(entry, Rule) and entry.match for attr in entry.match.attrs)
+
+
 def format_filter(flt: Filter) -> str:
-    """The canonical XML of a filter, as libvirt's ``nwfilter-dumpxml`` prints it."""
+    """The canonical XML of a filter, as libvirt's ``nwfilter-dumpxml`` prints it; a filter
+    using our extension attributes declares their namespace on ``<filter>``, last."""
     head = f"<filter name='{flt.name}' chain='{flt.chain}'"
     if flt.printed_priority:
         head += f" priority='{flt.printed_priority}'"
+    if uses_extensions(flt):
+        head += f" xmlns:nwf='{NWF_NAMESPACE}'"
     lines = [head + ">"]
     if flt.uuid:
         lines.append(f"  <uuid>{flt.uuid}</uuid>")

@@ -72,7 +72,7 @@ def _cases() -> list:
             found.append(pytest.param(raw, id=f"hand-{name}"))
     for param in cases.ALL_ATTRS:
         protocol, attr = param.values
-        if (protocol, attr) not in DELIBERATE_ATTRIBUTES:
+        if (protocol, attr) not in DELIBERATE_ATTRIBUTES and not cases.PROTOCOLS[protocol].attr(attr).extension:
             found.append(pytest.param(("positive", protocol, attr), id=f"attr-{protocol}@{attr}"))
     return found
 

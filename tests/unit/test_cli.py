@@ -16,6 +16,7 @@ from libvirt_nwfilter import cli
 from libvirt_nwfilter.store import FilterStore
 
 ROOT = Path(__file__).resolve().parents[2]
+OWN_FILTERS = ("clean-traffic-dualstack", "no-dhcpv6-server", "no-ipv6-ra", "no-nd-spoofing")
 U1 = "11111111-1111-4111-8111-111111111111"
 U2 = "22222222-2222-4222-8222-222222222222"
 GOOD = f"<filter name='mine' chain='ipv4'><uuid>{U1}</uuid><rule action='drop' direction='in'/></filter>"
@@ -82,12 +83,13 @@ def test_list_builtins_exact(run, env):
     code, out, err = run("list")
     assert (code, err) == (0, "")
     filters = FilterStore(env).all()
-    rows = [(f.uuid, name, "builtin") for name, f in filters.items()]
+    rows = [(f.uuid, name, "builtin (libvirt-nwfilter)" if name in OWN_FILTERS else "builtin")
+            for name, f in filters.items()]
     assert out == table(("UUID", "Name", "Source"), rows)
     lines = out.splitlines()
-    assert len(lines) == 2 + 24
+    assert len(lines) == 2 + 24 + 4
     assert lines[0] == " UUID" + " " * 34 + " Name" + " " * 21 + " Source"  # width + 2 after each cell
-    assert lines[1] == "-" * ((36 + 3) + (23 + 3) + (7 + 3))
+    assert lines[1] == "-" * ((36 + 3) + (23 + 3) + (26 + 3))
     assert lines[2].startswith(f" {filters['allow-arp'].uuid}   allow-arp ")
     assert [line.split()[1] for line in lines[2:]] == sorted(filters, key=str.lower)
 
@@ -105,16 +107,18 @@ def test_list_sources_and_case_insensitive_order(run, env, tmp_path):
     source = {r[1]: r[2].strip() for r in rows}
     assert source["alpha"] == "user" and source["allow-dhcp"] == "builtin"
     assert source["allow-arp"] == "user (overrides builtin)"
+    assert {source[name] for name in OWN_FILTERS} == {"builtin (libvirt-nwfilter)"}
     store = FilterStore(env)
     expected = [(f.uuid, n, store.origin(n).value) for n, f in store.all().items()]
     assert out == table(("UUID", "Name", "Source"), expected)
-    assert out.splitlines()[1] == "-" * ((36 + 3) + (23 + 3) + (24 + 3))
+    assert out.splitlines()[1] == "-" * ((36 + 3) + (23 + 3) + (26 + 3))
 
 
 def test_list_quiet(run, env):
     code, out, _ = run("-q", "list")
     assert code == 0
-    rows = [(f.uuid, n, "builtin") for n, f in FilterStore(env).all().items()]
+    rows = [(f.uuid, n, "builtin (libvirt-nwfilter)" if n in OWN_FILTERS else "builtin")
+            for n, f in FilterStore(env).all().items()]
     assert out == table(("UUID", "Name", "Source"), rows, quiet=True)
     assert not out.startswith(" UUID") and "---" not in out
 
@@ -125,7 +129,7 @@ def test_list_skips_unreadable_user_files(run, env, tmp_path):
     code, out, _ = run("list")
     assert code == 0
     names = [line.split()[1] for line in out.splitlines()[2:]]
-    assert "mine" in names and "broken" not in names and len(names) == 25
+    assert "mine" in names and "broken" not in names and len(names) == 24 + 4 + 1
     code, out, err = run("dumpxml", "broken")
     assert code == 1 and out == "" and "broken.xml" in one_error_line(err)
 

@@ -177,7 +177,8 @@ def test_completion_offers_verbs_and_options(completion):
 
 
 def test_completion_offers_filter_names_of_the_addressed_store(completion):
-    assert completion("libvirt-nwfilter dumpxml clean") == ["clean-traffic", "clean-traffic-gateway"]
+    assert completion("libvirt-nwfilter dumpxml clean") == ["clean-traffic", "clean-traffic-dualstack",
+                                                          "clean-traffic-gateway"]
     assert completion("libvirt-nwfilter --confdir CONFDIR undefine si") == ["site-web"]
     assert completion("libvirt-nwfilter --confdir=CONFDIR edit si") == ["site-web"]
     assert completion("libvirt-nwfilter undefine si") == []  # not in the default store

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from libvirt_nwfilter.errors import ValidationError
 from libvirt_nwfilter.model import (LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Direction, Filter, FilterRef,
                                     Match, Rule, VarRef, chain_prefix, make_params)
-from libvirt_nwfilter.schema import (ATTR_ORDER, ICMPV6_GROUP, PORT_PROTOCOLS, PROTOCOLS, Negation,
-                                     ValueType, decode_uint, parse_literal)
+from libvirt_nwfilter.schema import (ATTR_ORDER, ICMPV6_GROUP, NWF_NAMESPACE, PORT_PROTOCOLS, PROTOCOLS,
+                                     Negation, ValueType, decode_uint, parse_literal)
 from libvirt_nwfilter.xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
 
 FILTER_DIR = Path(__file__).resolve().parents[2] / "libvirt_nwfilter" / "filters"
@@ -58,7 +58,9 @@ def problems(xml: str | bytes) -> tuple[str, ...]:
 
 
 def rule_doc(children: str, action: str = "accept", direction: str = "out", extra: str = "") -> str:
-    return (f"<filter name='t'><rule action='{action}' direction='{direction}'{extra}>"
+    """A filter with one rule; our namespace is declared when the children use it."""
+    namespace = f" xmlns:nwf='{NWF_NAMESPACE}'" if "nwf:" in children else ""
+    return (f"<filter name='t'{namespace}><rule action='{action}' direction='{direction}'{extra}>"
             f"{children}</rule></filter>")
 
 
@@ -66,7 +68,8 @@ def rule_out(lines: list[str], action: str = "accept", direction: str = "out", p
              extra: str = "") -> str:
     head = f"  <rule action='{action}' direction='{direction}' priority='{priority}'{extra}>"
     body = "".join(f"    {line}\n" for line in lines)
-    return f"<filter name='t' chain='root'>\n{head}\n{body}  </rule>\n</filter>\n"
+    namespace = f" xmlns:nwf='{NWF_NAMESPACE}'" if "nwf:" in body else ""
+    return f"<filter name='t' chain='root'{namespace}>\n{head}\n{body}  </rule>\n</filter>\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ SAMPLE = {  # type -> (raw input, canonical output as printed)
     ValueType.TCPFLAGS: ("syn,ack/syn", "SYN,ACK/SYN"),
     ValueType.IPSETNAME: ("my set", "my set"),
     ValueType.IPSETFLAGS: ("SRC,dst", "src,dst"),
+    ValueType.NDLLADDR: ("AA:b:0:1:2:3", "aa:0b:00:01:02:03"),
 }
 OVERRIDE = {  # attribute -> (raw, printed) where the type sample does not fit
     "protocolid": ("2054", "arp"), "encap-protocol": ("0x800", "ipv4"), "opcode": ("0x2", "Reply"),
@@ -111,6 +115,8 @@ def requirements(protocol: str, name: str) -> dict[str, tuple[str, str]]:
         need["protocol"] = ("6", "tcp")
     if protocol == "ipv6" and name in ICMPV6_GROUP:
         need["protocol"] = ("58", "icmpv6")
+    if spec.attr(name).extension:  # Neighbour Discovery fields: one ND message type
+        need.update(protocol=("58", "icmpv6"), type=("136", "136"))
     return need
 
 
@@ -838,8 +844,10 @@ def raw_values(draw, spec) -> str:
                 "pad": f"0x{number:06x}"}[style]
     if vt is ValueType.UINT16_DEC:
         return str(draw(st.integers(0, 0xFFFF)))
-    if vt is ValueType.MAC:
+    if vt is ValueType.MAC or (vt is ValueType.NDLLADDR and draw(st.booleans())):
         return ":".join(random_case(draw, f"{b:x}") for b in draw(st.lists(st.integers(0, 255), min_size=6, max_size=6)))
+    if vt is ValueType.NDLLADDR:
+        return random_case(draw, "none")
     if vt is ValueType.MACMASK:
         prefix = draw(st.integers(0, 48))
         value = ((1 << prefix) - 1) << (48 - prefix)
@@ -904,6 +912,10 @@ def _repair(protocol: str, values: dict, draw) -> None:
     for side in ("src", "dst"):
         if f"{side}ipaddr" in values and spec.attr(f"{side}ipfrom"):
             values.pop(f"{side}ipfrom", None)
+    if _uses_nd(protocol, values):  # one positive Neighbour Solicitation/Advertisement type
+        values["protocol"] = "icmpv6"
+        values["type"] = draw(st.sampled_from(["135", "136"]))
+        values.pop("typeend", None)
     if protocol in ("ip", "ipv6"):
         group = protocol == "ipv6" and any(n in values for n in ICMPV6_GROUP)
         ports = any(n in values for n in PORT_ATTRS)
@@ -923,9 +935,15 @@ def _repair(protocol: str, values: dict, draw) -> None:
             del values[name]
 
 
+def _uses_nd(protocol: str, values: dict) -> bool:
+    return any(PROTOCOLS[protocol].attr(name).extension for name in values)
+
+
 def _negation(protocol: str, name: str, values: dict, negated: dict) -> bool:
     attr = PROTOCOLS[protocol].attr(name)
     if attr.negation is Negation.REFUSED:
+        return False
+    if _uses_nd(protocol, values) and name in ("protocol", *ICMPV6_GROUP):
         return False
     if protocol == "ipv6" and name in ICMPV6_GROUP:
         leader = "type" if "type" in values else next(n for n in ICMPV6_GROUP if n in values)
@@ -996,3 +1014,88 @@ def test_property_one_element_per_attribute_in_any_order(match, rnd):
     direction = "out"
     doc = rule_doc("".join(elements) or f"<{match.protocol}/>", direction=direction)
     assert parse(doc).entries[0].match == match
+
+
+# --------------------------------------------------------------------------------------------
+# Our extension attributes (docs/filter-language-extensions.md): round trips and prefixes
+
+ND_ATTRS = [a.name for a in PROTOCOLS["ipv6"].attrs if a.extension]
+
+
+@st.composite
+def nd_matches(draw) -> Match:
+    """ipv6 matches with at least one extension attribute (and anything else of ipv6)."""
+    match = draw(matches("ipv6"))
+    if not _uses_nd("ipv6", {a.name for a in match.attrs}):
+        extra = draw(st.sampled_from(ND_ATTRS))
+        values = {a.name: a.value for a in match.attrs}
+        values[extra] = parse_literal(PROTOCOLS["ipv6"].attr(extra), draw(raw_values(PROTOCOLS["ipv6"].attr(extra))))
+        _repair("ipv6", values, draw)
+        negated = {a.name: a.negated for a in match.attrs} | {extra: False}
+        order = ATTR_ORDER["ipv6"]
+        match = Match("ipv6", tuple(Attr(n, values[n], _negation("ipv6", n, values, negated))
+                                    for n in sorted(values, key=order.__getitem__)))
+    return match
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(nd_matches(), min_size=1, max_size=3), st.sampled_from(["nwf", "x", "ns0", "libvirt"]))
+def test_property_extension_round_trip_under_any_prefix(ms, prefix):
+    """A filter using the extension, written with any prefix for our namespace, parses to the
+    same model; its canonical form (prefix nwf, declared once on <filter>) is byte-stable."""
+    flt = Filter("t", "ipv6-nd", None, None, tuple(Rule(Action.RETURN, Direction.OUT, 500, True, m) for m in ms))
+    text = format_filter(flt)
+    assert text.count("xmlns:nwf=") == 1 and text.splitlines()[0].endswith(f" xmlns:nwf='{NWF_NAMESPACE}'>")
+    assert parse(text) == flt and format_filter(parse(text)) == text
+    written = text.replace("xmlns:nwf=", f"xmlns:{prefix}=").replace(" nwf:", f" {prefix}:")
+    assert parse(written) == flt
+
+
+def test_extension_canonical_form():
+    doc = ("<filter name='t' chain='ipv6-nd' xmlns:n='" + NWF_NAMESPACE + "'><rule action='return' direction='out'>"
+           "<ipv6 n:nd-lladdr='NONE' protocol='58' type='135'/><ipv6 match='no' n:nd-target='FD00:0:0::1'/>"
+           "</rule><rule action='drop' direction='out'/></filter>")
+    assert canonical(doc) == (
+        "<filter name='t' chain='ipv6-nd' priority='-600' xmlns:nwf='" + NWF_NAMESPACE + "'>\n"
+        "  <rule action='return' direction='out' priority='500'>\n"
+        "    <ipv6 protocol='icmpv6' type='135'/>\n"
+        "    <ipv6 match='no' nwf:nd-target='fd00::1'/>\n"
+        "    <ipv6 nwf:nd-lladdr='none'/>\n"
+        "  </rule>\n"
+        "  <rule action='drop' direction='out' priority='500'/>\n"
+        "</filter>\n")
+
+
+def test_filter_without_extension_declares_no_namespace():
+    doc = f"<filter name='t' xmlns:nwf='{NWF_NAMESPACE}'><rule action='drop' direction='out'/></filter>"
+    assert "xmlns" not in canonical(doc)
+
+
+@pytest.mark.parametrize("children, expected", [
+    ("<ipv6 nwf:nd-target='::1'/>", "requires a positive protocol='icmpv6' and type='135' or '136'"),
+    ("<ipv6 protocol='icmpv6' type='134' nwf:nd-target='::1'/>", "type='135' or '136'"),
+    ("<ipv6 protocol='icmpv6' type='135' typeend='136' nwf:nd-lladdr='none'/>", "without typeend"),
+    ("<ipv6 protocol='icmpv6'/><ipv6 match='no' type='136'/><ipv6 nwf:nd-target='::1'/>", "positive"),
+    ("<ipv6 protocol='icmpv6' type='136' match='no' nwf:nd-lladdr='none'/>", "cannot be negated"),
+    ("<ipv6 protocol='icmpv6' type='136' nwf:nd-lladdr='52:54:00:00:00'/>", "MAC address like"),
+    ("<ipv6 protocol='icmpv6' type='136' nwf:nd-target='10.0.0.1'/>", "IPv6 address"),
+    ("<ipv6 protocol='icmpv6' type='136' nwf:nd-tagret='::1'/>", "did you mean 'nwf:nd-target'"),
+    ("<ip nwf:nd-target='::1'/>", "unknown attribute 'nwf:nd-target'"),
+    ("<icmpv6 type='136' nwf:nd-target='::1'/>", "unknown attribute 'nwf:nd-target'"),
+])
+def test_extension_misuse_refused_with_a_located_line(children, expected):
+    found = problems(rule_doc(children))
+    assert any(expected in p and p.startswith("t.xml:1: filter 't'") for p in found), found
+
+
+def test_extension_in_another_namespace_is_unknown():
+    doc = "<filter name='t' xmlns:nwf='urn:other'><rule action='drop' direction='out'>" \
+          "<ipv6 protocol='icmpv6' type='136' nwf:nd-target='::1'/></rule></filter>"
+    found = problems(doc)
+    assert len(found) == 1 and "unknown attribute '{urn:other}nd-target'" in found[0]
+
+
+def test_extension_variables_checked_after_substitution():
+    flt = parse(rule_doc("<ipv6 protocol='icmpv6' type='$T' nwf:nd-target='$IPV6' nwf:nd-lladdr='$MAC'/>"))
+    assert {a.name for a in flt.entries[0].match.attrs if isinstance(a.value, VarRef)} == {
+        "type", "nwf:nd-target", "nwf:nd-lladdr"}

@@ -449,7 +449,13 @@ def test_there_are_24_protocol_elements():
 
 @pytest.mark.parametrize("protocol", sorted(SPEC_TABLES))
 def test_attribute_table_order(protocol):
-    assert [a.name for a in PROTOCOLS[protocol].attrs] == SPEC_TABLES[protocol] + ["comment"]
+    extensions = EXTENSIONS.get(protocol, [])
+    assert [a.name for a in PROTOCOLS[protocol].attrs] == SPEC_TABLES[protocol] + extensions + ["comment"]
+    assert [a.name for a in PROTOCOLS[protocol].attrs if a.extension] == extensions
+
+
+# Our attributes (docs/filter-language-extensions.md), after libvirt's and before the comment.
+EXTENSIONS = {"ipv6": ["nwf:nd-target", "nwf:nd-lladdr"]}
 
 
 # companion <- base, per §5
@@ -469,7 +475,7 @@ def test_negation_kinds(protocol):
         name = attr.name
         if name == "comment":
             assert attr.negation is Negation.IGNORED and not attr.variables
-        elif name in ("state", "ipset", "ipsetflags"):
+        elif name in ("state", "ipset", "ipsetflags", "nwf:nd-lladdr"):
             assert attr.negation is Negation.REFUSED, name
         elif name in COMPANIONS:
             assert (attr.negation, attr.base) == (Negation.FOLLOWS, COMPANIONS[name]), name

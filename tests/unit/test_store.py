@@ -16,7 +16,8 @@ from libvirt_nwfilter.xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
 
 U1 = "11111111-1111-4111-8111-111111111111"
 U2 = "22222222-2222-4222-8222-222222222222"
-BUILTINS = 24
+OWN = ("clean-traffic-dualstack", "no-dhcpv6-server", "no-ipv6-ra", "no-nd-spoofing")
+BUILTINS = 24 + len(OWN)  # libvirt's and ours
 
 
 @pytest.fixture
@@ -215,6 +216,25 @@ def test_origins(store):
     define(store, doc("mine"))
     assert store.origin("mine") is Origin.USER
     assert store.origin("no-arp-spoofing") is Origin.BUILTIN
+    assert {store.origin(name) for name in OWN} == {Origin.OWN}
+    assert all(store.origin(name).shipped for name in ("no-arp-spoofing", *OWN))
+    assert not store.origin("mine").shipped
+
+
+def test_own_filters_and_libvirt_filters_do_not_share_a_name(store):
+    libvirt = {p.stem for p in store.builtin_dir.glob("*.xml")}
+    own = {p.stem for p in store.own_dir.glob("*.xml")}
+    assert len(libvirt) == 24 and own == set(OWN) and not libvirt & own
+
+
+def test_override_of_an_own_filter(store, tmp_path):
+    shipped = store.get("no-ipv6-ra")
+    override = define(store, "<filter name='no-ipv6-ra'><rule action='drop' direction='out'/></filter>")
+    assert override.uuid == shipped.uuid and store.origin("no-ipv6-ra") is Origin.OVERRIDE
+    store.remove("no-ipv6-ra")
+    assert store.origin("no-ipv6-ra") is Origin.OWN and store.get("no-ipv6-ra") == shipped
+    with pytest.raises(ConflictError, match="built in"):
+        store.remove("no-ipv6-ra")
 
 
 def test_find_by_name_or_uuid(store):

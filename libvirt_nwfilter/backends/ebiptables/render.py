@@ -12,6 +12,10 @@ Deliberate rendering choices (besides semantics.md §12)
 * Comments: control characters become spaces (the restore format is line based), at most 255
   bytes (the kernel limit); ``"`` and ``\\`` are escaped.
 * DSCP on an L2 ``ipv6`` rule (not produced by the language) would be ``--ip6-tclass``.
+* Neighbour Discovery target addresses and options (our extension ``nwf:nd-target``,
+  ``nwf:nd-lladdr``) are refused: ebtables' ip6 match reads only addresses, protocol, ports,
+  traffic class and ICMPv6 type/code; moving the rule to ip6tables (whose u32 match reads fixed
+  offsets) would take it out of its place among the port's L2 rules.
 """
 
 from __future__ import annotations
@@ -151,6 +155,18 @@ def _positive_dst_mac(conds: Sequence[Cond]) -> str | None:
     return None
 
 
+_ND_ATTRIBUTES = {Field.ND_TARGET: "nwf:nd-target", Field.ND_LLADDR: "nwf:nd-lladdr"}
+
+
+def _refuse_nd(conds: Sequence[Cond], where: str) -> None:
+    for c in conds:
+        if c.field in _ND_ATTRIBUTES:
+            raise UnsupportedError(
+                f"{where}: attribute '{_ND_ATTRIBUTES[c.field]}' cannot be rendered by the ebiptables "
+                "backend: ebtables cannot read Neighbour Discovery targets or options (use the "
+                "nftables backend)")
+
+
 def render_l2_conds(conds: Sequence[Cond], *, jump: bool = False, where: str = "") -> list[str]:
     """ebtables match arguments for ``conds`` (``!`` after the option, as ebtables wants).
 
@@ -159,6 +175,7 @@ def render_l2_conds(conds: Sequence[Cond], *, jump: bool = False, where: str = "
     fields); an element's payload fields require the matching positive protocol condition, which
     ebtables' match extensions insist on.
     """
+    _refuse_nd(conds, where)
     fields = {c.field for c in conds}
     etype = _positive_ethertype(conds)
     ctx = f" ({where})" if where else ""

@@ -15,6 +15,10 @@ Rendering of conditions (``!=`` when negated)
   headers); ports ``th sport|dport N[-M]``; ``ip|ip6 dscp N`` (the 6-bit field, spec R3); L2
   ICMPv6 ``icmpv6 type T1-T2 [icmpv6 code C1-C2]``, negated as a whole (ebtables) with
   ``icmpv6 type . icmpv6 code != { T . C }`` when both ranges matter.
+* Neighbour Discovery (our extension, docs/filter-language-extensions.md): the target address
+  ``@th,64,128 0x…`` (ICMPv6 bytes 8..23; ``!=`` when negated); the options ``ip6 nexthdr 58
+  ip6 length 24`` (none) or ``ip6 nexthdr 58 ip6 length 32 @th,192,64 0xTT01MMMMMMMMMMMM`` (one
+  link-layer address option of type TT holding MAC M, and nothing else).
 * L3 prefix: ``meta nfproto ipv4|ipv6`` (inet mode) or ``ether type 0x0800|0x86dd`` (bridge
   mode), then ``meta l4proto N`` unless the protocol is ``all``. ``srcmacaddr``: ``ether saddr``.
   ICMP: ``icmp|icmpv6 type T [code C]``; negated with a code: ``type . code != { T . C }``; IPv4
@@ -39,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 from ...errors import NwfilterError, UnsupportedError
 from ...ir import Cond, Field, Icmpv6Range, IcmpType, IpNet, IpRange, L2Rule, L3Rule
-from ...ir import MacMatch, NumRange, TcpFlags, Verdict
+from ...ir import MacMatch, NdLinkLayer, NumRange, TcpFlags, Verdict
 from ..text import clean_comment, mac_int, mac_mask, mac_text, range_text, tcp_flag_names
 from .names import hex_text, quote
 
@@ -55,6 +59,8 @@ _ETHERTYPE_IP = {4: 0x0800, 6: 0x86DD}
 # XML attribute names, for messages about refused fields.
 _ATTRIBUTE = {
     Field.IPSET: "ipset",
+    Field.ND_TARGET: "nwf:nd-target",
+    Field.ND_LLADDR: "nwf:nd-lladdr",
     Field.ARP_GRATUITOUS: "gratuitous",
     Field.STP_TYPE: "type",
     Field.STP_FLAGS: "flags",
@@ -255,6 +261,12 @@ def _render_cond(cond: Cond, ctx: _RuleContext) -> str:
         return f"th {'sport' if f is Field.SPORT else 'dport'} {op}{_num_range(v)}"
     if f is Field.ICMPV6_TYPE_CODE:
         return _icmpv6_range(v, neg)
+    if f is Field.ND_TARGET:
+        return f"@th,64,128 {op}{hex_text(int(ipaddress.IPv6Address(v)), 32)}"
+    if f is Field.ND_LLADDR:
+        if neg:
+            raise _refuse(cond, ctx, "the options test has no negation (it is two tests)")
+        return _nd_options(v)
     if f is Field.ICMP_TYPE:
         return _icmp_type(v, neg, ctx.family or 4)
     if f is Field.TCP_FLAGS:
@@ -290,6 +302,15 @@ def _icmpv6_range(v: Icmpv6Range, negated: bool) -> str:
     if all_types:
         return f"icmpv6 code != {_num_range(codes)}"
     return f"icmpv6 type . icmpv6 code != {{ {_num_range(types)} . {_num_range(codes)} }}"
+
+
+def _nd_options(v: NdLinkLayer) -> str:
+    """The whole options area of an ND message: its ICMPv6 header must follow the IPv6 header
+    (so the payload length is the ICMPv6 length); 24 bytes = no option, 32 = exactly one."""
+    if v.mac is None:
+        return "ip6 nexthdr 58 ip6 length 24"
+    option = (v.option << 56) | (1 << 48) | mac_int(v.mac)
+    return f"ip6 nexthdr 58 ip6 length 32 @th,192,64 {hex_text(option, 16)}"
 
 
 def _icmp_type(v: IcmpType, negated: bool, family: int) -> str:

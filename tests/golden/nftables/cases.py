@@ -12,7 +12,8 @@ from typing import Callable
 
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend
-from libvirt_nwfilter.ir import Field, Icmpv6Range, IcmpType, IpRange, Jump, L2Side, MacMatch, NumRange, PortRuleset
+from libvirt_nwfilter.ir import Field, Icmpv6Range, IcmpType, IpRange, Jump, L2Side, MacMatch, NdLinkLayer, NumRange
+from libvirt_nwfilter.ir import PortRuleset
 from libvirt_nwfilter.ir import SubChain, TcpFlags, Verdict
 from ir_builders import c, l2, l3, net4, net6  # noqa: E402  (tests/ is on the path)
 from ir_builders import ethertype as et  # noqa: E402
@@ -133,6 +134,23 @@ def l2_every_field() -> PortRuleset:
         l2(C, c(Field.ETHER_SRC, MacMatch(MAC, 0))),
     )
     return PortRuleset(from_vm=L2Side(rules))
+
+
+def nd_fields() -> PortRuleset:
+    """Neighbour Discovery fields (our extension) in a sub-chain, as no-nd-spoofing lays them out."""
+    nd = (et(0x86DD), c(Field.IP_PROTO, 58))
+    rules = (
+        l2(R, *nd, c(Field.IP_SRC, net6("::")), c(Field.ICMPV6_TYPE_CODE, Icmpv6Range(135, 135, 0, 255))),
+        l2(R, *nd, c(Field.IP_SRC, net6("fd00::1")), c(Field.ICMPV6_TYPE_CODE, Icmpv6Range(135, 135, 0, 255)),
+           c(Field.ND_LLADDR, NdLinkLayer(1, MAC))),
+        l2(R, *nd, c(Field.IP_SRC, net6("fe80::5054:ff:fe00:1")), c(Field.ICMPV6_TYPE_CODE,
+                                                                    Icmpv6Range(136, 136, 0, 255)),
+           c(Field.ND_TARGET, "fd00::1"), c(Field.ND_LLADDR, NdLinkLayer(2, None))),
+        l2(D, *nd, c(Field.ICMPV6_TYPE_CODE, Icmpv6Range(136, 136, 0, 255)), c(Field.ND_TARGET, "fd00::1", negated=True)),
+        l2(D, *nd, c(Field.ICMPV6_TYPE_CODE, Icmpv6Range(135, 136, 0, 255))),
+        l2(R),
+    )
+    return PortRuleset(from_vm=L2Side((Jump("ipv6-nd", (et(0x86DD),)),), (SubChain("ipv6-nd", -620, rules),)))
 
 
 def l3_every_field_v4() -> PortRuleset:
@@ -280,6 +298,7 @@ CASES = [
     Case("clean_traffic", "inet", _single("vnet0", clean_traffic)),
     Case("clean_traffic_two_ips", "inet", _single("vnet0", lambda: clean_traffic(ips=(IP, "10.0.0.2")))),
     Case("l2_every_field", "inet", _single("vnet0", l2_every_field)),
+    Case("nd_fields", "inet", _single("vnet0", nd_fields)),
     Case("l3_every_field_v4", "inet", _single("vnet0", l3_every_field_v4)),
     Case("l3_every_field_v6", "inet", _single("vnet0", l3_every_field_v6)),
     Case("l3_only_fo", "inet", _single("vnet0", only_fo)),

@@ -136,3 +136,30 @@ def test_libvirt_refuses_what_we_accept_there(libvirtd, name):
     raw, _ = cases.HAND[name]
     parse_filter(raw)
     assert virsh("nwfilter-define", "/dev/stdin", input=_renamed(raw, "nwft-oracle"), check=False).returncode != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Our extension attributes (docs/filter-language-extensions.md) as libvirt sees them
+
+EXTENSION_FILTER = (
+    "<filter name='nwft-oracle' chain='ipv6-nd' priority='-620' "
+    "xmlns:nwf='http://libvirt-nwfilter.org/xmlns/nwfilter/1.0'>\n"
+    "  <rule action='return' direction='out' priority='300'>\n"
+    "    <ipv6 srcipaddr='$IPV6' protocol='icmpv6' type='136' nwf:nd-target='$IPV6' nwf:nd-lladdr='$MAC'/>\n"
+    "  </rule>\n"
+    "</filter>\n")
+
+
+def test_libvirt_schema_refuses_the_extension(libvirtd):
+    """virsh nwfilter-define --validate checks libvirt's schema, which has no room for them."""
+    virsh("nwfilter-undefine", "nwft-oracle", check=False)
+    proc = virsh("nwfilter-define", "/dev/stdin", "--validate", input=EXTENSION_FILTER, check=False)
+    assert proc.returncode != 0 and "nwft-oracle" not in virsh("nwfilter-list").stdout
+
+
+def test_libvirt_without_validation_drops_the_extension(libvirtd):
+    """Without --validate libvirt's parser ignores attributes it does not know: the rule it keeps
+    accepts every advertisement (what the README warns about)."""
+    dumped = _libvirt_dump("nwft-oracle", EXTENSION_FILTER)
+    assert "nd-target" not in dumped and "nd-lladdr" not in dumped
+    assert "<ipv6 srcipaddr='$IPV6' protocol='icmpv6' type='136'/>" in dumped

@@ -15,6 +15,7 @@ from libvirt_nwfilter.docgen import manpage
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTIN = sorted(p.stem for p in (REPO / "libvirt_nwfilter/filters").glob("*.xml"))
+OWN = sorted(p.stem for p in (REPO / "libvirt_nwfilter/own_filters").glob("*.xml"))
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 MAC = "52:54:00:12:34:56"
@@ -130,9 +131,10 @@ def test_install_use_remove_reinstall_and_purge_on_clean_debian_12(package_build
 
     # the command
     assert nwfilter(root, "--version") == f"libvirt-nwfilter {__version__}\n"
-    rows = [line.split() for line in nwfilter(root, "-q", "list").splitlines()]
-    assert len(rows) == 24 and sorted(row[1] for row in rows) == BUILTIN
-    assert {row[2] for row in rows} == {"builtin"}
+    rows = [line.split(None, 2) for line in nwfilter(root, "-q", "list").splitlines()]
+    assert len(rows) == 24 + 4 and sorted(row[1] for row in rows) == sorted(BUILTIN + OWN)
+    assert {row[1]: row[2] for row in rows} == {**dict.fromkeys(BUILTIN, "builtin"),
+                                                **dict.fromkeys(OWN, "builtin (libvirt-nwfilter)")}
     nwfilter(root, "define", "-", input=USER_FILTER)
 
     # the hook, installed on request, run as libvirtd runs it (no environment, XML on stdin)
@@ -160,7 +162,8 @@ def test_install_use_remove_reinstall_and_purge_on_clean_debian_12(package_build
 
     # bash completion: verbs, filter names, bound ports
     assert complete(root, "libvirt-nwfilter binding-d") == ["binding-delete", "binding-dumpxml"]
-    assert complete(root, "libvirt-nwfilter dumpxml clean") == ["clean-traffic", "clean-traffic-gateway"]
+    assert complete(root, "libvirt-nwfilter dumpxml clean") == ["clean-traffic", "clean-traffic-dualstack",
+                                                                "clean-traffic-gateway"]
     assert complete(root, "libvirt-nwfilter undefine site") == ["site-web"]
     assert complete(root, "libvirt-nwfilter binding-delete ") == ["vnet0"]
 

@@ -36,7 +36,8 @@ def test_pip_install_into_a_venv_gives_command_filters_hook_and_docs(tmp_path):
            "LIBVIRT_NWFILTER_RUNDIR": str(tmp_path / "run")}
     command = venv / "bin/libvirt-nwfilter"
     assert run([command, "--version"], env) == f"libvirt-nwfilter {__version__}\n"
-    assert len(run([command, "-q", "list"], env).splitlines()) == 24
+    listed = run([command, "-q", "list"], env).splitlines()
+    assert len(listed) == 24 + 4 and sum(line.endswith("builtin (libvirt-nwfilter)") for line in listed) == 4
     run([command, "install-hook", "--hooks-dir", tmp_path / "hooks", "--unit-dir", tmp_path / "units"], env)
     wrapper = (tmp_path / "hooks/qemu.d/libvirt-nwfilter").read_text()
     assert f"exec {venv}/bin/python" in wrapper

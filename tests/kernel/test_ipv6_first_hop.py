@@ -100,6 +100,7 @@ def test_dualstack_drops_what_a_guest_must_not_send(lab, guests, tmp_path):
     cli = Cli(lab.host_ns, tmp_path, "nftables")
     cli.binding_create(a.port, MAC_A, "clean-traffic-dualstack", DUALSTACK)
     check_probes(lab, first_hop_probes(a, b, r) + nd_probes(a, b) + source_probes(a, b))
+    assert "match the kernel" in cli.run("verify").stdout  # the raw payload matches read back
 
 
 def first_hop_probes(a, b, r) -> list[Probe]:

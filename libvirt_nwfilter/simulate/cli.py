@@ -36,7 +36,9 @@ icmpv6. The fields use nwfilter's attribute names for the header fields the pack
 srcmacaddr, dstmacaddr, protocolid, vlanid, encap-protocol, hwtype, protocoltype, opcode,
 arpsrcmacaddr, arpdstmacaddr, arpsrcipaddr, arpdstipaddr, gratuitous=true, srcipaddr,
 dstipaddr, protocol, dscp, srcportstart, dstportstart, type, code, flags=SYN,ACK (the flags
-set), option=2,3 (the TCP options present) and the stp element's fields; state=NEW,
+set), option=2,3 (the TCP options present), the stp element's fields, and for icmpv6
+neighbour solicitations and advertisements (type=135, 136) our nwf:nd-target=ADDRESS and
+nwf:nd-lladdr=MAC (one link-layer address option) or none (no option); state=NEW,
 ESTABLISHED, RELATED, INVALID or UNTRACKED and ctdir=original or reply (default reply for
 ESTABLISHED and RELATED) say what the connection tracker thinks of it. --to-host makes an out
 packet one for the host itself (HI rules instead of FI); --from-host makes an in packet one the

@@ -11,6 +11,9 @@ Each condition means what the kernel makes of its rendering on both backends (se
 * IPv4 ICMP type 255 means "any type" (iptables), and its negation never matches;
 * ``ct direction`` needs a tracked connection; a packet the tracker rejected is ``INVALID``,
   one it does not track (IPv6 neighbour discovery, MLD) matches no state at all;
+* Neighbour Discovery fields (our extension) exist only in ICMPv6 Neighbour Solicitations and
+  Advertisements, which the packet language builds without extension headers; the options test
+  compares the whole option area (none, or the one link-layer option of the message's kind);
 * STP fields are read where ebtables' ``stp`` match reads them: its 6-byte header check covers
   the LLC header, the protocol id and the *version*, so what it calls the type is the version
   byte and every configuration field is read one byte later than the BPDU has it (only the
@@ -22,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Callable
 
-from ..ir import Cond, Field, IcmpType, Icmpv6Range, IpNet, IpRange, MacMatch, NumRange, TcpFlags
+from ..ir import Cond, Field, IcmpType, Icmpv6Range, IpNet, IpRange, MacMatch, NdLinkLayer, NumRange, TcpFlags
 from .frames import bpdu
 from .packet import Packet
 
@@ -132,6 +135,17 @@ def _icmpv6_range_cond(value: Icmpv6Range, negated: bool) -> Predicate:
                     negated)
 
 
+def _nd_lladdr_cond(value: NdLinkLayer) -> Predicate:
+    """The option area of an NS/NA is exactly ``value`` (docs/filter-language-extensions.md):
+    packets here never carry extension headers or other options, so the layout is the option."""
+    wanted = None if value.mac is None else int(value.mac.replace(":", ""), 16)
+    kind = _ND_OPTION.get(value.option)
+    return lambda p: p.nd_target is not None and p.nd_lladdr == wanted and (wanted is None or p.icmp_type == kind)
+
+
+_ND_OPTION = {1: 135, 2: 136}  # link-layer option type -> the message that carries it
+
+
 def _stp_raw(p: Packet) -> bytes | None:
     """The bytes ebtables' stp match reads: the LLC header and what follows (None: not STP)."""
     return bpdu(p) if p.stp is not None else None
@@ -218,6 +232,13 @@ def compile_cond(cond: Cond, family: int | None = None,
         return _icmpv6_range_cond(v, neg)
     if f is Field.ICMP_TYPE:
         return _icmp_cond(v, neg, family or 4)
+    if f is Field.ND_TARGET:
+        wanted = int(ipaddress.IPv6Address(v))
+        return _guarded(lambda p: p.nd_target is not None, lambda p: p.nd_target == wanted, neg)
+    if f is Field.ND_LLADDR:
+        if neg:
+            raise Unsupported("a negated nwf:nd-lladdr (no backend renders it)")
+        return _nd_lladdr_cond(v)
     if f is Field.TCP_FLAGS:
         return _tcp_flags_cond(v, neg)
     if f is Field.TCP_OPTION:

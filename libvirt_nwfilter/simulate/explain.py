@@ -11,7 +11,8 @@ packet's source whatever the rule's direction), so they can be compared with the
 from __future__ import annotations
 
 import ipaddress
-from ..ir import Cond, Field, IcmpType, Icmpv6Range, IpNet, IpRange, Jump, MacMatch, NumRange, TcpFlags, Verdict
+from ..ir import (Cond, Field, IcmpType, Icmpv6Range, IpNet, IpRange, Jump, MacMatch, NdLinkLayer, NumRange, TcpFlags,
+                  Verdict)
 from ..xml import format_rule
 from .evaluate import BAD_SOURCE, END, NO_RULES, ROOT_RETURN, RULE, STAGES, SUB_END, CompiledRule, Result, Stage
 from .packet import Packet
@@ -27,6 +28,7 @@ FIELD_WORDS = {
     Field.ICMPV6_TYPE_CODE: "type/code", Field.ICMP_TYPE: "type/code", Field.TCP_FLAGS: "flags",
     Field.TCP_OPTION: "option", Field.CT_STATE: "state", Field.CT_DIRECTION: "ctdir",
     Field.CONNLIMIT_ABOVE: "connections from the source", Field.IPSET: "ipset",
+    Field.ND_TARGET: "nwf:nd-target", Field.ND_LLADDR: "nwf:nd-lladdr",
 }
 _CT_FIELDS = (Field.CT_STATE, Field.CT_DIRECTION)
 _ACTIONS = {Verdict.ACCEPT: "accept", Verdict.DROP: "drop", Verdict.REJECT: "reject", Verdict.RETURN: "return",
@@ -63,6 +65,8 @@ def cond_text(cond: Cond) -> str:
         text = f"{v.type}" + ("" if v.code is None else f"/{v.code}")
     elif isinstance(v, Icmpv6Range):
         text = f"{v.type_low}-{v.type_high}/{v.code_low}-{v.code_high}"
+    elif isinstance(v, NdLinkLayer):
+        text = v.mac or "none"
     elif isinstance(v, TcpFlags):
         text = f"{v.mask:#04x}/{v.flags:#04x}"
     elif isinstance(v, tuple):
@@ -95,6 +99,9 @@ def packet_value(p: Packet, f: Field) -> str:
         Field.ICMP_TYPE: lambda: f"{p.icmp_type}/{p.icmp_code}", Field.ICMPV6_TYPE_CODE: lambda: f"{p.icmp_type}/{p.icmp_code}",
         Field.TCP_FLAGS: lambda: f"{p.tcp_flags:#04x}", Field.TCP_OPTION: lambda: ",".join(map(str, p.tcp_options)) or "none",
         Field.CT_STATE: lambda: p.ct_state or "-", Field.CT_DIRECTION: lambda: p.ct_dir or "none",
+        Field.ND_TARGET: lambda: _ip(p.nd_target, 6) if p.nd_target is not None else "no neighbour discovery",
+        Field.ND_LLADDR: lambda: ("no neighbour discovery" if p.nd_target is None
+                                  else "none" if p.nd_lladdr is None else _mac(p.nd_lladdr)),
     }
     getter = values.get(f)
     if getter is None:

@@ -2,7 +2,8 @@
 
 Ethernet II, 802.1Q, 802.3/LLC with an STP configuration BPDU, ARP/RARP, IPv4 (no options),
 IPv6 (no extension headers), TCP (with options), UDP, UDP-Lite, SCTP (one INIT chunk),
-ICMP/ICMPv6 (echo layout), IGMPv2, ESP, AH; checksums are correct (the kernel's connection
+ICMP/ICMPv6 (echo layout; Neighbour Solicitation/Advertisement with their target and link-layer
+option), IGMPv2, ESP, AH; checksums are correct (the kernel's connection
 tracker drops packets with bad ones as INVALID). ``tag`` makes frames of one run unique
 without touching a field any rule can match: it goes into the IPv4 identification or IPv6 flow
 label and into the payload or padding (never after an SCTP chunk: a second chunk would change
@@ -100,6 +101,8 @@ def _transport(packet: Packet, payload: bytes) -> bytes:
         return common[:8] + struct.pack("<I", crc32c(common)) + common[12:]
     if proto == 33:  # DCCP: the ports are all a rule can read
         return struct.pack("!HH", packet.sport, packet.dport) + bytes(12) + payload
+    if packet.nd_target is not None:
+        return _with_checksum(packet, _neighbour_discovery(packet), 2)
     if packet.icmp_type is not None:
         message = struct.pack("!BBHHH", packet.icmp_type, packet.icmp_code, 0, 1, 1) + payload
         if packet.family == 4:
@@ -113,6 +116,16 @@ def _transport(packet: Packet, payload: bytes) -> bytes:
     if proto == 51:
         return struct.pack("!BBHII", 59, 4, 0, 0x100, 1) + bytes(12) + payload
     return payload
+
+
+def _neighbour_discovery(packet: Packet) -> bytes:
+    """An NS/NA (RFC 4861 4.3, 4.4; no payload after the options: the tag is in the flow label),
+    with its one link-layer address option (source in a solicitation, target in an
+    advertisement) unless ``nd_lladdr`` is None."""
+    message = struct.pack("!BBHI", packet.icmp_type, packet.icmp_code, 0, 0) + _ip(packet, packet.nd_target)
+    if packet.nd_lladdr is not None:
+        message += bytes([1 if packet.icmp_type == 135 else 2, 1]) + _mac(packet.nd_lladdr)
+    return message
 
 
 def _ip_packet(packet: Packet, tag: int) -> bytes:

@@ -12,6 +12,11 @@ A packet is written ``DIRECTION PROTOCOL [name=value ...] [--to-host | --from-ho
   arpsrcmacaddr arpdstmacaddr arpsrcipaddr arpdstipaddr srcipaddr dstipaddr protocol dscp
   srcportstart dstportstart type code flags option`` and the ``stp`` fields. A packet has one
   value per field: ``flags=SYN,ACK`` (the flags set), ``option=2,3`` (the TCP options present).
+  An ICMPv6 Neighbour Solicitation or Advertisement (``icmpv6 type=135|136``) also has our
+  ``nwf:nd-target`` (default: the remote peer's address for a solicitation from the guest,
+  the sender's own otherwise) and ``nwf:nd-lladdr``: a MAC (one link-layer address option, the
+  message's kind, holding it; default: the frame's source MAC) or ``none`` (no option; the
+  default from ``::``).
   Ranges and masks (``srcportend``, ``srcipmask``...) are rule attributes and refused.
 * ``state=NEW|ESTABLISHED|RELATED|INVALID|UNTRACKED`` and ``ctdir=original|reply`` say what the
   connection tracker thinks of the packet; without them it follows from the earlier packets of
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ..errors import NwfilterError
-from ..schema import PROTOCOLS, decode_uint, parse_literal, tcp_flag_bits
+from ..schema import ND_LLADDR, ND_TARGET, ND_TYPES, PROTOCOLS, decode_uint, parse_literal, tcp_flag_bits
 
 DIRECTIONS = ("out", "in")
 BROADCAST = 0xFFFFFFFFFFFF
@@ -134,6 +139,8 @@ class Packet:
     icmp_type: int | None = None
     icmp_code: int | None = None
     stp: Stp | None = None
+    nd_target: int | None = None  # Neighbour Solicitation/Advertisement target (None: no ND)
+    nd_lladdr: int | None = None  # the one link-layer address option's MAC (None: no option)
     state: str | None = None  # given with state=
     ctdir: str | None = None  # given with ctdir=
     ct_state: str | None = field(default=None, compare=False)  # set while evaluating
@@ -237,7 +244,7 @@ class _Builder:
 
     def address(self, name: str, family: int, default: str) -> int:
         element = "ip" if family == 4 else "ipv6"
-        value = self.literal(name, element, "srcipaddr")
+        value = self.literal(name, element, "srcipaddr" if name != ND_TARGET else name)
         return int(ipaddress.ip_address(value if value is not None else default))
 
     def refuse(self, names: Iterable[str], why: str) -> None:
@@ -269,6 +276,8 @@ class _Builder:
         packet.dst_mac = self.mac("dstmacaddr", self._default_dst_mac(packet, peer if out else own))
         if self.word == "arp" and packet.arp_opcode == 2 and "arpdstmacaddr" not in self.fields:
             packet.arp_tha = packet.dst_mac
+        if packet.nd_target is not None:
+            self._nd_lladdr(packet)
         if self.word in ("arp", "rarp") and "arpsrcmacaddr" not in self.fields:
             packet.arp_sha = packet.src_mac
             if self.word == "rarp" and "arpdstmacaddr" not in self.fields:
@@ -291,6 +300,8 @@ class _Builder:
                                                                  if self.word in ("arp", "rarp") else "")
         if name.startswith("arp") or name in ("hwtype", "protocoltype", "opcode"):
             return f"only arp and rarp packets have '{name}'"
+        if name in (ND_TARGET, ND_LLADDR):
+            return f"only icmpv6 neighbour solicitations and advertisements (type=135, 136) have '{name}'"
         if name in STP_FIELDS and self.word != "stp":
             return f"'{name}' is not a field of a '{self.word}' packet" + (
                 "" if name != "type" else " (only icmp, icmpv6 and stp packets have a type)")
@@ -400,6 +411,22 @@ class _Builder:
             itype, code = self.number("type", "icmp"), self.number("code", "icmp")
             packet.icmp_type = (8 if family == 4 else 128) if itype is None else itype
             packet.icmp_code = 0 if code is None else code
+            if family == 6 and packet.icmp_type in ND_TYPES:
+                self._nd_target(packet, own, peer)
+
+    def _nd_target(self, packet: Packet, own: str, peer: str) -> None:
+        """A solicitation asks about the other side; an advertisement speaks for its sender."""
+        out = self.direction == "out"
+        asks_peer = packet.icmp_type == ND_TYPES[0]
+        default = (peer if out else own) if asks_peer else (own if out else peer)
+        packet.nd_target = self.address(ND_TARGET, 6, default)
+
+    def _nd_lladdr(self, packet: Packet) -> None:
+        value = self.literal(ND_LLADDR, "ipv6")
+        if value is None:
+            packet.nd_lladdr = None if packet.ip_src == 0 else packet.src_mac
+        else:
+            packet.nd_lladdr = None if value == "none" else int(value.replace(":", ""), 16)
 
     def _tcp(self, packet: Packet) -> None:
         flags = self.raw("flags")

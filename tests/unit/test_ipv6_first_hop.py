@@ -5,6 +5,7 @@ Pure; tests/kernel/test_ipv6_first_hop.py sends the frames."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,75 @@ def test_ebiptables_renders_the_others(store, name):
 def test_own_dir_is_packaged():
     setup = (Path(__file__).resolve().parents[2] / "setup.cfg").read_text()
     assert "own_filters/*.xml" in setup
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate: packets with Neighbour Discovery fields, their frames, and the offline verdicts
+
+from libvirt_nwfilter.simulate.evaluate import Simulator  # noqa: E402
+from libvirt_nwfilter.simulate.explain import text_report  # noqa: E402
+from libvirt_nwfilter.simulate.frames import build  # noqa: E402
+from libvirt_nwfilter.simulate.packet import Addresses, PacketError, parse_packets  # noqa: E402
+
+GUEST = Addresses(MAC, guest_ipv4="10.0.0.1", guest_ipv6="fd00::1")
+
+
+def packets(*words: str):
+    return parse_packets(list(words), GUEST)
+
+
+def test_nd_packet_defaults_speak_for_the_sender_and_ask_about_the_peer():
+    na, ns, dad, na_in = packets("out icmpv6 type=136", "out icmpv6 type=135", "out icmpv6 type=135 srcipaddr=::",
+                                 "in icmpv6 type=136")
+    assert (na.nd_target, na.nd_lladdr) == (0xFD000000000000000000000000000001, 0x525400000001)
+    assert ns.nd_target == 0x20010DB8000000000000000000000001 and ns.nd_lladdr == 0x525400000001
+    assert dad.nd_lladdr is None  # from :: a solicitation carries no link-layer option
+    assert na_in.nd_target == 0x20010DB8000000000000000000000001 and na_in.nd_lladdr == 0x5254_00FF_FF01
+
+
+def test_nd_fields_given_and_refused():
+    (given,) = packets("out icmpv6 type=136 nwf:nd-target=fe80::1 nwf:nd-lladdr=NONE")
+    assert (given.nd_target, given.nd_lladdr) == (0xFE800000000000000000000000000001, None)
+    for text, reason in (("out icmpv6 type=128 nwf:nd-target=fd00::1", "only icmpv6 neighbour solicitations"),
+                         ("out udp-ipv6 nwf:nd-lladdr=none", "only icmpv6 neighbour solicitations"),
+                         ("out icmpv6 type=136 nwf:nd-lladdr=1:2", "MAC address like"),
+                         ("out icmpv6 type=136 nwf:nd-target=10.0.0.1", "IPv6 address")):
+        with pytest.raises(PacketError, match=reason):
+            packets(text)
+
+
+@pytest.mark.parametrize("text", ["out icmpv6 type=136", "out icmpv6 type=135", "out icmpv6 type=136 nwf:nd-lladdr=none",
+                                  "out icmpv6 type=135 srcipaddr=:: dstipaddr=ff02::1:ff00:1"])
+def test_nd_frames_are_what_scapy_reads(text):
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
+    from scapy.layers.l2 import Ether
+
+    (packet,) = packets(text)
+    frame = Ether(build(packet, tag=7))
+    message = frame[ICMPv6ND_NA if packet.icmp_type == 136 else ICMPv6ND_NS]
+    assert int(ipaddress.IPv6Address(message.tgt)) == packet.nd_target
+    option = ICMPv6NDOptDstLLAddr if packet.icmp_type == 136 else ICMPv6NDOptSrcLLAddr
+    if packet.nd_lladdr is None:
+        assert frame[IPv6].plen == 24 and option not in frame
+    else:
+        assert frame[IPv6].plen == 32 and frame[option].lladdr == "52:54:00:00:00:01"
+    again = Ether(bytes(frame))
+    del again[IPv6].payload.cksum
+    assert Ether(bytes(again))[IPv6].payload.cksum == message.cksum  # the checksum scapy computes
+
+
+def test_dualstack_offline_verdicts_and_the_rule_named():
+    ruleset = compile_port(resolve(FilterRef("clean-traffic-dualstack", make_params(
+        {"IP": ("10.0.0.1",), "IPV6": ("fd00::1",)})), MAC, FilterStore(Path("/nonexistent")).source))
+    words = {"out icmpv6 type=136": "pass", "out icmpv6 type=136 nwf:nd-lladdr=none": "pass",
+             "out icmpv6 type=136 nwf:nd-target=fd00::2": "drop",
+             "out icmpv6 type=136 nwf:nd-lladdr=52:54:00:99:99:99": "drop",
+             "out icmpv6 type=135 srcipaddr=fe80::5054:ff:fe00:1": "pass", "out icmpv6 type=135 srcipaddr=::": "pass",
+             "out icmpv6 type=135 nwf:nd-lladdr=52:54:00:99:99:99": "drop", "out icmpv6 type=134": "drop",
+             "out icmpv6 type=137": "drop", "out udp-ipv6 srcportstart=547 dstportstart=546": "drop",
+             "out udp-ipv6 srcipaddr=fd00::99": "drop", "out udp-ipv6": "pass", "in icmpv6 type=134": "pass"}
+    results = Simulator(ruleset).run(packets(*words))
+    assert {r.packet.text: r.verdict for r in results} == words
+    report = text_report(3, results[2])
+    assert "dropped by filter 'no-nd-spoofing' rule 14" in report
+    assert "needs nwf:nd-target=fd00::1 (packet: fd00::2)" in report

@@ -297,3 +297,34 @@ def test_ebiptables_refuses_nd_fields_with_one_line(lab, guests, tmp_path, filte
     assert kernel_snapshot(lab.host_ns) == before
     assert cli.binding_ports() == [b.port]
 
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate: the offline engine agrees with the kernel on our filters, packet by packet
+
+ND_WORDS = ["out icmpv6 type=136", "out icmpv6 type=136 nwf:nd-lladdr=none", "out icmpv6 type=136 nwf:nd-target=fd00::2",
+            "out icmpv6 type=136 nwf:nd-lladdr=52:54:00:99:99:99", "out icmpv6 type=136 srcipaddr=fe80::5054:ff:fe00:1",
+            "out icmpv6 type=136 srcipaddr=fd00::99", "out icmpv6 type=135", "out icmpv6 type=135 nwf:nd-lladdr=none",
+            "out icmpv6 type=135 srcipaddr=:: dstipaddr=ff02::1:ff00:1 nwf:nd-target=fd00::1",
+            "out icmpv6 type=135 nwf:nd-lladdr=52:54:00:99:99:99", "out icmpv6 type=135 srcipaddr=fd00::99",
+            "in icmpv6 type=136", "in icmpv6 type=134"]
+FIRST_HOP_WORDS = ["out icmpv6 type=134 srcipaddr=fe80::5054:ff:fe00:1 dstipaddr=ff02::1",
+                   "out icmpv6 type=137", "out icmpv6 type=133 srcipaddr=fe80::5054:ff:fe00:1 dstipaddr=ff02::2",
+                   "out udp-ipv6 srcportstart=547 dstportstart=546", "out udp-ipv6 srcportstart=546 dstportstart=547",
+                   "out udp-ipv6", "out udp-ipv6 srcipaddr=fd00::99", "out icmpv6", "in udp-ipv6"]
+IPV4_WORDS = ["out udp", "out udp srcipaddr=10.0.0.66", "out arp opcode=Reply", "out arp arpsrcipaddr=10.0.0.9",
+              "in tcp dstportstart=22", "out mac protocolid=0x88b5"]
+
+
+@pytest.mark.parametrize("name, params, words, backends", [
+    ("clean-traffic-dualstack", {"IP": ("10.0.0.1",), "IPV6": ("fd00::1",)}, ND_WORDS + FIRST_HOP_WORDS + IPV4_WORDS,
+     ("nftables",)),
+    ("no-nd-spoofing", {"IPV6": ("fd00::1", "fd00::3")}, ND_WORDS + FIRST_HOP_WORDS, ("nftables",)),
+    ("no-ipv6-ra", {}, FIRST_HOP_WORDS + ND_WORDS, ("nftables", "ebiptables")),
+    ("no-dhcpv6-server", {}, FIRST_HOP_WORDS, ("nftables", "ebiptables")),
+])
+def test_simulate_offline_equals_kernel(kernel_env, name, params, words, backends):
+    from simdiff import compare, ruleset_of
+
+    packets, problems = compare(ruleset_of(name, params), words, backends)
+    assert len(packets) == len(words) and not problems, "\n".join(problems)

@@ -23,7 +23,7 @@ from .commit import Committer
 from .errors import NwfilterError
 from .journal import Intent, Journal
 from .state import State
-from .store import FilterStore, Origin
+from .store import FilterStore
 from .xml import parse_filter
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _roll(intent: Intent, committer: Committer, state: State, store: FilterStore
         text = intent.filter.new if forward else intent.filter.previous
         if text is not None:
             store.write(parse_filter(text, str(committer.journal.path)))
-        elif store.origin(intent.filter.name) is not Origin.BUILTIN:
+        elif not store.origin(intent.filter.name).shipped:
             store.remove(intent.filter.name)
     records, _ = state.scan()
     wanted = {a.binding.portdev: a.binding for a in records}

@@ -8,6 +8,7 @@ starts. The CLI runs inside libvirtd's namespace, where the taps and our tables 
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import re
 import subprocess
 import sys
@@ -125,6 +126,34 @@ def test_start_binds_the_tap_and_destroy_unbinds(clean, libvirtd, nwf, dirs):
     log = dirs["log"].read_text()
     assert f"domain '{guest.name}' start: INFO: interface {mac}: port {guest.tap} filtered by 'clean-traffic'" in log
 
+    lv.virsh("destroy", guest.name)
+    assert bindings(nwf) == {}
+    assert_not_filtered(clean, guest.tap)
+
+
+def readme_dualstack_example() -> str:
+    """The README's example domain metadata for clean-traffic-dualstack (inside <metadata>)."""
+    blocks = re.findall(r"```xml\n<metadata>\n(.*?)</metadata>\n```", (REPO / "README.md").read_text(), re.S)
+    return next(block for block in blocks if "clean-traffic-dualstack" in block)
+
+
+def test_readme_dualstack_example_binds_the_nd_rules(clean, libvirtd, nwf, dirs):
+    """The README's dual-stack guest, started by the real hook: its tap is bound to
+    clean-traffic-dualstack with both IPV6 values, and the kernel holds the Neighbour Discovery
+    checks for them, its MAC-derived link-local address and its MAC."""
+    mac = "52:54:00:12:34:56"
+    guest = libvirtd.start_guest("nwft-hook-dualstack", mac, metadata=readme_dualstack_example())
+    assert bindings(nwf) == {guest.tap: ("clean-traffic-dualstack", guest.name)}
+    dump = nwf("binding-dumpxml", guest.tap).stdout
+    for value in ("10.0.0.5", "2001:db8::5054:ff:fe12:3456", "2001:db8::a:5"):
+        assert f"value='{value}'/>" in dump, dump
+    rules = our_rules(clean)
+    targets = ("2001:db8::5054:ff:fe12:3456", "2001:db8::a:5", "fe80::5054:ff:fe12:3456")
+    for target in targets:  # nft prints raw payloads in hex without leading zeros
+        assert f"@th,64,128 0x{int(ipaddress.IPv6Address(target)):x} " in rules, f"no NA for {target}:\n{rules}"
+    for option_type in (1, 2):  # source (NS) and target (NA) link-layer option: type, length 1, the MAC
+        assert f"@th,192,64 0x{option_type:x}01525400123456 " in rules, rules
+    assert nwf("verify").returncode == 0
     lv.virsh("destroy", guest.name)
     assert bindings(nwf) == {}
     assert_not_filtered(clean, guest.tap)

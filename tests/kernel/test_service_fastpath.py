@@ -68,7 +68,7 @@ def script(work: Path) -> list[tuple[str, list[str], str | None]]:
         ["reapply", "test", "-c", TEST_URI], ["reapply", "nwft-none", "-c", TEST_URI],
         ["attach-filter", "test", "52:54:00:0f:00:07", "clean-traffic", "-c", TEST_URI],
         ["detach-filter", "test", "52:54:00:0f:00:07", "-c", TEST_URI], ["import-libvirt", "-c", TEST_URI],
-        ["convert-domain", "test", "-c", TEST_URI], ["reapply", "--all", "-c", "qemu+unix:///nowhere"],
+        ["convert-domain", "test", "-c", TEST_URI], ["reapply", "--all", "-c", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"],
     ]
     stdins = {13: b3, 21: FILTER2, 5: FILTER}
     requests = [("cli", argv, stdins.get(i)) for i, argv in enumerate(cli)]

@@ -33,6 +33,10 @@ import netlab
 TESTS_DIR = Path(__file__).resolve().parent
 SKIP_KERNEL = os.environ.get("LIBVIRT_NWFILTER_SKIP_KERNEL") == "1"
 SKIP_LIBVIRT = os.environ.get("LIBVIRT_NWFILTER_SKIP_LIBVIRT") == "1"
+# Under pytest-xdist (scripts/test runs ``-n N --dist loadgroup``) the tests of these
+# directories stay on one worker each: only one libvirtd can run per host (its tests share
+# module-scoped daemons), and the package tests share one Debian root.
+SERIAL_GROUPS = {("libvirt",), ("package",)}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,6 +48,8 @@ def pytest_collection_modifyitems(config, items):
         if parts[:1] == ("libvirt",):
             item.add_marker(pytest.mark.libvirt)
             item.add_marker(pytest.mark.kernel)
+        if parts[:1] in SERIAL_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(parts[0]))
         if SKIP_KERNEL and item.get_closest_marker("kernel"):
             item.add_marker(pytest.mark.skip(reason="LIBVIRT_NWFILTER_SKIP_KERNEL=1"))
         elif SKIP_LIBVIRT and item.get_closest_marker("libvirt"):

@@ -72,11 +72,7 @@ def cmd_reapply(service: "Service", args: argparse.Namespace) -> int:
         _error("give domains or --all, not both")
         return EXIT_USAGE
     if not args.all and not args.domains:
-        reapply = getattr(service, "reapply", None)
-        if reapply is None:
-            raise NwfilterError("re-instantiating every recorded binding is not available yet (pending); "
-                                "use 'reapply --all' or 'reapply DOMAIN ...'")
-        applied = reapply() or []
+        applied = service.reapply()
         ports = [a.binding.portdev for a in applied]
         print(f"Re-instantiated {len(ports)} binding(s)" + (f": {', '.join(ports)}" if ports else ""))
         return EXIT_OK

@@ -84,7 +84,6 @@ def service(mocker):
     fake_service.list_bindings.return_value = []
     fake_service.state.owned_ports.return_value = []
     fake_service.binding.side_effect = BindingError("no nwfilter binding")
-    del fake_service.reapply
     mocker.patch.object(cli, "Service", return_value=fake_service)
     return fake_service
 
@@ -202,15 +201,16 @@ def test_detach(fake, service, capsys):
 
 
 def test_reapply_usage(fake, service, capsys):
-    assert run(capsys, "reapply", "guest1", "--all")[0] == 2
-    status, _, err = run(capsys, "reapply")
-    assert status == 1 and "pending" in err
+    status, _, err = run(capsys, "reapply", "guest1", "--all")
+    assert status == 2 and err == "error: give domains or --all, not both\n"
 
 
 def test_reapply_without_arguments_uses_service_reapply(fake, service, capsys):
     from libvirt_nwfilter.state import AppliedBinding
-    service.reapply = lambda: [AppliedBinding(Binding("g", UUID, "vnet3", MAC, REF), "nftables", {}, "h")]
+    service.reapply.return_value = [AppliedBinding(Binding("g", UUID, "vnet3", MAC, REF), "nftables", {}, "h")]
     assert run(capsys, "reapply") == (0, "Re-instantiated 1 binding(s): vnet3\n", "")
+    service.reapply.assert_called_once_with()
+    cli_libvirt._client.assert_not_called()  # libvirt is not asked
 
 
 def test_reapply_domain_not_running(fake, service, capsys):

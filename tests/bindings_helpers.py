@@ -9,15 +9,12 @@ the machine's ``python3`` as well as with ``.venv/bin/python``.
   backend, so the rules land in that namespace only.
 * Frame builders (:func:`ether`, :func:`ipv4`, :func:`udp`, :func:`tcp`, :func:`icmp_echo`,
   :func:`arp`, :func:`rarp`, :func:`ipv6_udp`, ...) return bytes.
-* :func:`verdicts` sends a batch of :class:`Probe` frames at once and reports, per probe,
-  whether it arrived (one sniffer per receiver, one sender per source): a whole batch costs
-  about one ``settle``.
 * :func:`kernel_snapshot` captures the firewall state of a namespace (nft ruleset, ebtables,
   iptables, ip6tables) with counters removed, for "nothing changed" assertions;
   :func:`port_items` everything of one port, handles included ("nothing re-created");
   :func:`dispatch_entries` lists the ports our backend dispatches.
-* :func:`exchange` / :func:`run_concurrently`: thread-safe TCP/UDP checks, run side by side;
-  :class:`HostEndpoint` makes the host namespace a connection source.
+* Traffic checks (frames, connections; every "dropped" with its positive twin) are in
+  tests/traffic.py.
 * Fixtures ``backend`` (both backends), ``cli`` and ``pair`` (VMs a and b): import them.
 
 Others import this module too (tests/kernel/test_live_update.py): keep the names and signatures
@@ -34,7 +31,6 @@ import secrets
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -359,117 +355,7 @@ def raw(src_mac: str, dst_mac: str, ethertype: int, tag: bytes | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched probes
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One frame sent from ``src`` that should (``expect=True``) or should not arrive at ``dst``.
-
-    ``src``/``dst`` are :data:`netlab.Endpoint` values (VM name, VM, ``netlab.HOST``).
-    ``name`` identifies the probe in reports (unique within a batch).
-    """
-
-    name: str
-    src: object
-    frame: bytes
-    dst: object
-    expect: bool | None = None
-    seen_as: bytes | None = None
-    """What the receiver's packet socket sees when it differs from ``frame``: the kernel moves
-    an 802.1Q tag into metadata on receive, so a tagged frame arrives as :func:`untagged`."""
-
-
-def _key(lab: netlab.Lab, endpoint) -> tuple[str, str]:
-    return lab.where(endpoint)
-
-
-def verdicts(lab: netlab.Lab, probes: Sequence[Probe], settle: float = 0.3) -> dict[str, bool]:
-    """Send every probe's frame and report ``{probe.name: delivered}``.
-
-    One sniffer per receiving endpoint (started first), one ``frametool send`` per source with
-    all its frames; then the sniffers run ``settle`` more seconds. Each frame gets a random
-    8-byte trailer (as :meth:`netlab.Lab.deliveries` does) and is recognised by its own bytes
-    (bridge netfilter may trim the trailer of IP packets). Frames must differ from each other
-    and none may be a prefix of another (checked).
-    """
-    names = [p.name for p in probes]
-    assert len(set(names)) == len(names), f"duplicate probe names: {names}"
-    cores = [bytes(p.frame) for p in probes]
-    seen = [bytes(p.seen_as) if p.seen_as is not None else cores[i] for i, p in enumerate(probes)]
-    for i, a in enumerate(seen):
-        for j, b in enumerate(seen):
-            if i != j and b.startswith(a):
-                raise AssertionError(f"probe {names[i]!r} is a prefix of {names[j]!r}: make frames unique")
-    receivers: dict[tuple[str, str], list[int]] = {}
-    senders: dict[tuple[str, str], list[int]] = {}
-    for i, p in enumerate(probes):
-        receivers.setdefault(_key(lab, p.dst), []).append(i)
-        senders.setdefault(_key(lab, p.src), []).append(i)
-    captures = {where: netlab.Capture(ns=where[0], iface=where[1], prefixes=[seen[i] for i in idx],
-                                      settle=settle)
-                for where, idx in receivers.items()}
-    try:
-        for c in captures.values():
-            c.spawn()
-        for c in captures.values():
-            c.wait_ready()
-        for (ns, iface), idx in senders.items():
-            wires = []
-            for i in idx:
-                wire = cores[i] + secrets.token_bytes(8)
-                if len(wire) < 60:
-                    wire += bytes(60 - len(wire))
-                wires.append(wire.hex())
-            netlab.run_in(ns, [netlab.PYTHON, str(netlab.FRAMETOOL), "send", iface, *wires])
-        for c in captures.values():
-            c.request_stop(settle)
-        for c in captures.values():
-            c.collect()
-    finally:
-        for c in captures.values():
-            if c._proc is not None:
-                c._abort()
-    result = {}
-    for where, idx in receivers.items():
-        got = captures[where].frames
-        for i in idx:
-            result[names[i]] = any(f.startswith(seen[i]) for f in got)
-    return {n: result[n] for n in names}
-
-
-def check_probes(lab: netlab.Lab, probes: Sequence[Probe], settle: float = 0.3,
-                 context: str = "") -> dict[str, bool]:
-    """:func:`verdicts`, then assert every probe with an ``expect`` got it (one message listing
-    every wrong verdict)."""
-    got = verdicts(lab, probes, settle=settle)
-    wrong = [f"{p.name}: expected {'delivered' if p.expect else 'dropped'}, got "
-             f"{'delivered' if got[p.name] else 'dropped'}" for p in probes
-             if p.expect is not None and got[p.name] != p.expect]
-    assert not wrong, (context + "\n" if context else "") + "\n".join(wrong)
-    return got
-
-
-# ----------------------------------------------------------------------------------------------
-# Connections
-
-
-def tcp_refused_fast(lab: netlab.Lab, src, dst_ip: str, port: int, timeout: float = 3.0) -> tuple[bool, float, str]:
-    """Try a TCP connection (a listener is running on ``dst_ip:port``); returns
-    ``(connected, seconds, client report)``."""
-    started = time.monotonic()
-    ok = lab.tcp_connect(src, dst_ip, port, timeout=timeout)
-    return ok, time.monotonic() - started, lab.last_exchange
-
-
-def wait_until(predicate, timeout: float = 3.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+# Filters
 
 
 def filter_xml(name: str, body: str, chain: str | None = "root", priority: int | None = None) -> str:
@@ -514,36 +400,3 @@ def pair(lab):
     a = lab.add_vm("a", MAC_A, ipv4=f"{IP_A}/24", ipv6=f"{IP6_A}/64")
     b = lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24", ipv6=f"{IP6_B}/64")
     return a, b
-
-
-class HostEndpoint:
-    """The lab's host namespace as the *source* of ``lab.tcp_connect``/``udp_exchange``/``ping``
-    (they only use ``.ns``)."""
-
-    name = "host"
-
-    def __init__(self, lab: netlab.Lab):
-        self.ns = lab.host_ns
-
-
-def exchange(lab: netlab.Lab, kind: str, src, dst_ip: str, port: int, timeout: float = 1.0,
-             dst_ns: str | None = None) -> tuple[bool, str]:
-    """Like ``lab.tcp_connect``/``lab.udp_exchange`` (``kind`` ``tcp``/``udp``) but thread-safe:
-    returns ``(ok, client report)`` instead of setting ``lab.last_exchange``."""
-    dst_ns = dst_ns or lab.ns_of_ip(dst_ip)
-    server = lab._server(f"{kind}-listen", dst_ns, dst_ip, port)
-    try:
-        verb = "udp-request" if kind == "udp" else "tcp-connect"
-        proc = netlab.run_in(src.ns, [netlab.PYTHON, str(netlab.FRAMETOOL), verb, dst_ip, str(port),
-                                      "--timeout", str(timeout)], check=False, timeout=timeout + 10)
-    finally:
-        netlab._close_proc(server)
-    return proc.returncode == 0, proc.stdout.strip()
-
-
-def run_concurrently(checks: Mapping[str, object], *args, workers: int = 8) -> dict:
-    """Call every ``checks[name](*args)`` in a thread pool; ``{name: result}`` in input order."""
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(check, *args) for name, check in checks.items()}
-        return {name: fut.result() for name, fut in futures.items()}

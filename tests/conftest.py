@@ -17,11 +17,15 @@ Fixtures (see tests/netlab.py and tests/libvirtd.py for the objects):
 ``libvirtd``       module scope: a running :class:`libvirtd.Libvirtd` (own namespace).
 ``libvirt_lab``    function scope: the libvirtd's lab (``lab.host_ns`` is libvirtd's
                    namespace); VMs, guests and bindings the test adds are removed afterwards.
+``rng``            function scope: a :class:`random.Random` for a test's random schedule; its
+                   seed (``rng.seed_value``) is printed (shown when the test fails) and
+                   recorded in the report; ``NWFT_SEED=N`` replays a run.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -133,3 +137,21 @@ def libvirt_lab(libvirtd):
             libvirtd.remove_guest(name)
         for name in set(lab.vms) - vms_before:
             lab.remove_vm(name)
+
+
+class SeededRandom(random.Random):
+    """A :class:`random.Random` that remembers the seed it was made with."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.seed_value = seed
+
+
+@pytest.fixture
+def rng(request) -> SeededRandom:
+    """The test's random schedule: seeded from ``NWFT_SEED`` when set (a replay), else at random."""
+    replay = os.environ.get("NWFT_SEED")
+    seed = int(replay) if replay else random.SystemRandom().randrange(1 << 30)
+    print(f"random schedule seed {seed} (replay: NWFT_SEED={seed} pytest '{request.node.nodeid}')")
+    request.node.user_properties.append(("seed", seed))
+    return SeededRandom(seed)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 
 from bindings_helpers import (  # noqa: F401  (fixtures)
-    IP_A, IP_B, MAC_A, MAC_B, SPOOF_MAC, Probe, arp_request, backend, check_probes, cli, raw,
-    dispatch_entries, filter_xml, ip_frame, kernel_snapshot, nft_json, pair,
+    IP_A, IP_B, MAC_A, MAC_B, SPOOF_MAC, arp_request, backend, cli, raw, dispatch_entries,
+    filter_xml, ip_frame, kernel_snapshot, nft_json, pair,
 )
+from traffic import Conn, Probe, check_connections, check_frames
 
 BOTH = filter_xml("nwft-both", "\n".join([
     "<filterref filter='clean-traffic'/>",
@@ -19,9 +20,16 @@ BOTH = filter_xml("nwft-both", "\n".join([
 
 
 def spoof_probes(a, b, expect: bool):
+    """Spoofed frames (delivered only when ``expect``), and their genuine twin (always)."""
     return [Probe("spoofed MAC", a, ip_frame(SPOOF_MAC, MAC_B, IP_A, IP_B), b, expect),
             Probe("spoofed IP", a, ip_frame(MAC_A, MAC_B, "10.0.0.9", IP_B), b, expect),
-            Probe("ARP lie", a, arp_request(MAC_A, "10.0.0.9", IP_B), b, expect)]
+            Probe("ARP lie", a, arp_request(MAC_A, "10.0.0.9", IP_B), b, expect),
+            Probe("genuine", a, ip_frame(MAC_A, MAC_B, IP_A, IP_B), b, True)]
+
+
+def port_80(a, b, open_: bool):
+    """b -> a:80 (dropped by nwft-both unless ``open_``) and its twin b -> a:81."""
+    return [Conn("b -> a:80", "tcp", b, IP_A, 80, open_), Conn("b -> a:81", "tcp", b, IP_A, 81, True)]
 
 
 def mentions_port(snapshot: dict[str, str], port: str) -> list[str]:
@@ -43,23 +51,22 @@ def test_delete_restores_traffic(lab, cli, pair):
     for fragment in (f"<portdev name='{a.port}'/>", "<filterref filter='nwft-both'>",
                      f"<parameter name='IP' value='{IP_A}'/>", f"<parameter name='MAC' value='{MAC_A}'/>"):
         assert fragment in dumped, dumped
-    check_probes(lab, spoof_probes(a, b, False), context="with the binding")
-    assert not lab.tcp_connect(b, IP_A, 80, timeout=0.4)
-    assert lab.tcp_connect(b, IP_A, 81), lab.last_exchange
+    check_frames(lab, spoof_probes(a, b, False), context="with the binding")
+    check_connections(lab, port_80(a, b, False), context="with the binding")
 
     assert mentions_port(kernel_snapshot(lab.host_ns), a.port), "the port's rules are not visible"
     done = cli.binding_delete(a.port)
     assert done.stderr == ""
     assert cli.binding_ports() == []
-    check_probes(lab, spoof_probes(a, b, True), context="after binding-delete")
-    assert lab.tcp_connect(b, IP_A, 80), lab.last_exchange
+    check_frames(lab, spoof_probes(a, b, True), context="after binding-delete")
+    check_connections(lab, port_80(a, b, True), context="after binding-delete")
     left = mentions_port(kernel_snapshot(lab.host_ns), a.port)
     assert not left, "rules of the deleted port are left:\n" + "\n".join(left)
     # deleting again is refused (one line), and a new binding works
     again = cli.binding_delete(a.port, check=False)
     assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     cli.binding_create(a.port, a.mac, "clean-traffic", {"IP": IP_A})
-    check_probes(lab, spoof_probes(a, b, False), context="after re-creating")
+    check_frames(lab, spoof_probes(a, b, False), context="after re-creating")
 
 
 REFUSALS = {
@@ -112,7 +119,7 @@ def test_refusals_change_nothing(lab, cli, pair):
     if cli.binding_ports() != [b.port]:
         problems.append(f"next to a binding: binding-list is not [{b.port}]")
     assert not problems, "\n".join(problems)
-    check_probes(lab, spoof_probes(a, b, True), context="nothing applied on the refused port")
+    check_frames(lab, spoof_probes(a, b, True), context="nothing applied on the refused port")
     # a port that has a binding refuses a second one and keeps its rules
     before = kernel_snapshot(lab.host_ns)
     proc = cli.binding_create(b.port, b.mac, "no-other-l2-traffic", check=False)
@@ -181,12 +188,12 @@ def test_foreign_objects_survive_everything(lab, cli, pair):
     same("binding-delete")
     cli.binding_create(a.port, a.mac, "nwft-both", {"IP": IP_A})
     same("re-create")
-    assert not lab.tcp_connect(b, IP_A, 80, timeout=0.4)
+    check_connections(lab, port_80(a, b, False), context="re-created")
     cli.binding_delete(a.port)
     cli.binding_delete(b.port)
     same("deleting every binding")
     assert cli.binding_ports() == []
-    assert lab.tcp_connect(b, IP_A, 80), lab.last_exchange
+    check_connections(lab, port_80(a, b, True), context="every binding deleted")
 
 
 N_PARALLEL = 20
@@ -259,16 +266,16 @@ def test_redefine_switches_every_binding_or_none(lab, cli, pair):
                [Probe(f"{vm.name} 0x88b6", vm, raw(vm.mac, peer.mac, 0x88B6), peer, not b5)
                 for vm, peer in ((a, b), (b, a))]
 
-    check_probes(lab, probes(b5=False), context="first definition")
+    check_frames(lab, probes(b5=False), context="first definition")
     cli.define(x_filter(drop_b6))
-    check_probes(lab, probes(b5=True), context="after redefining: both ports switched")
+    check_frames(lab, probes(b5=True), context="after redefining: both ports switched")
     before, stored = kernel_snapshot(lab.host_ns), cli.run("dumpxml", "nwft-x").stdout
     proc = cli.define(x_filter(needs), check=False)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "NEEDED" in lines[0], lines
     assert kernel_snapshot(lab.host_ns) == before
     assert cli.run("dumpxml", "nwft-x").stdout == stored
-    check_probes(lab, probes(b5=True), context="after a refused redefinition")
+    check_frames(lab, probes(b5=True), context="after a refused redefinition")
 
 
 def test_same_port_race_and_delete_after_the_port_vanished(lab, cli, pair):
@@ -284,7 +291,7 @@ def test_same_port_race_and_delete_after_the_port_vanished(lab, cli, pair):
     assert all(len(err.splitlines()) == 1 and "already exists" in err for rc, err in results if rc), results
     assert cli.binding_ports() == [a.port]
     assert dispatch_entries(lab.host_ns, cli.backend) == {a.port}
-    check_probes(lab, spoof_probes(a, b, False))
+    check_frames(lab, spoof_probes(a, b, False))
 
     port = a.port
     lab.remove_vm("a")

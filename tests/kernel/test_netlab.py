@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -12,6 +11,8 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 import netlab
+import traffic
+from traffic import Conn, Leaving, Probe
 
 MAC_A = "52:54:00:00:00:01"
 MAC_B = "52:54:00:00:00:02"
@@ -46,7 +47,6 @@ def test_ping_both_families(pair):
     lab, a, b = pair
     assert lab.ping(a, b.ipv4)
     assert lab.ping(b, a.ipv6)
-    assert not lab.ping(a, "10.0.0.77", timeout=0.3)
 
 
 def test_tcp_and_udp(pair):
@@ -68,44 +68,93 @@ def test_spoofed_frame_is_delivered_without_filter(pair):
     lab, a, b = pair
     frame = (Ether(src=SPOOFED, dst=MAC_B) / IP(src="10.9.9.9", dst=b.ipv4) /
              UDP(sport=1234, dport=4321) / Raw(b"spoofed"))
-    t0 = time.monotonic()
     assert lab.frame_delivered(a, frame, to=b)
-    assert time.monotonic() - t0 < 1.0
 
 
-def test_frame_checks_are_fast_and_specific(pair):
+def test_frame_checks_are_specific(pair):
     lab, a, b = pair
     arp = (Ether(src=SPOOFED, dst="ff:ff:ff:ff:ff:ff") /
            ARP(op=1, hwsrc=SPOOFED, psrc="10.0.0.1", pdst="10.0.0.2"))
-    t0 = time.monotonic()
     got = lab.deliveries(a, arp, to=[b, netlab.HOST, a])
-    assert time.monotonic() - t0 < 1.0
     # Broadcast reaches the other VM and the bridge; the sender never receives its own frame.
     assert got == {"b": True, netlab.HOST: True, "a": False}
     # A unicast frame to a MAC the bridge learnt on b's port is not delivered to the bridge.
     assert lab.ping(a, b.ipv4)
     ipv6 = Ether(src=MAC_A, dst=MAC_B) / IPv6(src="fd00::1", dst="fd00::2") / ICMP()
-    t0 = time.monotonic()
     assert lab.deliveries(a, ipv6, to=[b, netlab.HOST]) == {"b": True, netlab.HOST: False}
-    assert time.monotonic() - t0 < 1.0
 
 
-def test_dropped_frame_is_reported(pair):
-    """A bridge-family nft drop on b's port makes the check say False."""
-    lab, a, b = pair
-    lab.nft(f"""
+DROP_SPOOFED_TO_B = """
 table bridge nwft_probe {{
     chain probe {{
         type filter hook forward priority 0; policy accept;
-        oifname "{b.port}" ether saddr {SPOOFED} drop
+        oifname "{port}" ether saddr {mac} drop
     }}
 }}
-""")
-    spoofed = Ether(src=SPOOFED, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP()
-    genuine = Ether(src=MAC_A, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP()
-    assert not lab.frame_delivered(a, spoofed, to=b)
-    assert lab.frame_delivered(a, genuine, to=b)
+"""
+
+
+def test_dropped_frame_is_reported(pair):
+    """A bridge-family nft drop on b's port makes the check say False, next to its twin."""
+    lab, a, b = pair
+    lab.nft(DROP_SPOOFED_TO_B.format(port=b.port, mac=SPOOFED))
+    spoofed = bytes(Ether(src=SPOOFED, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP())
+    genuine = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP())
+    got = traffic.check_frames(lab, [Probe("spoofed", a, spoofed, b, False), Probe("genuine", a, genuine, b, True)])
+    assert got == {"spoofed": False, "genuine": True}
     assert "nwft_probe" not in netlab.run(["nft", "list", "tables"]).stdout
+
+
+def test_negative_check_without_twin_is_refused(pair):
+    lab, a, b = pair
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP())
+    with pytest.raises(traffic.MissingTwin, match="'alone'"):
+        traffic.frames(lab, [Probe("alone", a, frame, b, False)])
+    with pytest.raises(traffic.MissingTwin, match="'alone'"):
+        traffic.connections(lab, [Conn("alone", "tcp", a, b.ipv4, 80, False)])
+    # a twin elsewhere (other sender, other receiver) does not count
+    with pytest.raises(traffic.MissingTwin):
+        traffic.frames(lab, [Probe("alone", a, frame, b, False), Probe("elsewhere", b, frame[::-1], a, True)])
+
+
+def test_failed_check_whose_twin_failed_is_inconclusive(pair):
+    """Everything from a to b dropped: neither the negative nor the observation proves anything."""
+    lab, a, b = pair
+    lab.nft(DROP_SPOOFED_TO_B.format(port=b.port, mac=MAC_A))
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP())
+    twin = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=a.ipv4, dst=b.ipv4) / ICMP() / Raw(b"twin"))
+    probes = [Probe("negative", a, frame, b, False), Probe("twin", a, twin, b, True)]
+    with pytest.raises(traffic.Inconclusive, match="negative"):
+        traffic.frames(lab, probes, timeout=1.0)
+    with pytest.raises(AssertionError, match="twin: expected delivered"):
+        traffic.check_frames(lab, probes, timeout=1.0)
+    with pytest.raises(traffic.Inconclusive, match="observed"):
+        traffic.frames(lab, [Probe("observed", a, frame, b)])
+
+
+def test_leaving_sees_what_the_bridge_sends_out_of_a_port(pair):
+    """A port's egress (as on a guest's tap): the frame to b leaves through b's port; one
+    dropped by a rule on that port does not, one to a does not either."""
+    lab, a, b = pair
+    lab.nft(DROP_SPOOFED_TO_B.format(port=b.port, mac=SPOOFED))
+    to_b = bytes(Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / Raw(b"to b"))
+    spoofed = bytes(Ether(src=SPOOFED, dst=MAC_B, type=0x88B5) / Raw(b"spoofed"))
+    to_a = bytes(Ether(src=MAC_B, dst=MAC_A, type=0x88B5) / Raw(b"to a"))
+    assert traffic.check_frames(lab, [Probe("to b", a, to_b, Leaving(b.port), True),
+                                      Probe("spoofed", a, spoofed, Leaving(b.port), False),
+                                      Probe("to a", b, to_a, Leaving(b.port), False)])
+
+
+def test_connection_outcomes(pair):
+    """Connections of a batch run at once: TCP and UDP listeners answer, ping needs no
+    listener, an address nobody has times out."""
+    lab, a, b = pair
+    got = traffic.check_connections(lab, [
+        Conn("tcp", "tcp", a, b.ipv4, 8080, True), Conn("tcp6", "tcp", b, a.ipv6, 22, True),
+        Conn("udp", "udp", a, b.ipv4, 5353, True), Conn("ping", "ping", a, b.ipv4, expect=True),
+        Conn("ping6", "ping", b, a.ipv6, expect=True), Conn("ping nobody", "ping", a, "10.0.0.77", expect=False),
+    ])
+    assert got["ping nobody"].outcome == "timeout"
 
 
 def test_capture_collects_frames(pair):

@@ -10,8 +10,10 @@ per case (on the first backend's test) and reused for the other.
 
 Frames are stdlib-built (tests/bindings_helpers.py); a probe's verdict is delivered/dropped, a
 connection's is True/False, or connected/refused/timeout for reject cases. Frame probes go out
-in one batch; the connections of a case then run concurrently (each on its own listener
-address:port, checked at import). A case may filter VM b's port too (``b_binding``). A case
+in one batch, then the connections of a case run in one batch, all at once (tests/traffic.py);
+neither has expectations, so a "dropped" counts only when its twin (a check sharing its sender
+or receiver) passed in the same wait (else the case is inconclusive and fails: give it a
+control that passes). A case may filter VM b's port too (``b_binding``). A case
 that shows a known, reported mismatch gets ``xfail=<reason>`` (strict). Set
 NWFT_ORACLE_VERBOSE=1 (with ``-s``) to print libvirt's verdicts.
 
@@ -27,7 +29,6 @@ on the from-VM side (ARP IPs too); list variables zip, ``$X[@n]`` iterators cros
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,11 +37,12 @@ import pytest
 import libvirtd as lv
 import netlab
 from bindings_helpers import (  # noqa: F401  (fixture)
-    BCAST, ETH_IPV4, HostEndpoint, IP6_A, IP6_A2, IP6_B, IP_A, IP_A2, IP_B, IP_G, IP_HOST, LL_A,
-    LL_B, MAC_A, MAC_B, MAC_G, PROTO_TCP, PROTO_UDP, SPOOF_MAC, Cli, Probe, arp_reply,
-    arp_request, backend, dhcp_discover, dhcp_offer, ether, filter_xml, icmp_echo, ip_frame, ipv4,
-    ipv6_echo, ipv6_udp, exchange, rarp, raw, run_concurrently, tcp, udp, untagged, verdicts, vlan_tagged,
+    BCAST, ETH_IPV4, IP6_A, IP6_A2, IP6_B, IP_A, IP_A2, IP_B, IP_G, IP_HOST, LL_A, LL_B, MAC_A,
+    MAC_B, MAC_G, PROTO_TCP, PROTO_UDP, SPOOF_MAC, Cli, arp_reply, arp_request, backend,
+    dhcp_discover, dhcp_offer, ether, filter_xml, icmp_echo, ip_frame, ipv4, ipv6_echo, ipv6_udp,
+    rarp, raw, tcp, udp, untagged, vlan_tagged,
 )
+from traffic import Conn, Probe, Result, connections, frames
 
 
 def rule(action: str, direction: str, priority: int, element: str = "", **extra: str) -> str:
@@ -67,7 +69,7 @@ class Case:
     params: dict = field(default_factory=dict)
     filters: dict = field(default_factory=dict)  # name -> XML, defined in this order
     probes: Callable = None  # (vms) -> list[Probe]
-    connections: dict = field(default_factory=dict)  # name -> (lab, vms) -> verdict
+    connections: dict = field(default_factory=dict)  # name -> Connect
     gateway: bool = False
     setup: Callable | None = None  # (lab, vms) -> None, before any binding
     xfail: str | None = None
@@ -78,33 +80,45 @@ def P(name, src, frame, dst):
     return Probe(name, src, frame, dst)
 
 
-def tcp_ok(src, dst_ip, port, dst=None, timeout=1.0):
-    return lambda lab, v: exchange(lab, "tcp", v[src], dst_ip, port, timeout,
-                                   dst_ns=v[dst].ns if dst else None)[0]
+@dataclass(frozen=True)
+class Connect:
+    """A connection check of a case, built against the test's VMs: ``src``/``dst`` are VM names
+    (or ``host``), ``dst`` the listener's VM when ``dst_ip`` is not its first address.
+    ``detailed``: the verdict is the outcome (connected, refused or timeout), not True/False."""
+
+    kind: str
+    src: str
+    dst_ip: str
+    port: int | None = None
+    dst: str | None = None
+    source_ip: str | None = None
+    detailed: bool = False
+
+    def conn(self, name: str, v: dict) -> Conn:
+        src = netlab.HOST if self.src == "host" else v[self.src]
+        return Conn(name, self.kind, src, self.dst_ip, self.port, source_ip=self.source_ip,
+                    dst_ns=v[self.dst].ns if self.dst else None)
+
+    def verdict(self, result: Result):
+        if not self.detailed:
+            return result.ok
+        return "connected" if result.ok else "refused" if result.outcome in ("refused", "unreachable") else "timeout"
 
 
-def udp_ok(src, dst_ip, port, timeout=1.0):
-    return lambda lab, v: exchange(lab, "udp", v[src], dst_ip, port, timeout)[0]
+def tcp_ok(src, dst_ip, port, dst=None):
+    return Connect("tcp", src, dst_ip, port, dst)
+
+
+def udp_ok(src, dst_ip, port):
+    return Connect("udp", src, dst_ip, port)
 
 
 def ping_ok(src, dst_ip, source_ip=None):
-    def go(lab, v):
-        argv = ["ping", "-n", "-q", "-c", "1", "-W", "1"] + (["-I", source_ip] if source_ip else [])
-        return v[src].run(argv + [dst_ip], check=False).returncode == 0
-    return go
+    return Connect("ping", src, dst_ip, source_ip=source_ip)
 
 
-def tcp_outcome(src, dst_ip, port, timeout=1.5):
-    def go(lab, v):
-        started = time.monotonic()
-        ok, report = exchange(lab, "tcp", v[src], dst_ip, port, timeout)
-        if ok:
-            return "connected"
-        report = report.lower()
-        if time.monotonic() - started < timeout and ("refused" in report or "unreachable" in report):
-            return "refused"
-        return "timeout"
-    return go
+def tcp_outcome(src, dst_ip, port):
+    return Connect("tcp", src, dst_ip, port, detailed=True)
 
 
 def second_ip(lab, v):
@@ -235,6 +249,7 @@ def mixed_l2_probes(v):
         P("0x88b5 in", b, raw(MAC_B, MAC_A, 0x88B5), a),
         P("to host", a, dhcp_discover(MAC_A), netlab.HOST),
         P("b to host (unfiltered port)", b, dhcp_discover(MAC_B), netlab.HOST),
+        P("host to b (unfiltered port)", netlab.HOST, ip_frame(MAC_G, MAC_B, IP_HOST, IP_B, "udp"), b),
     ]
 
 
@@ -300,6 +315,7 @@ def l3_out_probes(v):
         P("SYN a -> b:8011", a, tcp_frame(MAC_A, MAC_B, IP_A, IP_B, 40011, 8011), b),
         P("from 10.0.1.1", a, udp_frame(MAC_A, MAC_B, "10.0.1.1", IP_B, 40012, 53), b),
         P("in: to 10.0.5.1", b, udp_frame(MAC_B, MAC_A, IP_B, "10.0.5.1", 40013, 9), a),
+        P("in: ARP (no L3 rule)", b, arp_request(MAC_B, IP_B, IP_A), a),
     ]
 
 
@@ -310,6 +326,8 @@ def l3_state_probes(v):
         P("SYN from a:22", a, tcp_frame(MAC_A, MAC_B, IP_A, IP_B, 22, 40008), b),
         P("SYN from a:2222 (statematch=false)", a, tcp_frame(MAC_A, MAC_B, IP_A, IP_B, 2222, 40009, 0x12), b),
         P("SYN to a:80", b, tcp_frame(MAC_B, MAC_A, IP_B, IP_A, 40004, 80), a),
+        P("ARP from a (no L3 rule)", a, arp_request(MAC_A, IP_A, IP_B), b),
+        P("ARP to a (no L3 rule)", b, arp_request(MAC_B, IP_B, IP_A), a),
     ]
 
 
@@ -339,7 +357,8 @@ def l2_fields_probes(v):
 def l3_lists_probes(v):
     a, b = v["a"], v["b"]
     out = [P("echo request a->b", a, ip_frame(MAC_A, MAC_B, IP_A, IP_B, "icmp"), b),
-           P("echo request b->a", b, ip_frame(MAC_B, MAC_A, IP_B, IP_A, "icmp"), a)]
+           P("echo request b->a", b, ip_frame(MAC_B, MAC_A, IP_B, IP_A, "icmp"), a),
+           P("ARP b->a (no L3 rule)", b, arp_request(MAC_B, IP_B, IP_A), a)]
     for src in (IP_A, IP_A2):
         for port in (53, 123):
             out.append(P(f"udp {src}->{port}", a, udp_frame(MAC_A, MAC_B, src, IP_B, 40000 + port, port), b))
@@ -371,7 +390,8 @@ CASES = [
     Case("allow-ipv6+allow-incoming-ipv4", "nwft-o-v6-in4", filters={"nwft-o-v6-in4": filter_xml(
         "nwft-o-v6-in4", "\n".join(f"<filterref filter='{f}'/>" for f in
                                    ("allow-ipv6", "allow-incoming-ipv4", "allow-arp", "no-other-l2-traffic")))},
-         probes=mixed_l2_probes, connections={"ping6 a->b": ping_ok("a", IP6_B), "ping b->a": ping_ok("b", IP_A)}),
+         probes=mixed_l2_probes, connections={"ping6 a->b": ping_ok("a", IP6_B), "ping b->a": ping_ok("b", IP_A),
+                                              "ping6 b->a": ping_ok("b", IP6_A)}),
     Case("no-other-l2-traffic", "no-other-l2-traffic", probes=mixed_l2_probes),
     Case("l2-masks-negation-ports-reject", "nwft-o-masks", filters={"nwft-o-masks": filter_xml(
         "nwft-o-masks", "\n".join([
@@ -428,7 +448,8 @@ CASES = [
             "udp a->b:53": udp_ok("a", IP_B, 53), "udp b->a:53": udp_ok("b", IP_A, 53),
             "tcp a->b:8000": tcp_ok("a", IP_B, 8000), "tcp a->b:8010": tcp_ok("a", IP_B, 8010),
             "tcp a->b:8011": tcp_ok("a", IP_B, 8011), "tcp a->b:22": tcp_ok("a", IP_B, 22),
-            "tcp b->a:8000": tcp_ok("b", IP_A, 8000), "ping a->b": ping_ok("a", IP_B)}),
+            "tcp b->a:8000": tcp_ok("b", IP_A, 8000), "ping a->b": ping_ok("a", IP_B),
+            "tcp b->host:8000 (control)": tcp_ok("b", IP_HOST, 8000)}),
     Case("l3-explicit-state-statematch", "nwft-o-l3st", filters={"nwft-o-l3st": filter_xml(
         "nwft-o-l3st", "\n".join([
             rule("accept", "in", 100, "<tcp dstportstart='22' state='NEW'/>"),
@@ -437,14 +458,15 @@ CASES = [
             rule("drop", "inout", 1000, "<all/>"),
         ]))}, probes=l3_state_probes, connections={
             "tcp b->a:22": tcp_ok("b", IP_A, 22), "tcp b->a:80": tcp_ok("b", IP_A, 80),
-            "tcp a->b:22": tcp_ok("a", IP_B, 22), "tcp b->a:2222": tcp_ok("b", IP_A, 2222)}),
+            "tcp a->b:22": tcp_ok("a", IP_B, 22), "tcp b->a:2222": tcp_ok("b", IP_A, 2222),
+            "tcp host->b:22 (control)": tcp_ok("host", IP_B, 22)}),
     Case("l3-in-accept-default-state", "nwft-o-l3in", filters={"nwft-o-l3in": filter_xml(
         "nwft-o-l3in", "\n".join([
             rule("accept", "in", 100, "<tcp dstportstart='22'/>"),
             rule("drop", "inout", 1000, "<all/>"),
         ]))}, probes=l3_state_probes, connections={
             "tcp b->a:22": tcp_ok("b", IP_A, 22), "tcp b->a:80": tcp_ok("b", IP_A, 80),
-            "tcp a->b:22": tcp_ok("a", IP_B, 22)}),
+            "tcp a->b:22": tcp_ok("a", IP_B, 22), "tcp host->b:22 (control)": tcp_ok("host", IP_B, 22)}),
     Case("l3-ipv6", "nwft-o-l3v6", filters={"nwft-o-l3v6": filter_xml("nwft-o-l3v6", "\n".join([
         rule("accept", "inout", 90, "<icmpv6/>"),
         rule("accept", "out", 100, "<tcp-ipv6 dstportstart='8080'/>"),
@@ -475,7 +497,8 @@ CASES = [
              rule("accept", "out", 110, "<udp srcipaddr='$IP' dstportstart='$PORTS'/>"),
              rule("accept", "out", 120, "<tcp srcipaddr='$IP[@1]' dstportstart='$PORTS[@2]'/>"),
              rule("drop", "inout", 1000, "<all/>"),
-         ]))}, probes=l3_lists_probes, connections={"ping a->b": ping_ok("a", IP_B)}),
+         ]))}, probes=l3_lists_probes, connections={"ping a->b": ping_ok("a", IP_B),
+                                                    "udp a->b:53 (control)": udp_ok("a", IP_B, 53)}),
     Case("l3-mac-source", "nwft-o-l3mac", gateway=True, filters={"nwft-o-l3mac": filter_xml("nwft-o-l3mac", "\n".join([
         rule("drop", "inout", 100, f"<all match='no' srcmacaddr='{MAC_G}'/>"),
         rule("drop", "out", 110, f"<udp srcmacaddr='{MAC_A}' dstportstart='7'/>"),
@@ -506,6 +529,7 @@ CASES = [
             P("SYN a->b:22", v["a"], tcp_frame(MAC_A, MAC_B, IP_A, IP_B, 40020, 22), v["b"]),
             P("SYN a->b:8000", v["a"], tcp_frame(MAC_A, MAC_B, IP_A, IP_B, 40021, 8000), v["b"]),
             P("SYN b->a:22", v["b"], tcp_frame(MAC_B, MAC_A, IP_B, IP_A, 40022, 22), v["a"]),
+            P("ARP b->a (no L3 rule)", v["b"], arp_request(MAC_B, IP_B, IP_A), v["a"]),
             P("spoofed MAC a->b:22", v["a"], tcp_frame(SPOOF_MAC, MAC_B, IP_A, IP_B, 40023, 22), v["b"]),
         ], connections={
             "tcp a->b:22": tcp_ok("a", IP_B, 22), "tcp a->b:8000": tcp_ok("a", IP_B, 8000),
@@ -514,8 +538,7 @@ CASES = [
             "tcp a->host:22": tcp_ok("a", IP_HOST, 22), "tcp a->host:8000": tcp_ok("a", IP_HOST, 8000),
             "tcp a->host:9000": tcp_ok("a", IP_HOST, 9000), "ping a->host": ping_ok("a", IP_HOST),
             "tcp b->host:9001": tcp_ok("b", IP_HOST, 9001), "tcp b->host:2222": tcp_ok("b", IP_HOST, 2222),
-            "tcp host->b:2022": lambda lab, v: exchange(lab, "tcp", HostEndpoint(lab), IP_B, 2022)[0],
-            "tcp host->b:23": lambda lab, v: exchange(lab, "tcp", HostEndpoint(lab), IP_B, 23)[0],
+            "tcp host->b:2022": tcp_ok("host", IP_B, 2022), "tcp host->b:23": tcp_ok("host", IP_B, 23),
         }),
     Case("l3-reject", "nwft-o-reject", filters={"nwft-o-reject": filter_xml("nwft-o-reject", "\n".join([
         rule("reject", "in", 100, "<tcp dstportstart='81'/>"),
@@ -527,17 +550,6 @@ CASES = [
         "udp a->b:83": udp_ok("a", IP_B, 83), "udp a->b:84": udp_ok("a", IP_B, 84)}),
 ]
 CASE_IDS = [c.name for c in CASES]
-
-
-def _listeners(case: Case) -> list[str]:
-    """'dst:port' of every connection check (they run concurrently: no listener may repeat)."""
-    import re
-    return [m.group(0) for name in case.connections
-            if (m := re.search(r"->\S+:\d+$", name))]
-
-
-for _case in CASES:
-    assert len(_listeners(_case)) == len(set(_listeners(_case))), f"{_case.name}: a listener repeats"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,9 +584,12 @@ def make_vms(lab, case: Case) -> dict:
 
 
 def measure(lab, v, case: Case, probes: list) -> dict:
-    """Frame probes (one batch), then the connections (concurrently: each has its own ports)."""
-    got = dict(verdicts(lab, probes)) if probes else {}
-    got.update(run_concurrently(case.connections, lab, v))
+    """Frame probes (one batch), then the connections (one batch, all at once). Neither has
+    expectations: a failure counts only next to its twin's success (tests/traffic.py)."""
+    got = dict(frames(lab, probes)) if probes else {}
+    if case.connections:
+        results = connections(lab, [check.conn(name, v) for name, check in case.connections.items()])
+        got.update({name: check.verdict(results[name]) for name, check in case.connections.items()})
     return got
 
 

@@ -8,7 +8,6 @@ random valid filters. Every refusal of §13 is checked for a located message.
 from __future__ import annotations
 
 import ipaddress
-import time
 from pathlib import Path
 
 import pytest
@@ -727,12 +726,12 @@ def test_external_dtd_not_loaded(tmp_path):
     assert len(found) == 1
 
 
-def test_billion_laughs_refused_quickly():
+def test_billion_laughs_refused():
+    """Refused with one line, nothing expanded (libxml2 stops at the entity amplification)."""
     entities = "<!ENTITY a0 'lol'>" + "".join(f"<!ENTITY a{i} '{'&a%d;' % (i - 1) * 10}'>" for i in range(1, 10))
-    start = time.monotonic()
-    problems(f"<!DOCTYPE filter [{entities}]><filter name='a'><rule action='drop' direction='in'>"
-             "<tcp comment='&a9;'/></rule></filter>")
-    assert time.monotonic() - start < 2
+    found = problems(f"<!DOCTYPE filter [{entities}]><filter name='a'><rule action='drop' direction='in'>"
+                     "<tcp comment='&a9;'/></rule></filter>")
+    assert len(found) == 1 and "lollol" not in found[0], found
 
 
 def test_size_limit():
@@ -744,13 +743,12 @@ def test_size_limit():
     assert len(found) == 1 and "larger than" in found[0]
 
 
-def test_largest_document_parses_quickly():
+def test_largest_document_parses():
     rule = "<rule action='drop' direction='in'><tcp dstportstart='80'/><tcp match='no' srcipaddr='1.2.3.4'/></rule>"
-    doc = "<filter name='a'>" + rule * ((MAX_DOCUMENT_BYTES - 100) // len(rule)) + "</filter>"
-    start = time.monotonic()
-    flt = parse(doc)
-    assert len(flt.entries) > 8000
-    assert time.monotonic() - start < 5
+    count = (MAX_DOCUMENT_BYTES - 100) // len(rule)
+    flt = parse("<filter name='a'>" + rule * count + "</filter>")
+    assert len(flt.entries) == count > 8000
+    assert all(entry == flt.entries[0] for entry in flt.entries)
 
 
 @pytest.mark.parametrize("doc", [

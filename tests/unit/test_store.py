@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 
 from libvirt_nwfilter.errors import ConflictError, NwfilterError, UnknownFilterError, ValidationError
+from libvirt_nwfilter.model import Filter
 from libvirt_nwfilter.store import FILE_HEADER, FilterStore, Origin, referencing
 from libvirt_nwfilter.xml import MAX_DOCUMENT_BYTES, format_filter, parse_filter
 
@@ -159,14 +159,23 @@ def test_self_reference_message(store):
         store.prepare(parse_filter(doc("a", "b", "a")))
 
 
-def test_loop_check_is_not_exponential(store):
-    # 40 levels, each including the next one twice: 2**40 paths, 40 filters
-    start = time.monotonic()
+def test_loop_check_visits_each_filter_once(store, mocker):
+    """41 levels, each including the next one twice: 2**41 paths but 42 filters; the loop check
+    reads each filter's references once (a walk of every path fails at once, not after days)."""
     for level in range(40, -1, -1):
         define(store, doc(f"l{level}", f"l{level + 1}", f"l{level + 1}"))
+    reads = []
+    original = Filter.references
+
+    def counted(self):
+        reads.append(self.name)
+        assert len(reads) <= 42, f"references read {len(reads)} times: every path is walked"
+        return original(self)
+
+    mocker.patch.object(Filter, "references", counted)
     with pytest.raises(ConflictError, match="loop"):
         store.prepare(parse_filter(doc("l41", "l0")))
-    assert time.monotonic() - start < 5
+    assert len(reads) == len(set(reads))
 
 
 def test_loop_elsewhere_does_not_hang(store, tmp_path):

@@ -314,18 +314,26 @@ class Libvirtd:
 
     def guest_xml(self, name: str, mac: str, metadata: str | None = None,
                   bridge: str = netlab.BRIDGE, uuid: str | None = None,
-                  interface_extra: str = "") -> str:
+                  interface_extra: str = "", network_boot: bool = False) -> str:
         """Domain XML of a disk-less test guest (48 MiB, machine ``pc``, ``domain_type``) with
         one ``<interface type='bridge'>`` on ``bridge`` in the lab; ``metadata`` is inserted
-        verbatim inside ``<metadata>``, ``interface_extra`` inside ``<interface>``."""
+        verbatim inside ``<metadata>``, ``interface_extra`` inside ``<interface>``.
+
+        ``network_boot``: the guest boots from its NIC (``<boot dev='network'/>``, the NIC's
+        iPXE ROM enabled), so SeaBIOS and iPXE send DHCP requests from the guest's MAC through
+        its tap, again at every reset; always ``type='qemu'`` (TCG: under KVM on these hosts
+        the firmware halts at once with an internal error)."""
         meta = f"  <metadata>\n{metadata}\n  </metadata>\n" if metadata else ""
         uuid_el = f"  <uuid>{uuid}</uuid>\n" if uuid else ""
+        domain_type = "qemu" if network_boot else self.domain_type
+        boot = "<boot dev='network'/>" if network_boot else ""
+        rom = "" if network_boot else "      <rom enabled='no'/>\n"
         return (
-            f"<domain type='{self.domain_type}'>\n"
+            f"<domain type='{domain_type}'>\n"
             f"  <name>{name}</name>\n{uuid_el}{meta}"
             "  <memory unit='MiB'>48</memory>\n"
             "  <vcpu>1</vcpu>\n"
-            "  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n"
+            f"  <os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>\n"
             "  <on_poweroff>destroy</on_poweroff>\n"
             "  <on_reboot>restart</on_reboot>\n"
             "  <on_crash>destroy</on_crash>\n"
@@ -335,7 +343,7 @@ class Libvirtd:
             f"      <mac address={quoteattr(mac)}/>\n"
             f"      <source bridge={quoteattr(bridge)}/>\n"
             "      <model type='virtio'/>\n"
-            "      <rom enabled='no'/>\n"
+            f"{rom}"
             f"{interface_extra}"
             "    </interface>\n"
             "    <memballoon model='none'/>\n"
@@ -359,11 +367,12 @@ class Libvirtd:
         return guest
 
     def start_guest(self, name: str, mac: str, metadata: str | None = None,
-                    **kwargs) -> Guest:
-        """Define and start a guest (see :meth:`define_guest`); fills ``guest.tap``."""
+                    paused: bool = False, **kwargs) -> Guest:
+        """Define and start a guest (see :meth:`define_guest`); fills ``guest.tap``.
+        ``paused``: its CPUs wait for ``virsh resume`` (the hooks have run, the tap exists)."""
         guest = self.guests.get(name) or self.define_guest(name, mac, metadata=metadata,
                                                            **kwargs)
-        virsh("start", name)
+        virsh("start", name, *(["--paused"] if paused else []))
         guest.tap = self.guest_tap(name)
         return guest
 
@@ -380,7 +389,7 @@ class Libvirtd:
 
     def _destroy_undefine(self, name: str) -> None:
         virsh("destroy", name, check=False)
-        virsh("undefine", name, check=False)
+        virsh("undefine", "--managed-save", name, check=False)
 
     # -- bindings -------------------------------------------------------------------------------
 

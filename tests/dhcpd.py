@@ -48,7 +48,8 @@ class DhcpServer:
         net = ipaddress.ip_interface(f"{self.vm.ipv4}/24").network
         ranges = [f"--dhcp-range={start},{end},{net.netmask},{self.lease_time}" for start, end in
                   ([self.pool] if self.pool else [])]
-        ranges += [f"--dhcp-range={ip},static,{net.netmask},{self.lease_time}" for ip in sorted(set(self.hosts.values()))]
+        ranges += [f"--dhcp-range={ip},static,{net.netmask},{self.lease_time}"
+                   for ip in sorted(set(self.hosts.values()))]
         return [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-resolv", "--no-hosts",
                 f"--interface={self.vm.iface}", "--bind-interfaces", "--dhcp-authoritative", "--log-dhcp",
                 f"--log-facility={self.logfile}", f"--dhcp-leasefile={self.leasefile}",

@@ -152,13 +152,17 @@ def nwf(libvirtd, dirs, backend):
     return run
 
 
+@pytest.fixture(scope="module")
+def peer(libvirtd):
+    """The VM that sends the frames of :func:`assert_ports_run` (one per module)."""
+    return libvirtd.lab.add_vm("peer", PEER_MAC, ipv4=f"{PEER_IP}/24")
+
+
 @pytest.fixture
-def clean(libvirt_lab, libvirtd, nwf, dirs):
+def clean(peer, libvirt_lab, libvirtd, nwf, dirs):
     """Every test must end without our bindings and without libvirt's (so the next one starts
-    without); the lab has a peer VM (``clean.vms['peer']``) that sends the frames of
-    :func:`assert_ports_run`."""
+    without); the lab has the ``peer`` VM."""
     assert not list((dirs["run"] / "bindings").glob("*.json")), "a binding is left from before"
-    libvirt_lab.add_vm("peer", PEER_MAC, ipv4=f"{PEER_IP}/24")
     yield libvirt_lab
     for name in list(libvirtd.guests):
         lv.virsh("destroy", name, check=False)

@@ -207,6 +207,42 @@ def test_root_rules_of_referenced_filters_sort_with_the_root(lab, cli, pair):
     ])
 
 
+# (variant: rules in document order as (action, priority), then whether b reaches the VM's port 80)
+L3_ORDER = {
+    "accept-by-priority": ([("drop", 200), ("accept", 100)], True),
+    "drop-by-priority": ([("accept", 200), ("drop", 100)], False),
+    "tie-document-order-drop": ([("drop", 100), ("accept", 100)], False),
+    "tie-document-order-accept": ([("accept", 100), ("drop", 100)], True),
+}
+
+
+def test_l3_rule_order_priority_then_document_order(lab, cli, pair):
+    """L3 rules of the root chain are ordered by priority, equal priorities in document order
+    (semantics.md §3 step 1, a stable sort); an L3 accept in a non-root filter comes after every
+    root L3 rule whatever its priority (§3 "Consequences"). One port per variant, each with an
+    accepted port 81 (the twin of its drop); all connections in one batch."""
+    a, b = pair
+    vms = add_vms(lab, len(L3_ORDER) + 1)
+    checks = []
+    for vm, (variant, (order, reaches)) in zip(vms, L3_ORDER.items()):
+        rules = [rule(action, "in", priority, "<tcp dstportstart='80'/>") for action, priority in order]
+        define_and_bind(cli, vm, {"f": filter_xml(f"nwft-l3o-{vm.name}", "\n".join([
+            *rules, rule("accept", "in", 300, "<tcp dstportstart='81'/>"), rule("drop", "inout", 1000, "<all/>"),
+        ]))}, f"nwft-l3o-{vm.name}")
+        checks += [Conn(f"{variant}: b -> :80", "tcp", b, vm.ipv4, 80, reaches),
+                   Conn(f"{variant}: b -> :81", "tcp", b, vm.ipv4, 81, True)]
+    vm = vms[-1]
+    define_and_bind(cli, vm, {
+        "sub": filter_xml("nwft-l3o-sub", rule("accept", "in", -500, "<tcp dstportstart='80'/>"), chain="ipv4"),
+        "root": filter_xml("nwft-l3o-root", "<filterref filter='nwft-l3o-sub'/>\n" + "\n".join([
+            rule("drop", "in", 500, "<tcp dstportstart='80'/>"), rule("accept", "in", 300, "<tcp dstportstart='81'/>"),
+            rule("drop", "inout", 1000, "<all/>")])),
+    }, "nwft-l3o-root")
+    checks += [Conn("non-root accept -500 after root drop 500: b -> :80", "tcp", b, vm.ipv4, 80, False),
+               Conn("non-root: b -> :81", "tcp", b, vm.ipv4, 81, True)]
+    check_connections(lab, checks)
+
+
 # ----------------------------------------------------------------------------------------------
 # return / accept / continue
 

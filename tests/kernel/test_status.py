@@ -14,8 +14,9 @@ from bindings_helpers import (  # noqa: F401  (fixtures)
     backend, binding_xml, cli, filter_xml, kernel_snapshot, pair,
 )
 
-BRIDGE_CONNTRACK = "table bridge nwft_probe { chain c { type filter hook forward priority 0; ct state established accept; } }"
-BRIDGE_REJECT = "table bridge nwft_probe { chain c { type filter hook forward priority 0; reject; } }"
+PROBE = "table bridge nwft_probe {{ chain c {{ type filter hook forward priority 0; {rule}; }} }}"
+BRIDGE_CONNTRACK = PROBE.format(rule="ct state established accept")
+BRIDGE_REJECT = PROBE.format(rule="reject")
 TRACKING = {"nftables": {True: "bridge family (nf_conntrack_bridge)",
                          False: "inet family via br_netfilter, ports carried in the packet mark"},
             "ebiptables": {True: "iptables/ip6tables via br_netfilter (physdev)",

@@ -18,8 +18,8 @@ import netlab
 from bindings_helpers import BCAST, filter_xml, mac_bytes
 from dhcpd import DhcpServer
 from hook_helpers import (  # noqa: F401  (fixtures)
-    FILTERS, NFTABLES_ONLY, NS, assert_ports_run, backend, bindings, clean, dirs, libvirtd_hook, metadata, nwf, port_lines,
-    syslog,
+    FILTERS, NFTABLES_ONLY, NS, assert_ports_run, backend, bindings, clean, dirs, libvirtd_hook, metadata, nwf,
+    peer, port_lines, syslog,
 )
 
 

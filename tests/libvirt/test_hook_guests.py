@@ -23,7 +23,7 @@ import libvirtd as lv
 import netlab
 from hook_helpers import (  # noqa: F401  (fixtures)
     NFTABLES_ONLY, NS, GUEST_IP, REPO, assert_ports_run, backend, bindings, clean, dirs, libvirtd_hook, metadata,
-    nwf, port_lines, syslog, wipe_rules,
+    nwf, peer, port_lines, syslog, wipe_rules,
 )
 
 

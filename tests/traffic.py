@@ -129,6 +129,24 @@ def _inconclusive(checks: Sequence, passed: dict, twins) -> list[str]:
             and not any(vouches(c, p) for p in checks)]
 
 
+def _conclusive(verdicts: dict, inconclusive: list[str]) -> dict:
+    if inconclusive:
+        raise Inconclusive(f"failed, but no positive twin passed in the same wait, so this proves nothing: "
+                           f"{inconclusive}\nverdicts: {verdicts}")
+    return verdicts
+
+
+def _assert_expected(checks: Sequence, verdicts: dict, inconclusive: list[str], wanted: tuple[str, str],
+                     got, context: str) -> None:
+    """One AssertionError listing every check whose verdict is not its ``expect`` (``wanted``:
+    how to say pass and fail; ``got``: how to show a verdict) and every inconclusive one."""
+    problems = [f"{c.name}: expected {wanted[0] if c.expect else wanted[1]}, got {got(verdicts[c.name])}"
+                for c in checks if c.expect is not None and bool(verdicts[c.name]) != c.expect]
+    problems += [f"{name}: inconclusive (its positive twin did not pass)" for name in inconclusive
+                 if not any(line.startswith(f"{name}:") for line in problems)]
+    assert not problems, (context + "\n" if context else "") + "\n".join(problems)
+
+
 def _unique_names(checks: Sequence) -> None:
     names = [c.name for c in checks]
     assert len(set(names)) == len(names), f"duplicate check names: {names}"
@@ -189,11 +207,7 @@ def frames(lab: netlab.Lab, probes: Sequence[Probe], settle: float = FRAME_SETTL
            timeout: float = TIMEOUT) -> dict[str, bool]:
     """``{probe.name: delivered}`` for a batch (see the module docstring); raises
     :class:`Inconclusive` when a failed probe has no twin that passed."""
-    delivered, inconclusive = run_frames(lab, probes, settle, timeout)
-    if inconclusive:
-        raise Inconclusive(f"not delivered, but no twin sharing sender or receiver was delivered in the "
-                           f"same batch, so this proves nothing: {inconclusive}\nverdicts: {delivered}")
-    return delivered
+    return _conclusive(*run_frames(lab, probes, settle, timeout))
 
 
 def check_frames(lab: netlab.Lab, probes: Sequence[Probe], settle: float = FRAME_SETTLE,
@@ -201,12 +215,8 @@ def check_frames(lab: netlab.Lab, probes: Sequence[Probe], settle: float = FRAME
     """:func:`frames`, then assert every probe with an ``expect`` got it (one message listing
     every wrong or inconclusive verdict)."""
     delivered, inconclusive = run_frames(lab, probes, settle, timeout)
-    problems = [f"{p.name}: expected {'delivered' if p.expect else 'dropped'}, got "
-                f"{'delivered' if delivered[p.name] else 'dropped'}" for p in probes
-                if p.expect is not None and delivered[p.name] != p.expect]
-    problems += [f"{name}: inconclusive (its positive twin was not delivered)" for name in inconclusive
-                 if not any(line.startswith(f"{name}:") for line in problems)]
-    assert not problems, (context + "\n" if context else "") + "\n".join(problems)
+    _assert_expected(probes, delivered, inconclusive, ("delivered", "dropped"),
+                     lambda seen: "delivered" if seen else "dropped", context)
     return delivered
 
 
@@ -256,21 +266,13 @@ def connections(lab: netlab.Lab, checks: Sequence[Conn], wait: float = CONN_WAIT
                 timeout: float = TIMEOUT) -> dict[str, Result]:
     """``{check.name: Result}`` (truthy when it passed); raises :class:`Inconclusive` when a
     failed check has no twin that passed."""
-    results, inconclusive = run_connections(lab, checks, wait, timeout)
-    if inconclusive:
-        raise Inconclusive(f"failed, but no twin sharing one of its namespaces passed in the same "
-                           f"wait, so this proves nothing: {inconclusive}\nresults: {results}")
-    return results
+    return _conclusive(*run_connections(lab, checks, wait, timeout))
 
 
 def check_connections(lab: netlab.Lab, checks: Sequence[Conn], wait: float = CONN_WAIT,
                       context: str = "", timeout: float = TIMEOUT) -> dict[str, Result]:
     """:func:`connections`, then assert every check with an ``expect`` got it."""
     results, inconclusive = run_connections(lab, checks, wait, timeout)
-    problems = [f"{c.name}: expected {'success' if c.expect else 'failure'}, got {results[c.name].outcome}"
-                + (f" ({results[c.name].error})" if results[c.name].error else "")
-                for c in checks if c.expect is not None and results[c.name].ok != c.expect]
-    problems += [f"{name}: inconclusive (its positive twin failed)" for name in inconclusive
-                 if not any(line.startswith(f"{name}:") for line in problems)]
-    assert not problems, (context + "\n" if context else "") + "\n".join(problems)
+    _assert_expected(checks, results, inconclusive, ("success", "failure"),
+                     lambda r: r.outcome + (f" ({r.error})" if r.error else ""), context)
     return results

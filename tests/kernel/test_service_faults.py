@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import random
 import shutil
 import signal
 import socket
@@ -75,24 +74,17 @@ def env(lab, tmp_path) -> Env:
     return Env(lab, tmp_path)
 
 
-def seeded() -> random.Random:
-    seed = int(os.environ.get("NWFT_SEED") or random.SystemRandom().randrange(1 << 30))
-    print(f"\nseed {seed} (replay with NWFT_SEED={seed})")
-    return random.Random(seed)
-
-
 # ------------------------------------------------------------------------------------------
 # SIGKILL in the middle of a request
 
 
-def test_service_killed_during_hook_start_leaves_no_port_half_filtered(env):
+def test_service_killed_during_hook_start_leaves_no_port_half_filtered(env, rng):
     """A hook ``start`` binding 24 interfaces through the service; the service is SIGKILLed at a
     random moment. The client fails (closed) or succeeded before the kill, never runs it again;
     the kernel holds all 24 ports or none; after libvirt's reaction to the failed start (the
     ``stopped`` hook, in-process now; when the kill came between the kernel transaction and the
     last record, after the guest's next start and stop) nothing of the guest is left and
     ``verify`` passes; a new start then filters every port."""
-    rng = seeded()
     ports = plain_ports(env.lab, [f"kp{i}" for i in range(PORTS)])
     xml = many_interfaces_domain(ports)
     with env.daemon() as daemon:  # an undisturbed start, for the timing
@@ -145,12 +137,11 @@ VARIANT = """<filter name='nwft-kill' chain='ipv4'>
 """
 
 
-def test_service_killed_during_define_of_a_filter_in_use(env):
+def test_service_killed_during_define_of_a_filter_in_use(env, rng):
     """24 bindings use a filter; its redefinition through the service is SIGKILLed at random
     moments. The kernel holds all old or all new rules for every port, and after the next
     command (which completes an interrupted update) ``verify`` passes and the stored filter is
     one of the two."""
-    rng = seeded()
     ports = plain_ports(env.lab, [f"dp{i}" for i in range(PORTS)])
     (env.tmp / "a.xml").write_text(VARIANT.format(port=7001))
     (env.tmp / "b.xml").write_text(VARIANT.format(port=7002))

@@ -31,6 +31,7 @@ import secrets
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -355,7 +356,18 @@ def raw(src_mac: str, dst_mac: str, ethertype: int, tag: bytes | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Filters
+# Filters and waiting
+
+
+def wait_until(predicate, timeout: float = 3.0, interval: float = 0.05) -> bool:
+    """True as soon as ``predicate()`` is; False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
 
 
 def filter_xml(name: str, body: str, chain: str | None = "root", priority: int | None = None) -> str:

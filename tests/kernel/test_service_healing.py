@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from bindings_helpers import (IP_A, IP_B, MAC_A, MAC_B, Probe, binding_xml, check_probes, dispatch_entries,
-                              ip_frame, wait_until)
+from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, binding_xml, dispatch_entries, ip_frame, wait_until
 from service_helpers import Daemon, client_argv, env_for
+from traffic import Probe, check_frames
 
 SPOOF_MAC = "52:54:00:00:00:99"
 
@@ -49,12 +49,12 @@ def healed(lab, tmp_path):
 
 def test_flush_ruleset_is_repaired_and_frames_are_filtered_again(healed):
     lab, a, b, daemon, cli = healed
-    check_probes(lab, probes(a, b), context="before the flush")
+    check_frames(lab, probes(a, b), context="before the flush")
     offset = len(daemon.log_text())
     lab.host_run(["nft", "flush", "ruleset"])
     daemon.wait_log("repaired: 1 binding(s) rebuilt in one transaction", start=offset)
     assert dispatch_entries(lab.host_ns, "nftables") == {a.port}
-    check_probes(lab, probes(a, b), context="after the repair")
+    check_frames(lab, probes(a, b), context="after the repair")
     assert f"rules of 1 port(s) changed behind our back ({a.port})" in daemon.log_text()[offset:]
     status = cli("status").stdout
     assert "Service:" in status and "running" in status and f"1 port(s) restored ({a.port})" in status
@@ -72,7 +72,7 @@ def test_a_rule_removed_from_a_port_chain_is_repaired(healed):
         lab.host_run(["nft", "delete", "rule", "bridge", "libvirt_nwfilter", rule["chain"], "handle",
                       str(rule["handle"])])
     daemon.wait_log("repaired: 1 binding(s) rebuilt", start=offset)
-    check_probes(lab, probes(a, b), context="after the repair")
+    check_frames(lab, probes(a, b), context="after the repair")
     assert cli("verify").returncode == 0
 
 
@@ -83,5 +83,5 @@ def test_changes_through_the_tool_are_not_repairs(healed):
     assert cli("binding-create", "-", input=binding_xml(a.port, MAC_A, "no-mac-spoofing")).returncode == 0
     assert wait_until(lambda: (daemon.rundir / "kernel-intact.json").exists(), timeout=30)
     assert "repaired" not in daemon.log_text()[offset:]
-    got = check_probes(lab, probes(a, b)[:2])
+    got = check_frames(lab, probes(a, b)[:2])
     assert got == {"own MAC and IP": True, "spoofed MAC": False}

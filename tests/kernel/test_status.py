@@ -2,7 +2,8 @@
 
 Each line is checked against what the test finds out by itself: what the kernel accepts
 (``nft -c`` of a bridge table with a conntrack match, with a reject), the bridge-netfilter
-sysctls as the test set them, and the filters and bindings it made. ``status`` changes nothing.
+sysctls as the test set them, the filters and bindings it made, and no service running for its
+run directory. ``status`` changes nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def test_status_reports_this_kernel_and_these_counts(lab, cli, pair):
         "Bindings": "2 on 1 owner(s)",
         "Configuration": str(cli.confdir),
         "State": str(cli.rundir),
+        "Service": "not running (the hook and the command work in-process; no hot-plug, live metadata or "
+                   "self-healing)",  # none was started for this run directory
     }
     assert kernel_snapshot(lab.host_ns) == kernel, "status changed the kernel"
     assert state_files(cli) == state, "status changed the state"

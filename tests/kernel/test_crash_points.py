@@ -38,9 +38,9 @@ from typing import Callable
 
 import pytest
 
-from bindings_helpers import (IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, filter_xml, ip_frame,
-                              port_items)
+from bindings_helpers import IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, filter_xml, ip_frame, port_items
 from crashlab import KillLab, normalized, side_by_side
+from traffic import Probe, check_frames
 
 OLD, NEW = IP_A, IP_A2  # VM a's address before and after the change
 SPOOF = "10.0.0.77"
@@ -261,7 +261,7 @@ def run_scenario(lab, cli: Cli, name: str) -> str:
     assert steps and steps[0].syscall == "rename" and steps[0].what == "journal.json", \
         f"the journal is not the first thing written: {steps}"
     checked = {normalized(kill.snapshot())}  # kernel states whose frames were checked
-    check_probes(lab, scenario.probes(ctx), context=f"[{cli.backend}] {name}, undisturbed")
+    check_frames(lab, scenario.probes(ctx), context=f"[{cli.backend}] {name}, undisturbed")
 
     rows = []
     for step in steps:
@@ -307,7 +307,7 @@ def run_scenario(lab, cli: Cli, name: str) -> str:
         state = normalized(kill.snapshot())
         frames = "same rules as checked" if state in checked else "frames checked"
         if state not in checked:
-            check_probes(lab, scenario.probes(ctx), context=context)
+            check_frames(lab, scenario.probes(ctx), context=context)
             checked.add(state)
         rows.append((str(step), "journal" if left else "-", verify.returncode, world, rerun, frames))
     lines = [f"[{cli.backend}] {name}: {len(steps)} kill points + the undisturbed run, "

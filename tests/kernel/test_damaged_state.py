@@ -39,13 +39,13 @@ from pathlib import Path
 
 import pytest
 
-from bindings_helpers import (IP_A, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, dispatch_entries, ip_frame,
-                              port_items)
+from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, Cli, dispatch_entries, ip_frame, port_items
 from crashlab import KillLab, side_by_side
 from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.ebiptables import EbiptablesBackend
 from libvirt_nwfilter.backends.nftables import NftablesBackend
+from traffic import Probe, check_frames
 
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
@@ -99,7 +99,7 @@ def make_world(lab, cli: Cli) -> World:
     world = World(lab, cli, KillLab(cli), vms)
     world.hook("one", "start")
     cli.binding_create("vp2", MAC_B, "clean-traffic", {"IP": IP_B})
-    check_probes(lab, world.probes(), context=f"[{cli.backend}] before any damage")
+    check_frames(lab, world.probes(), context=f"[{cli.backend}] before any damage")
     return world
 
 
@@ -165,7 +165,7 @@ def kept_by_every_rebuild(world: World, path: Path, problem: str) -> None:
     """vp1's record is damaged: each rebuild keeps vp1 as the kernel holds it, rebuilds the rest."""
     lab, cli = world.lab, world.cli
     context = f"[{cli.backend}] damaged record of vp1"
-    check_probes(lab, world.probes(), context=f"{context}: before")
+    check_frames(lab, world.probes(), context=f"{context}: before")
     held = port_items(lab.host_ns, "vp1")
     assert any("vp1" in item for item in held)
 
@@ -175,16 +175,16 @@ def kept_by_every_rebuild(world: World, path: Path, problem: str) -> None:
 
     # reapply: vp2's rules, removed by hand, come back; vp1's stay as they are
     remove_by_hand(world, "vp2")
-    check_probes(lab, world.probes(unfiltered=("b",)), context=f"{context}: vp2's rules removed by hand")
+    check_frames(lab, world.probes(unfiltered=("b",)), context=f"{context}: vp2's rules removed by hand")
     done = cli.run("reapply")
     assert str(path) in done.stderr and "rules are left as they are" in done.stderr, f"{context}: {done.stderr}"
-    check_probes(lab, world.probes(), context=f"{context}: after reapply")
+    check_frames(lab, world.probes(), context=f"{context}: after reapply")
     still_kept("reapply")
     # the hook's reconnect of another guest whose rules were removed by hand
     world.hook("other", "start")
     remove_by_hand(world, "vp3")
     world.hook("other", "reconnect")
-    check_probes(lab, world.probes(names=("a", "b", "c")), context=f"{context}: after reconnect of the other guest")
+    check_frames(lab, world.probes(names=("a", "b", "c")), context=f"{context}: after reconnect of the other guest")
     still_kept("reconnect of the other guest")
     world.hook("other", "stopped", running=False)
     # recovery: the other guest's start killed as it starts its last kernel transaction
@@ -197,7 +197,7 @@ def kept_by_every_rebuild(world: World, path: Path, problem: str) -> None:
     verify = cli.run("verify", check=False)
     assert verify.returncode == 1 and "completing the interrupted" in verify.stderr, f"{context}: {verify}"
     assert not world.run.journal.exists() and "vp3" in dispatch_entries(lab.host_ns, cli.backend), context
-    check_probes(lab, world.probes(names=("a", "b", "c")), context=f"{context}: after the recovery")
+    check_frames(lab, world.probes(names=("a", "b", "c")), context=f"{context}: after the recovery")
     still_kept(f"the recovery of a start killed at {last}")
     world.hook("other", "stopped", running=False)
     # no binding on the port until the record is repaired; its guest's teardown keeps its rules
@@ -205,7 +205,7 @@ def kept_by_every_rebuild(world: World, path: Path, problem: str) -> None:
     assert created.returncode == 1 and str(path) in created.stderr, f"{context}: {created}"
     world.hook("one", "stopped", running=False)
     still_kept("stopped of its guest")
-    check_probes(lab, world.probes(), context=f"{context}: at the end")
+    check_frames(lab, world.probes(), context=f"{context}: at the end")
 
 
 def damaged_records(world: World) -> None:
@@ -226,7 +226,7 @@ def damaged_records(world: World) -> None:
         assert path.is_file() and not path.is_symlink(), context
         verify_passes(world, f"{context}: after the repair")
         print(f"  [{cli.backend}] record {case}: {line[:150]}...")
-    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the repairs")
+    check_frames(lab, world.probes(), context=f"[{cli.backend}] after the repairs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def damaged_index(world: World) -> None:
             world.hook("one", "start")
             intact = json.loads(path.read_text())
     verify_passes(world, "after the index cases")
-    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the index cases")
+    check_frames(lab, world.probes(), context=f"[{cli.backend}] after the index cases")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,13 +304,13 @@ def damaged_journal(world: World) -> None:
             world.hook("other", "start")
             assert dispatch_entries(lab.host_ns, cli.backend) == {"vp1", "vp2", "vp3"}, context
             world.hook("other", "stopped", running=False)
-            check_probes(lab, world.probes(), context=f"{context}: an unrelated guest came and went")
+            check_frames(lab, world.probes(), context=f"{context}: an unrelated guest came and went")
         assert dispatch_entries(lab.host_ns, cli.backend) == {"vp1", "vp2"}, context
         repaired = cli.run("reapply")
         assert "removed the damaged journal" in repaired.stderr, f"{context}: {repaired.stderr}"
         assert not path.exists() and not path.is_symlink(), context
         verify_passes(world, f"{context}: after the repair")
-    check_probes(lab, world.probes(), context=f"[{cli.backend}] after the journal cases")
+    check_frames(lab, world.probes(), context=f"[{cli.backend}] after the journal cases")
 
 
 # ----------------------------------------------------------------------------------------------

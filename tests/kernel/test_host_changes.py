@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 
-from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, dispatch_entries, ip_frame
+from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, Cli, dispatch_entries, ip_frame
 from crashlab import KillLab, side_by_side
+from traffic import Probe, check_frames
 
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
@@ -78,7 +79,7 @@ def test_backend_change_in_the_configuration_file_moves_every_binding(lab, tmp_p
     run = KillLab(cli)
     hook(run, "one", "start", domain_xml("one", vms["a"]))
     cli.binding_create("vp2", MAC_B, "clean-traffic", {"IP": IP_B})
-    check_probes(lab, probes(vms, ("a", "b")), context="nftables")
+    check_frames(lab, probes(vms, ("a", "b")), context="nftables")
     assert nft_ports(lab) and not ebtables_ports(lab)
 
     (cli.confdir / "libvirt-nwfilter.conf").write_text("backend = ebiptables\n")
@@ -91,7 +92,7 @@ def test_backend_change_in_the_configuration_file_moves_every_binding(lab, tmp_p
     assert record_backends(cli) == {"ebiptables"}
     assert ebtables_ports(lab) and not nft_ports(lab), lab.ruleset()
     assert dispatch_entries(lab.host_ns, "ebiptables") == {"vp1", "vp2", "vp3"}
-    check_probes(lab, probes(vms), context="after the move to ebiptables")
+    check_frames(lab, probes(vms), context="after the move to ebiptables")
     assert cli.run("verify").returncode == 0
 
     (cli.confdir / "libvirt-nwfilter.conf").write_text("backend = nftables\n")
@@ -100,7 +101,7 @@ def test_backend_change_in_the_configuration_file_moves_every_binding(lab, tmp_p
     assert record_backends(cli) == {"nftables"}
     assert nft_ports(lab) and not ebtables_ports(lab)
     assert dispatch_entries(lab.host_ns, "nftables") == {"vp1", "vp2", "vp3"}
-    check_probes(lab, probes(vms), context="after the move back to nftables")
+    check_frames(lab, probes(vms), context="after the move back to nftables")
     assert cli.run("verify").returncode == 0
 
 
@@ -114,12 +115,12 @@ def huge_domains(lab, cli: Cli) -> str:
     size = 17 << 20
     hook(run, "one", "start", domain_xml("one", vms["a"], description=size))
     assert dispatch_entries(lab.host_ns, cli.backend) == {"vp1"}
-    check_probes(lab, probes(vms, ("a",)), context=f"[{cli.backend}] a guest with a 17 MiB description")
+    check_frames(lab, probes(vms, ("a",)), context=f"[{cli.backend}] a guest with a 17 MiB description")
     for operation in ("prepare", "start", "reconnect", "stopped", "release"):
         hook(run, "plain", operation, domain_xml("plain", vms["c"], metadata=False, description=size,
                                                  running=operation != "stopped"))
     hook(run, "one", "stopped", domain_xml("one", vms["a"], running=False, description=size))
     assert dispatch_entries(lab.host_ns, cli.backend) == set()
     assert not list((cli.rundir / "bindings").glob("*.json"))
-    check_probes(lab, probes(vms, ("a", "c"), filtered=False), context=f"[{cli.backend}] after stopped")
+    check_frames(lab, probes(vms, ("a", "c"), filtered=False), context=f"[{cli.backend}] after stopped")
     return f"[{cli.backend}] 17 MiB domain XML: start, stopped and a guest without metadata"

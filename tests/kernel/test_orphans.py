@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import time
 
-from bindings_helpers import (IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, Probe, check_probes, filter_xml, ip_frame,
-                              kernel_snapshot)
+from bindings_helpers import IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, filter_xml, ip_frame, kernel_snapshot
 from crashlab import normalized, side_by_side
 import netlab
+from traffic import Probe, check_frames
 
 MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
 PEER_MAC, PEER_IP = "52:54:00:00:01:99", "10.0.0.99"
@@ -89,11 +89,11 @@ def orphans_named_and_removed(lab, cli: Cli) -> str:
     cli.run("reapply")  # the recorded ports move to generation 2: generation 1 is an old one
     c, peer = vms["c"], vms["p"]
     c_traffic = udp_probe("c, no binding", c, peer, IP_C, 7, True)
-    check_probes(lab, recorded_probes(vms) + [c_traffic], context=f"[{cli.backend}] before the orphans")
+    check_frames(lab, recorded_probes(vms) + [c_traffic], context=f"[{cli.backend}] before the orphans")
     intact = normalized(kernel_snapshot(cli.ns))
 
     expected = (make_nft_orphans if cli.backend == "nftables" else make_eb_orphans)(lab.host_ns)
-    check_probes(lab, recorded_probes(vms) + [udp_probe("c, no binding", c, peer, IP_C, 7, False)],
+    check_frames(lab, recorded_probes(vms) + [udp_probe("c, no binding", c, peer, IP_C, 7, False)],
                  context=f"[{cli.backend}] with the orphans (vp3's traffic meets an orphan chain)")
     done = cli.run("verify", check=False)
     report = f"[{cli.backend}] verify exited {done.returncode}\n{done.stdout}{done.stderr}"
@@ -109,7 +109,7 @@ def orphans_named_and_removed(lab, cli: Cli) -> str:
     verified = cli.run("verify", check=False)
     assert verified.returncode == 0, f"[{cli.backend}] after reapply:\n{verified.stdout}{verified.stderr}"
     assert normalized(kernel_snapshot(cli.ns)) == intact, f"[{cli.backend}] the recorded ports' rules changed"
-    check_probes(lab, recorded_probes(vms) + [c_traffic], context=f"[{cli.backend}] after reapply")
+    check_frames(lab, recorded_probes(vms) + [c_traffic], context=f"[{cli.backend}] after reapply")
     return (f"[{cli.backend}] {sum(map(len, expected.values()))} orphans named by verify and removed by reapply, "
             f"{time.monotonic() - started:.1f} s:\n  " + "\n  ".join(done.stdout.splitlines()))
 
@@ -125,7 +125,7 @@ def lost_record_never_lets_the_old_address_through(lab, cli: Cli) -> str:
     record = cli.rundir / "bindings" / "vp1.json"
 
     def only(address: str, old: str, context: str) -> None:
-        check_probes(lab, [udp_probe(f"a, {address} (new)", a, peer, address, 7, True),
+        check_frames(lab, [udp_probe(f"a, {address} (new)", a, peer, address, 7, True),
                            udp_probe(f"a, {old} (old)", a, peer, old, 7, False)], context=f"[{cli.backend}] {context}")
 
     def create_after_losing_the_record(address: str, old: str, context: str) -> str:

@@ -5,13 +5,13 @@ refused batch leaves everything as it was (its error names the refused line and 
 clash is refused, and real traffic through a
 bridge with two veth "VMs": spoofed source MACs are dropped at L2 and only TCP to port 22 reaches
 VM A at L3 (default state matching: A may answer), with the inet conntrack mode (br_netfilter).
+Every "dropped" is judged in one wait with its positive twin (tests/traffic.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP
@@ -19,6 +19,7 @@ from scapy.layers.l2 import ARP, Ether
 
 import netlab
 from bindings_helpers import port_items
+from traffic import Conn, Probe, check_connections, check_frames
 from golden.nftables import cases as nft_cases
 from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
@@ -276,24 +277,27 @@ def test_real_traffic_inet_mode(lab):
     plan, records = backend.plan([PortChange(a.port, None, nft_cases.ssh_to_a(MAC_A, "10.0.0.1"))])
     run_plan(ns, plan)
 
-    # L3, to A: only TCP 22 may open a connection; A's answers pass FI (established, reply)
-    assert lab.tcp_connect(b, "10.0.0.1", 22)
-    assert not lab.tcp_connect(b, "10.0.0.1", 80)
-    assert not lab.ping(b, "10.0.0.1")
-    # L3, from A: nothing may start (FI drops), also not towards the host (HI)
-    assert not lab.ping(a, "10.0.0.2")
-    assert not lab.tcp_connect(a, "10.0.0.2", 22)
-    assert not lab.ping(a, "10.0.0.254")
-    # B is not filtered: B <-> host is free
-    assert lab.ping(b, "10.0.0.254")
+    check_connections(lab, [
+        # L3, to A: only TCP 22 may open a connection; A's answers pass FI (established, reply)
+        Conn("b -> a:22", "tcp", b, "10.0.0.1", 22, True),
+        Conn("b -> a:80", "tcp", b, "10.0.0.1", 80, False),
+        Conn("b -> a ping", "ping", b, "10.0.0.1", expect=False),
+        # L3, from A: nothing may start (FI drops), also not towards the host (HI)
+        Conn("a -> b ping", "ping", a, "10.0.0.2", expect=False),
+        Conn("a -> b:22", "tcp", a, "10.0.0.2", 22, False),
+        Conn("a -> host ping", "ping", a, "10.0.0.254", expect=False),
+        # B is not filtered: B <-> host is free
+        Conn("b -> host ping", "ping", b, "10.0.0.254", expect=True)])
 
     # L2: a spoofed source MAC from A is dropped, the real one passes (ARP: no L3 involved)
     arp = ARP(op=1, hwsrc=MAC_A, psrc="10.0.0.1", pdst="10.0.0.2")
-    assert lab.frame_delivered(a, Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff") / arp, b)
-    spoofed = Ether(src=SPOOFED, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=SPOOFED, psrc="10.0.0.1",
-                                                              pdst="10.0.0.2")
-    assert not lab.frame_delivered(a, spoofed, b)
-    assert not lab.frame_delivered(a, Ether(src=SPOOFED, dst=MAC_B) / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(), b)
+    spoofed = bytes(Ether(src=SPOOFED, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=SPOOFED, psrc="10.0.0.1",
+                                                                    pdst="10.0.0.2"))
+    check_frames(lab, [
+        Probe("a's ARP", a, bytes(Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff") / arp), b, True),
+        Probe("spoofed ARP", a, spoofed, b, False),
+        Probe("spoofed IPv4", a, bytes(Ether(src=SPOOFED, dst=MAC_B) / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP()),
+              b, False)])
 
     # other users' mark bits survive our mark (B's frames carry 0xa5 in the low byte)
     counted = spy_count(lab)
@@ -310,10 +314,10 @@ def test_real_traffic_inet_mode(lab):
                              fo=(icmp_in,) + allow_ping.fo, hi=allow_ping.hi)
     plan, records = backend.plan([PortChange(a.port, records[a.port], allow_ping)])
     run_plan(ns, plan)
-    assert lab.ping(b, "10.0.0.1")
-    assert lab.tcp_connect(b, "10.0.0.1", 22)
-    assert not lab.tcp_connect(b, "10.0.0.1", 80)
-    assert not lab.ping(a, "10.0.0.2")
+    check_connections(lab, [Conn("b -> a ping", "ping", b, "10.0.0.1", expect=True),
+                            Conn("b -> a:22", "tcp", b, "10.0.0.1", 22, True),
+                            Conn("b -> a:80", "tcp", b, "10.0.0.1", 80, False),
+                            Conn("a -> b ping", "ping", a, "10.0.0.2", expect=False)])
 
     # delete: everything flows again
     plan, _ = backend.plan([PortChange(a.port, records[a.port], None)])
@@ -339,10 +343,11 @@ def test_real_traffic_both_ports_filtered(lab):
                                   PortChange(b.port, None, nft_cases.ssh_to_a(MAC_B, "10.0.0.2"))])
     run_plan(ns, plan)
     assert records[a.port]["id"] != records[b.port]["id"]
-    assert lab.tcp_connect(a, "10.0.0.2", 22)  # FI(A) returns, FO(B) accepts; replies likewise
-    assert not lab.tcp_connect(a, "10.0.0.2", 80)  # FI(A) returns, FO(B) drops
-    assert not lab.ping(a, "10.0.0.2")
-    assert not lab.tcp_connect(b, "10.0.0.1", 22)  # FI(B) drops anything B starts
+    check_connections(lab, [
+        Conn("a -> b:22", "tcp", a, "10.0.0.2", 22, True),  # FI(A) returns, FO(B) accepts; replies likewise
+        Conn("a -> b:80", "tcp", a, "10.0.0.2", 80, False),  # FI(A) returns, FO(B) drops
+        Conn("a -> b ping", "ping", a, "10.0.0.2", expect=False),
+        Conn("b -> a:22", "tcp", b, "10.0.0.1", 22, False)])  # FI(B) drops anything B starts
 
 
 def test_real_traffic_reject(lab):
@@ -354,11 +359,11 @@ def test_real_traffic_reject(lab):
     rs = PortRuleset(fo=(nft_cases.l3(4, "tcp", nft_cases.X, nft_cases.c(nft_cases.Field.DPORT, nft_cases.NumRange(81, 81))),))
     plan, _ = backend.plan([PortChange(a.port, None, rs)])
     run_plan(lab.host_ns, plan)
-    started = time.monotonic()
-    assert not lab.tcp_connect(b, "10.0.0.1", 81, timeout=5)
-    assert time.monotonic() - started < 4, f"reject should answer at once: {lab.last_exchange}"
-    assert "refused" in lab.last_exchange.lower() or "unreachable" in lab.last_exchange.lower(), lab.last_exchange
-    assert lab.tcp_connect(b, "10.0.0.1", 80)
+    # a rejected connection is answered (an RST or an ICMP error), a dropped one would time out;
+    # 2 s after port 80 connected is ample for the answer, which needs no more than port 80 did
+    got = check_connections(lab, [Conn("b -> a:81 (reject)", "tcp", b, "10.0.0.1", 81, False),
+                                  Conn("b -> a:80", "tcp", b, "10.0.0.1", 80, True)], wait=2.0)
+    assert got["b -> a:81 (reject)"].outcome in ("refused", "unreachable"), got
 
 
 def test_real_traffic_clean_traffic(lab):
@@ -378,26 +383,28 @@ def test_real_traffic_clean_traffic(lab):
                                                               pdst="0.0.0.0")
 
     assert lab.ping(a, "10.0.0.2") and lab.tcp_connect(b, "10.0.0.1", 80)  # no L3 rules
-    assert lab.frame_delivered(a, arp(MAC_A, MAC_A, "10.0.0.1"), b)
-    assert not lab.frame_delivered(a, arp(MAC_A, MAC_A, "10.0.0.9"), b)  # arp-ip
-    assert not lab.frame_delivered(a, arp(MAC_A, SPOOFED, "10.0.0.1"), b)  # arp-mac
-    assert not lab.frame_delivered(a, arp(SPOOFED, MAC_A, "10.0.0.1"), b)  # mac
-    ip_ok = Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP()
-    ip_bad = Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.0.9", dst="10.0.0.2") / ICMP()
-    assert lab.frame_delivered(a, ip_ok, b)
-    assert not lab.frame_delivered(a, ip_bad, b)  # ipv4-ip
-    assert lab.frame_delivered(a, rarp(MAC_A, MAC_A, MAC_A), b)  # qemu's announce-self
-    assert not lab.frame_delivered(a, rarp(MAC_A, MAC_B, MAC_A), b)
-    assert not lab.frame_delivered(a, Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / (b"x" * 46), b)  # final drop
-    # to A: RARP only the announce shape (raw payload matches on the to-VM side too)
-    assert lab.frame_delivered(b, rarp(MAC_B, MAC_A, MAC_A), a)
-    assert not lab.frame_delivered(b, rarp(MAC_B, MAC_B, MAC_A), a)
-    assert not lab.frame_delivered(b, Ether(src=MAC_B, dst=MAC_A, type=0x88B5) / (b"x" * 46), a)
+    P = lambda name, src, frame, dst, expect: Probe(name, src, bytes(frame), dst, expect)  # noqa: E731
+    ip = lambda src_ip: Ether(src=MAC_A, dst=MAC_B) / IP(src=src_ip, dst="10.0.0.2") / ICMP()  # noqa: E731
+    check_frames(lab, [
+        P("a's ARP", a, arp(MAC_A, MAC_A, "10.0.0.1"), b, True),
+        P("ARP, other sender IP (arp-ip)", a, arp(MAC_A, MAC_A, "10.0.0.9"), b, False),
+        P("ARP, other sender MAC (arp-mac)", a, arp(MAC_A, SPOOFED, "10.0.0.1"), b, False),
+        P("ARP, other source MAC (mac)", a, arp(SPOOFED, MAC_A, "10.0.0.1"), b, False),
+        P("a's IPv4", a, ip("10.0.0.1"), b, True),
+        P("IPv4, other source IP (ipv4-ip)", a, ip("10.0.0.9"), b, False),
+        P("qemu's announce-self RARP", a, rarp(MAC_A, MAC_A, MAC_A), b, True),
+        P("RARP, other sender MAC", a, rarp(MAC_A, MAC_B, MAC_A), b, False),
+        P("other ethertype (final drop)", a, Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / (b"x" * 46), b, False),
+        # to A: RARP only the announce shape (raw payload matches on the to-VM side too)
+        P("announce RARP to a", b, rarp(MAC_B, MAC_A, MAC_A), a, True),
+        P("RARP to a, other sender MAC", b, rarp(MAC_B, MAC_B, MAC_A), a, False),
+        P("other ethertype to a (final drop)", b, Ether(src=MAC_B, dst=MAC_A, type=0x88B5) / (b"x" * 46), a, False)])
 
 
-def test_change_cost_with_many_ports(lab, capsys):
-    """The batch of a change is the same text with 0 or 500 other ports; its nft run grows only
-    with nft's own chain cache (nft 1.0.6 dumps every chain for any 'add rule'/'add element')."""
+def test_change_batch_is_the_same_with_many_ports(lab):
+    """The batch of a change of one port is the same text with 0 or 500 other ports present
+    (nothing of the others is read, listed or rewritten), and the kernel takes it. What the change
+    costs with many ports is measured in bench/ (the nft process alone, 0 and 1000 present)."""
     ns = lab.host_ns
     backend = NftablesBackend(conntrack="inet")
     records: dict = {}
@@ -405,33 +412,27 @@ def test_change_cost_with_many_ports(lab, capsys):
     def ids(but: str = "") -> list[int]:
         return [r["id"] for p, r in records.items() if p != but and r["id"] is not None]
 
-    def change(port: str) -> tuple[str, float]:
+    def change(port: str) -> str:
         plan, new = backend.plan([PortChange(port, records.get(port), nft_cases.clean_traffic())], ids(port))
-        text = plan.apply[0].stdin
-        started = time.perf_counter()
-        proc = netlab.run_in(ns, ["nft", "-f", "-"], input=text, check=False)
-        elapsed = time.perf_counter() - started
-        assert proc.returncode == 0, proc.stderr
+        run_plan(ns, plan)
         records.update(new)
-        return text, elapsed
+        return plan.apply[0].stdin
 
-    empty = sorted(change("tap0")[1] for _ in range(5))[2]
-    alone_text = change("tap0")[0]
+    change("tap0")
+    alone_text = change("tap0")
     for start in range(1, 501, 250):
         plan, new = backend.plan([PortChange(f"vnet{i}", None, nft_cases.clean_traffic())
                                   for i in range(start, start + 250)], ids())
         run_plan(ns, plan)
         records.update(new)
-    crowded = sorted(change("tap0")[1] for _ in range(5))[2]
-    crowded_text = change("tap0")[0]
+    crowded_text = change("tap0")
+
     def normal(text: str) -> str:
         return re.sub(r"generation \d+", "generation N", re.sub(r"-\d+/", "-N/", text))
 
     assert normal(crowded_text) == normal(alone_text)
-    with capsys.disabled():
-        print(f"\nnft -f for one clean-traffic change: {empty * 1000:.1f} ms alone, "
-              f"{crowded * 1000:.1f} ms with 500 other ports")
-    assert crowded < max(4 * empty, empty + 0.15)
+    text = listing(ns, "bridge", TABLE)
+    assert records["tap0"]["gen"] == 3 and '"tap0" : jump I-3/tap0' in text and "I-2/tap0" not in text
 
 
 def test_switching_conntrack_mode_keeps_working(lab):

@@ -46,31 +46,6 @@ T = TABLE
 # Helpers: everything runs in lab namespaces
 
 
-@pytest.fixture
-def fresh_ns(kernel_env):
-    """A factory of fresh, empty network namespaces (reference kernels); every one it made is
-    deleted afterwards, also when the test fails."""
-    made: list[str] = []
-
-    def make() -> str:
-        name = netlab.new_ns_name("ref")
-        netlab.create_namespace(name)
-        made.append(name)
-        return name
-
-    try:
-        yield make
-    finally:
-        failures = []
-        for name in made:
-            try:
-                netlab.delete_namespace(name)
-            except Exception as error:  # noqa: BLE001 - delete the others, then report
-                failures.append(error)
-        if failures:
-            raise failures[0]
-
-
 def survey(ns: str, backend) -> list[str]:
     """The survey as the service runs it: executor.survey, "" for a failed step."""
     return executor.survey(backend.survey_steps(), ns)

@@ -20,8 +20,6 @@ test fails. The root namespace's firewall is never touched.
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from typing import Callable
 
 import pytest
@@ -296,40 +294,24 @@ def test_nft_bridge_mode(lab, fresh_ns):
     assert ports.kernel() == live
 
 
-def test_nft_one_port_change_and_digests_with_1000_ports(lab, fresh_ns, capsys):
-    """Measured for the report: a change of one port costs what ``nft -f -`` costs (no echo, no
-    cache load of the other ports); survey, digests and the reference kernel are not on the
-    per-binding path (verify/reapply/reconnect)."""
+def test_nft_one_port_change_and_digests_with_1000_ports(lab, fresh_ns):
+    """With 1000 ports, changes of one port (another ruleset and back) change that port's digest
+    only, and the live digests of all equal the reference kernel's (rebuilt from the records, as
+    the service does). What this costs (binding-create with 1000 present, verify and reapply of
+    1000) is measured in bench/."""
     ns = lab.host_ns
     n = 1000
     shapes = [nft_cases.clean_traffic(), nft_cases.ssh_to_a(), nft_cases.root_only(), nft_cases.only_fo()]
     rulesets = {f"vn{i}": shapes[i % len(shapes)] for i in range(n)}
     ports = Ports(ns, NftablesBackend(conntrack="inet"), rulesets, fresh_ns)
-    t0 = time.monotonic()
     ports.apply()
-    t1 = time.monotonic()
-    changes = []
-    for i in range(12):  # alternately another ruleset and back, on a port with L2 and L3 rules
-        ports.rulesets["vn1"] = shapes[1] if i % 2 else shapes[3]
-        start = time.monotonic()
+    first = ports.kernel()
+    for shape in (shapes[3], shapes[1]):  # vn1 has L2 and L3 rules
+        ports.rulesets["vn1"] = shape
         ports.apply(["vn1"])
-        changes.append(time.monotonic() - start)
-    t2 = time.monotonic()
-    outputs = survey(ns, ports.backend)
-    t3 = time.monotonic()
-    live = ports.backend.kernel_digests(outputs, ports.records)
-    t4 = time.monotonic()
-    reference = ports.reference(together=True)
-    t5 = time.monotonic()
-    assert live == reference and None not in live.values()
-    size = sum(map(len, outputs)) // 1024
-    with capsys.disabled():
-        print(f"\n[1000 nft ports] apply all {t1 - t0:.2f}s; one-port change (plan + nft -f) median "
-              f"{statistics.median(changes) * 1000:.0f} ms (min {min(changes) * 1000:.0f}, max "
-              f"{max(changes) * 1000:.0f}); survey ({size} KiB) {t3 - t2:.2f}s; kernel_digests "
-              f"{t4 - t3:.2f}s; reference kernel (rebuild + survey + digests) {t5 - t4:.2f}s")
-    assert statistics.median(changes) < 0.5
-    assert t5 - t2 < 60
+        live = ports.kernel()
+        assert changed(first, live) == ({"vn1"} if shape is shapes[3] else set())
+    assert live == ports.reference(together=True) and None not in live.values()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ which requires every one to have a positive twin in its batch and waits for the 
 
 The lab's single checks (``frame_delivered``, ``tcp_connect``, ``udp_exchange``, ``ping``) stay
 for positive checks; a ``not`` (or a comparison with False) applied to one of them is refused
-here, in every test file except those listed in :data:`PENDING`.
+here, in every test file.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 SINGLE_CHECKS = {"frame_delivered", "tcp_connect", "udp_exchange", "ping"}
-# Files another change is rewriting; their negative checks move to tests/traffic.py after it.
-PENDING = {"kernel/test_nftables_apply.py", "kernel/test_ebiptables_apply.py"}
 
 
 def _single_check(node: ast.AST) -> bool:
@@ -41,14 +39,8 @@ def test_the_scanner_finds_lone_negatives():
     assert lone_negatives(source) == [1, 3, 4]
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(TESTS)) for p in TESTS.rglob("test_*.py")
-                                         if str(p.relative_to(TESTS)) not in PENDING))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(TESTS)) for p in TESTS.rglob("test_*.py")))
 def test_no_negative_check_without_its_twin(path):
     found = lone_negatives((TESTS / path).read_text())
     assert not found, f"{path}: negative checks without a positive twin on lines {found}: use tests/traffic.py"
 
-
-@pytest.mark.parametrize("path", sorted(PENDING))
-def test_pending_files_are_still_pending(path):
-    """Once a pending file is converted, it leaves PENDING (and is checked like the others)."""
-    assert lone_negatives((TESTS / path).read_text()), f"{path} has no lone negative left: remove it from PENDING"

@@ -293,6 +293,10 @@ def _single(port: str, ruleset: Callable[[], PortRuleset]):
     return lambda b: _run(b, [[(port, ruleset())]])
 
 
+# Reviewed by hand against the spec, with assertions of their own in test_properties.py:
+# clean_traffic, clean_traffic_two_ips, ssh_to_a, replace, delete. The others are so far only
+# compared with their files, loaded by the kernel, and (their rulesets) exercised with real
+# traffic in tests/kernel.
 CASES = [
     Case("root_only", "inet", _single("vnet0", root_only)),
     Case("clean_traffic", "inet", _single("vnet0", clean_traffic)),

@@ -32,9 +32,31 @@ RARP_ANNOUNCE = ("ether type 0x8035 @nh,0,16 0x0001 @nh,16,16 0x0800 @nh,48,16 0
 offsets are those of the ARP header (8 bytes, then SHA 6, SPA 4, THA 6, TPA 4)."""
 
 
+def batches(case: str) -> list[str]:
+    """Every batch of ``case`` in order (setup batches, then the golden one)."""
+    return [part.split("\n", 1)[1] for part in (HERE / f"{case}.nft").read_text().split("#### batch ")[1:]]
+
+
 def golden(case: str) -> str:
     """The golden batch (the last one) of ``case``."""
-    return (HERE / f"{case}.nft").read_text().split("(golden)\n", 1)[1]
+    return batches(case)[-1]
+
+
+def dispatch(case: str) -> dict[str, dict[str, str]]:
+    """What the dispatch maps hold after every batch of ``case`` ran in order (``family map`` →
+    {key: value}, empty maps left out): ``add element`` and ``delete element`` lines replayed
+    (a probe, ``add ... : accept`` then ``delete``, leaves nothing)."""
+    maps: dict[str, dict[str, str]] = {}
+    for line in "\n".join(batches(case)).splitlines():
+        verb, _, family, _, name, element = (line.split(" ", 5) + [""] * 6)[:6]
+        if line.startswith(("add element ", "delete element ")):
+            key, _, value = element.strip("{} ").partition(" : ")
+            entries = maps.setdefault(f"{family} {name}", {})
+            if verb == "add":
+                entries[key] = value
+            else:
+                entries.pop(key, None)
+    return {name: entries for name, entries in maps.items() if entries}
 
 
 def rules(text: str, family: str, chain: str) -> list[str]:
@@ -92,9 +114,8 @@ def test_clean_traffic_dispatch():
         "add chain bridge libvirt_nwfilter l2-to-vm { type filter hook postrouting priority 300; policy accept; }"]
     assert rules(text, "bridge", "l2-from-vm") == ["iifname vmap @l2_from_vm"]
     assert rules(text, "bridge", "l2-to-vm") == ["oifname vmap @l2_to_vm"]
-    assert lines_starting(text, "add element") == [
-        'add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : jump I-1/vnet0 }',
-        'add element bridge libvirt_nwfilter l2_to_vm { "vnet0" : jump O-1/vnet0 }']
+    assert dispatch("clean_traffic") == {"bridge l2_from_vm": {'"vnet0"': "jump I-1/vnet0"},
+                                         "bridge l2_to_vm": {'"vnet0"': "jump O-1/vnet0"}}
     assert not lines_starting(text, "add chain inet libvirt_nwfilter FI-", "add chain inet libvirt_nwfilter FO-")
 
 
@@ -125,13 +146,10 @@ def test_ssh_to_a_state_matching_and_marks():
     assert rules(text, "bridge", "MO-1/vp1") == ["meta mark set meta mark & 0xfff000ff | 0x00000100"]
     assert rules(text, "inet", "l3-fwd") == ["meta mark & 0xfff00000 vmap @fi", "meta mark & 0x000fff00 vmap @fo"]
     assert rules(text, "inet", "l3-input") == ["meta mark & 0xfff00000 vmap @hi"]
-    assert lines_starting(text, "add element") == [
-        'add element bridge libvirt_nwfilter l2_from_vm { "vp1" : jump I-1/vp1 }',
-        "add element inet libvirt_nwfilter fi { 0x00100000 : jump FI-1/vp1 }",
-        "add element inet libvirt_nwfilter fo { 0x00000100 : jump FO-1/vp1 }",
-        "add element inet libvirt_nwfilter hi { 0x00100000 : jump HI-1/vp1 }",
-        'add element bridge libvirt_nwfilter mark_out { "vp1" : jump MO-1/vp1 }',
-        'add element inet libvirt_nwfilter port_ids { 0x00000001 : "vp1" }']
+    assert dispatch("ssh_to_a") == {
+        "bridge l2_from_vm": {'"vp1"': "jump I-1/vp1"}, "inet fi": {"0x00100000": "jump FI-1/vp1"},
+        "inet fo": {"0x00000100": "jump FO-1/vp1"}, "inet hi": {"0x00100000": "jump HI-1/vp1"},
+        "bridge mark_out": {'"vp1"': "jump MO-1/vp1"}, "inet port_ids": {"0x00000001": '"vp1"'}}
 
 
 def test_replace_switches_generations_in_one_batch():
@@ -143,10 +161,10 @@ def test_replace_switches_generations_in_one_batch():
     switch = [i for i, line in enumerate(lines) if line.startswith(("delete element", "add element"))]
     old = [i for i, line in enumerate(lines) if "-2/vnet0" in line]
     assert adds and switch and old and max(adds) < min(switch) and max(switch) < min(old)
-    assert [lines[i] for i in switch[:3]] == [
-        'delete element bridge libvirt_nwfilter l2_from_vm { "vnet0" }',
-        'delete element bridge libvirt_nwfilter l2_to_vm { "vnet0" }',
-        'add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : jump I-3/vnet0 }']
+    assert dispatch("replace") == {
+        "bridge l2_from_vm": {'"vnet0"': "jump I-3/vnet0"}, "inet fi": {"0x00100000": "jump FI-3/vnet0"},
+        "inet fo": {"0x00000100": "jump FO-3/vnet0"}, "bridge mark_out": {'"vnet0"': "jump MO-3/vnet0"},
+        "inet port_ids": {"0x00000001": '"vnet0"'}}
     assert all(lines[i].startswith(("flush chain ", "delete chain ")) for i in old)
     flushed = {lines[i].split()[-1] for i in old if lines[i].startswith("flush")}
     deleted = {lines[i].split()[-1] for i in old if lines[i].startswith("delete")}
@@ -157,14 +175,8 @@ def test_replace_switches_generations_in_one_batch():
 
 def test_delete_removes_the_port_entirely():
     text = golden("delete")
-    assert not lines_starting(text, "add chain bridge libvirt_nwfilter I-", "add element", "add rule bridge libvirt_nwfilter I-")
-    assert sorted(lines_starting(text, "delete element")) == sorted([
-        'delete element bridge libvirt_nwfilter l2_from_vm { "vnet0" }',
-        "delete element inet libvirt_nwfilter fi { 0x00100000 }",
-        "delete element inet libvirt_nwfilter fo { 0x00000100 }",
-        "delete element inet libvirt_nwfilter hi { 0x00100000 }",
-        'delete element bridge libvirt_nwfilter mark_out { "vnet0" }',
-        "delete element inet libvirt_nwfilter port_ids { 0x00000001 }"])
+    assert not [line for line in lines_starting(text, "add chain ", "add rule ") if "vnet0" in line]
+    assert dispatch("delete") == {}
     chains = {"bridge I-1/vnet0", "bridge I-1/vnet0/mac", "inet FI-1/vnet0", "inet FO-1/vnet0", "inet HI-1/vnet0",
               "bridge MO-1/vnet0"}
     for verb in ("flush", "delete"):

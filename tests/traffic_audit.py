@@ -19,17 +19,27 @@ vouched for:
 
 At the end it prints the totals and the files they come from. It works on the current tree and
 on older ones (it wraps only what exists), so counts can be compared across commits.
+
+Without running anything, ``python tests/traffic_audit.py TESTS_DIR...`` counts the negative
+checks written in the test files of each tree (:func:`written_negatives`): single checks negated
+(no twin), and the ``Probe``/``Conn`` checks whose expectation is not a literal ``True``/``None``
+(a literal ``False`` or computed), by the module they come from (``traffic``: a twin is required
+and awaited; the older ``bindings_helpers``: judged after a fixed window, no twin required).
 """
 
 from __future__ import annotations
 
+import ast
 import collections
 import functools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
+SINGLE_CHECKS = {"frame_delivered", "tcp_connect", "udp_exchange", "ping"}
+EXPECT_POSITION = {"Probe": 4, "Conn": 5}
 AWAITED, WINDOW, NONE = "awaited twin", "positive in the window", "no twin"
 _records: list[tuple[str, str]] = []  # (test file, category)
 _current = {"file": "?"}
@@ -122,3 +132,69 @@ def pytest_terminal_summary(terminalreporter):
     for path in sorted(by_file):
         write(f"  {path}: " + ", ".join(f"{category} {count}" for category, count in by_file[path].items()))
     sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------
+# Written in the files (no run)
+
+
+def _single_check(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SINGLE_CHECKS
+
+
+def lone_negatives(source: str) -> list[int]:
+    """Line numbers where a single check's result is negated or compared with False."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and _single_check(node.operand):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Compare) and _single_check(node.left) and any(
+                isinstance(c, ast.Constant) and c.value is False for c in node.comparators):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def _check_origin(tree: ast.Module) -> str | None:
+    """Where the file's ``Probe``/``Conn`` come from: ``traffic`` or ``bindings_helpers``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("traffic", "bindings_helpers") and any(
+                alias.name in EXPECT_POSITION for alias in node.names):
+            return node.module
+        if isinstance(node, ast.Import) and any(alias.name == "traffic" for alias in node.names):
+            return "traffic"
+    return None
+
+
+def _may_expect_failure(call: ast.Call) -> bool:
+    name = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+    if name not in EXPECT_POSITION:
+        return False
+    expect = next((k.value for k in call.keywords if k.arg == "expect"), None)
+    if expect is None and len(call.args) > EXPECT_POSITION[name]:
+        expect = call.args[EXPECT_POSITION[name]]
+    return expect is not None and not (isinstance(expect, ast.Constant) and expect.value in (True, None))
+
+
+def written_negatives(path: Path) -> collections.Counter:
+    """``lone`` single checks negated; ``traffic`` / ``bindings_helpers`` checks that may
+    expect a failure, by their module."""
+    tree = ast.parse(path.read_text())
+    found = collections.Counter(lone=len(lone_negatives(path.read_text())))
+    origin = _check_origin(tree)
+    if origin:
+        found[origin] = sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call) and _may_expect_failure(node))
+    return found
+
+
+def main(roots: list[str]) -> None:
+    for root in roots:
+        totals = collections.Counter()
+        for path in sorted(Path(root).rglob("test_*.py")):
+            totals.update(written_negatives(path))
+        print(f"{root}: single checks negated (no twin) {totals['lone']}; "
+              f"tests/traffic.py checks that may expect failure (twin required) {totals['traffic']}; "
+              f"bindings_helpers checks that may expect failure (fixed window) {totals['bindings_helpers']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -8,31 +8,13 @@ here, in every test file.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
+from traffic_audit import lone_negatives
+
 TESTS = Path(__file__).resolve().parents[1]
-SINGLE_CHECKS = {"frame_delivered", "tcp_connect", "udp_exchange", "ping"}
-
-
-def _single_check(node: ast.AST) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SINGLE_CHECKS
-
-
-def lone_negatives(source: str) -> list[int]:
-    """Line numbers where a single check's result is negated or compared with False."""
-    lines = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and _single_check(node.operand):
-            lines.append(node.lineno)
-        elif isinstance(node, ast.Compare) and _single_check(node.left) and any(
-                isinstance(c, ast.Constant) and c.value is False for c in node.comparators):
-            lines.append(node.lineno)
-    return sorted(lines)
-
-
 def test_the_scanner_finds_lone_negatives():
     source = ("assert not lab.tcp_connect(a, ip, 80)\nassert lab.ping(a, ip)\n"
               "assert lab.frame_delivered(a, f, to=b) is False\nok = not lab.ping(a, ip)\n")

@@ -13,6 +13,10 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
 * ``clean_traffic_two_ips``: every value of ``IP`` returns before the drop (§3.1);
 * ``ssh_to_a``: implicit state matching of an ``in`` accept rule (§6.2, §6.4) in FI, FO and
   HI, and the mark plumbing that tells the ports apart in the inet family (§14.2);
+* ``root_only``: the actions in a root chain (§5): ``continue`` a rule without a verdict,
+  ``return`` leaves the port's chain, a negated MAC match;
+* ``l3_only_fo``: a port with to-VM L3 rules only gets its FO chain, selected by the egress mark
+  its MO chain sets, and no from-VM chain or dispatch entry (§14.2);
 * ``replace``: one batch adds the new generation, repoints every dispatch entry and then removes
   the old generation (§14.4);
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
@@ -150,6 +154,30 @@ def test_ssh_to_a_state_matching_and_marks():
         "bridge l2_from_vm": {'"vp1"': "jump I-1/vp1"}, "inet fi": {"0x00100000": "jump FI-1/vp1"},
         "inet fo": {"0x00000100": "jump FO-1/vp1"}, "inet hi": {"0x00100000": "jump HI-1/vp1"},
         "bridge mark_out": {'"vp1"': "jump MO-1/vp1"}, "inet port_ids": {"0x00000001": '"vp1"'}}
+
+
+def test_root_chain_actions():
+    text = golden("root_only")
+    assert rules(text, "bridge", "I-1/vnet0") == [
+        f"ether saddr != {MAC} drop", "ether type 0x0800 accept",
+        "ether type 0x0806 counter",  # continue: matched, no verdict, the next rule decides
+        "ether type 0x86dd return",  # leaves the port's chain: the base chain's policy accepts
+        "drop"]
+    assert rules(text, "bridge", "O-1/vnet0") == [f"ether daddr {MAC} accept", "drop"]
+    assert dispatch("root_only") == {"bridge l2_from_vm": {'"vnet0"': "jump I-1/vnet0"},
+                                     "bridge l2_to_vm": {'"vnet0"': "jump O-1/vnet0"}}
+
+
+def test_to_vm_l3_rules_only():
+    text = golden("l3_only_fo")
+    assert {line.split()[2] + " " + line.split()[4] for line in lines_starting(text, "add chain ")
+            if "vnet0" in line} == {"inet FO-1/vnet0", "bridge MO-1/vnet0"}
+    assert rules(text, "inet", "FO-1/vnet0") == ["meta nfproto ipv4 meta l4proto 6 th dport 80 accept",
+                                                 "meta nfproto ipv4 drop"]
+    assert rules(text, "bridge", "MO-1/vnet0") == ["meta mark set meta mark & 0xfff000ff | 0x00000100"]
+    assert dispatch("l3_only_fo") == {"inet fo": {"0x00000100": "jump FO-1/vnet0"},
+                                      "bridge mark_out": {'"vnet0"': "jump MO-1/vnet0"},
+                                      "inet port_ids": {"0x00000001": '"vnet0"'}}
 
 
 def test_replace_switches_generations_in_one_batch():

@@ -11,6 +11,11 @@ rendering. Reviewed this way:
   anti-spoofing sub-chain in ebtables syntax (§7.3), chains with policy ACCEPT (§4), the new
   roots linked last (§7.4 step 5), the commit renaming every temporary chain (§7.4);
 * ``clean-traffic-two-ips``: every value of ``IP`` returns before the drop;
+* ``l2-fields``: every L2 field in ebtables syntax (§7.3): ``!`` after the option, masks as
+  MAC masks, ethertypes in hex without padding, STP options in libvirt's order, ARP addresses
+  with their own prefix (R4), DSCP shifted into ``--ip-tos`` (R3), ICMPv6 type/code ranges, and
+  ``--vlan-encap`` in hex: ebtables reads that value as hexadecimal (``--vlan-encap 2054``
+  becomes ``vlan type 0x2054`` in the kernel), so libvirt's decimal would match another type;
 * ``l3-example``: the verified example of §6.9 — FI, FO and HI with implicit state matching,
   ICMP without ``ctdir``, explicit state without it, the zipped ``$IP``/``$PORTS`` values, our fix
   of libvirt's lost ``! --dport`` — in libvirt's argument order (§6.8), the global chains'
@@ -117,7 +122,8 @@ def test_l3_example_is_the_verified_example():
     assert [line for line in ipv4 if line.startswith("-A nwf-")] == LINKS
     ipv6 = step("l3-example", "instantiate", "apply 4: ip6tables-restore -w --noflush")
     # libvirt loses match='no' on the destination port here; we keep the negation
-    assert chain_rules(ipv6, "NFJ-vp2") == [f"-p tcp ! --dport 80 {NEW_ORIGINAL} -j RETURN"] == chain_rules(ipv6, "NHJ-vp2")
+    fi_v6 = [f"-p tcp ! --dport 80 {NEW_ORIGINAL} -j RETURN"]
+    assert chain_rules(ipv6, "NFJ-vp2") == fi_v6 == chain_rules(ipv6, "NHJ-vp2")
     assert chain_rules(ipv6, "NFP-vp2") == [f"-p tcp ! --sport 80 {EST_REPLY} -j ACCEPT"]
     assert [line for line in ipv6 if line.startswith("-A nwf-")] == LINKS
 
@@ -132,3 +138,29 @@ def test_l3_global_chains_hook_where_libvirts_do():
     for header in ("commit 1: iptables-restore -w --noflush", "commit 2: ip6tables-restore -w --noflush"):
         renames = [line for line in step("l3-example", "instantiate", header) if line.startswith("-E ")]
         assert renames == ["-E NFJ-vp2 NFI-vp2", "-E NFP-vp2 NFO-vp2", "-E NHJ-vp2 NHI-vp2"], header
+
+
+def test_l2_fields_in_ebtables_syntax():
+    apply = step("l2-fields", "instantiate", "apply 1: ebtables-restore --noflush")
+    assert chain_rules(apply, "nwf-J-vp3") == [
+        "-s ! 52:54:00:aa:bb:cc -j DROP",
+        "-s 52:54:00:00:00:00/ff:ff:ff:00:00:00 -d ! 01:00:5e:00:00:00/ff:ff:ff:80:00:00 -j CONTINUE",
+        "-p 0x806 -j ACCEPT",
+        "-p ! 0x600 -j ACCEPT",
+        "-p 0x8100 --vlan-id ! 10 --vlan-encap 0x0806 -j ACCEPT",
+        "-d 01:80:c2:00:00:00 --stp-type 0 --stp-flags ! 1 --stp-root-prio 1:2 "
+        "--stp-root-addr 52:54:00:00:00:01/ff:ff:ff:ff:ff:00 --stp-root-cost ! 3:4 --stp-sender-prio 5 "
+        "--stp-sender-addr 52:54:00:00:00:02 --stp-port 6:7 --stp-msg-age 8 --stp-max-age 9 --stp-hello-time 10 "
+        "--stp-forward-delay 11:15 -j DROP",
+        "-p 0x806 --arp-htype 1 --arp-opcode ! 1 --arp-ptype 0x800 --arp-ip-src 10.0.0.1/32 "
+        "--arp-ip-dst ! 10.0.0.0/24 --arp-mac-src 52:54:00:aa:bb:cc --arp-mac-dst ! ff:ff:ff:ff:ff:ff "
+        "--arp-gratuitous -j RETURN",
+        "-p 0x8035 --arp-opcode 3 ! --arp-gratuitous -j DROP",
+        "-p ipv4 --ip-source 10.0.0.1 --ip-destination ! 10.0.0.0/8 --ip-protocol 6 --ip-source-port 10:20 "
+        "--ip-destination-port ! 22 --ip-tos 0xb8 -j ACCEPT",  # DSCP 46 << 2
+        "-p ipv4 --ip-tos ! 0x0c -j ACCEPT",  # DSCP 3 << 2
+        "-p ipv6 --ip6-source fe80::/10 --ip6-destination ! ff02::1:2 --ip6-protocol 58 --ip6-icmp-type 1:2/0:255 "
+        "-j ACCEPT",
+        "-p ipv6 --ip6-protocol 17 --ip6-source-port 546 --ip6-destination-port 547 -j ACCEPT",
+        "-p ipv6 --ip6-protocol 58 --ip6-icmp-type ! 128:128/0:0 -j DROP",
+        "-j DROP"]

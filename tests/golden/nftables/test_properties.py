@@ -17,6 +17,10 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   ``return`` leaves the port's chain, a negated MAC match;
 * ``l3_only_fo``: a port with to-VM L3 rules only gets its FO chain, selected by the egress mark
   its MO chain sets, and no from-VM chain or dispatch entry (§14.2);
+* ``bridge_mode_l3_no_ct``, ``bridge_mode_l3_no_ct_reject``: the bridge conntrack mode's L3
+  layout (§14.1): FI from ``forward`` by ``iifname``, FO by ``oifname``, HI from ``input`` by
+  ``iifname``, all in the bridge table; ``reject`` is ``drop`` at the bridge unless the kernel
+  can reject there (§14.4);
 * ``replace``: one batch adds the new generation, repoints every dispatch entry and then removes
   the old generation (§14.4);
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
@@ -178,6 +182,31 @@ def test_to_vm_l3_rules_only():
     assert dispatch("l3_only_fo") == {"inet fo": {"0x00000100": "jump FO-1/vnet0"},
                                       "bridge mark_out": {'"vnet0"': "jump MO-1/vnet0"},
                                       "inet port_ids": {"0x00000001": '"vnet0"'}}
+
+
+def test_bridge_mode_l3_dispatch_and_reject():
+    for case, udp_53 in (("bridge_mode_l3_no_ct", "drop"), ("bridge_mode_l3_no_ct_reject", "reject")):
+        text = golden(case)
+        assert [line for line in lines_starting(text, "add map bridge ", "add chain bridge libvirt_nwfilter l3-")
+                if " fi " in line or " fo " in line or " hi " in line or " l3-" in line] == [
+            "add map bridge libvirt_nwfilter fi { type ifname : verdict; }",
+            "add map bridge libvirt_nwfilter fo { type ifname : verdict; }",
+            "add map bridge libvirt_nwfilter hi { type ifname : verdict; }",
+            "add chain bridge libvirt_nwfilter l3-fwd { type filter hook forward priority 0; policy accept; }",
+            "add chain bridge libvirt_nwfilter l3-input { type filter hook input priority 0; policy accept; }"], case
+        assert rules(text, "bridge", "l3-fwd") == ["iifname vmap @fi", "oifname vmap @fo"], case
+        assert rules(text, "bridge", "l3-input") == ["iifname vmap @hi"], case
+        fi = ["ether type 0x0800 meta l4proto 6 th dport 22 return",
+              f"ether type 0x0800 meta l4proto 17 th dport 53 {udp_53}",
+              "ether type 0x86dd meta l4proto 58 icmpv6 type 135 return", "ether type 0x0800 drop"]
+        assert rules(text, "bridge", "FI-1/vnet0") == fi == rules(text, "bridge", "HI-1/vnet0"), case
+        assert rules(text, "bridge", "FO-1/vnet0") == ["ether type 0x0800 meta l4proto 6 th sport 22 accept",
+                                                       "ether type 0x0800 drop"], case
+        assert not lines_starting(text, "add table inet"), case
+        assert dispatch(case) == {"bridge l2_from_vm": {'"vnet0"': "jump I-1/vnet0"},
+                                  "bridge fi": {'"vnet0"': "jump FI-1/vnet0"},
+                                  "bridge fo": {'"vnet0"': "jump FO-1/vnet0"},
+                                  "bridge hi": {'"vnet0"': "jump HI-1/vnet0"}}, case
 
 
 def test_replace_switches_generations_in_one_batch():

@@ -16,6 +16,9 @@ rendering. Reviewed this way:
   with their own prefix (R4), DSCP shifted into ``--ip-tos`` (R3), ICMPv6 type/code ranges, and
   ``--vlan-encap`` in hex: ebtables reads that value as hexadecimal (``--vlan-encap 2054``
   becomes ``vlan type 0x2054`` in the kernel), so libvirt's decimal would match another type;
+* ``l3-fields``: every L3 field in libvirt's iptables argument order (§6.8), ``!`` before the
+  option, ``continue`` as a rule without a target (R1), REJECT kept at L3 (§5), ipset flags and
+  a quoted set name, comments quoted (newline to space) and last;
 * ``l3-example``: the verified example of §6.9 — FI, FO and HI with implicit state matching,
   ICMP without ``ctdir``, explicit state without it, the zipped ``$IP``/``$PORTS`` values, our fix
   of libvirt's lost ``! --dport`` — in libvirt's argument order (§6.8), the global chains'
@@ -164,3 +167,31 @@ def test_l2_fields_in_ebtables_syntax():
         "-p ipv6 --ip6-protocol 17 --ip6-source-port 546 --ip6-destination-port 547 -j ACCEPT",
         "-p ipv6 --ip6-protocol 58 --ip6-icmp-type ! 128:128/0:0 -j DROP",
         "-j DROP"]
+
+
+def test_l3_fields_in_libvirts_argument_order():
+    ipv4 = step("l3-fields", "instantiate", "apply 2: iptables-restore -w --noflush")
+    expected_v4 = [
+        "-p tcp -m mac ! --mac-source 52:54:00:00:00:01 --source 10.0.0.0/24 ! --destination 10.0.1.1 "
+        "-m dscp --dscp 10 ! --tcp-flags SYN,ACK SYN --sport 1024:65535 --dport 22 ! --tcp-option 5 "
+        f"{NEW_ORIGINAL} -j RETURN",
+        "-p tcp --tcp-flags ALL NONE -j DROP",
+        "-p tcp --tcp-flags ALL ALL -j DROP",
+        "-p udp -m iprange --src-range 10.0.0.1-10.0.0.9 -m iprange ! --dst-range 10.0.1.1 ! --sport 53 -j REJECT",
+        "-p sctp --dport 5000:5010 -j DROP",
+        "-p udplite -j DROP", "-p esp -j DROP", "-p ah -j DROP", "-p igmp -j DROP",
+        "-p icmp --icmp-type 8/0 -m conntrack --ctstate NEW,ESTABLISHED -j RETURN",
+        "-p icmp ! --icmp-type 13 -j DROP",
+        "-p all -m set --match-set trusted src,dst -m connlimit ! --connlimit-above 10 -j ACCEPT",
+        '-p all -m connlimit --connlimit-above 5 -m comment --comment "count: \\"many\\" \\\\ conns "',  # continue
+        '-p all -m set --match-set "my set" dst -j DROP']
+    assert chain_rules(ipv4, "NFJ-vp4") == expected_v4 == chain_rules(ipv4, "NHJ-vp4")
+    ipv6 = step("l3-fields", "instantiate", "apply 4: ip6tables-restore -w --noflush")
+    expected_v6 = [
+        "-p tcp -m mac --mac-source 52:54:00:00:00:01 --source fd00::/64 -m iprange --dst-range fd00::1-fd00::9 "
+        "--dport 80:88 --tcp-option 2 -j RETURN",
+        "-p icmpv6 --icmpv6-type 128 -m conntrack --ctstate NEW,ESTABLISHED -j RETURN",
+        "-p icmpv6 ! --icmpv6-type 1/3 -j DROP",
+        '-p all -m dscp ! --dscp 46 -m comment --comment "v6 dscp" -j DROP']
+    assert chain_rules(ipv6, "NFJ-vp4") == expected_v6 == chain_rules(ipv6, "NHJ-vp4")
+    assert not chain_rules(ipv4, "NFP-vp4") and not chain_rules(ipv6, "NFP-vp4")

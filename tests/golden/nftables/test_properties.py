@@ -17,6 +17,10 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   ``return`` leaves the port's chain, a negated MAC match;
 * ``l3_only_fo``: a port with to-VM L3 rules only gets its FO chain, selected by the egress mark
   its MO chain sets, and no from-VM chain or dispatch entry (§14.2);
+* ``l3_every_field_v4``: every IPv4 L3 field as nft expressions (§14.5), ``connlimit-above``
+  as a per-source ``ct count`` set per rule and copy (§6.6), ICMP type 255 as iptables' "any"
+  type (no type match; negated, the rule can never match and is left out), ``continue`` as a
+  rule without a verdict (R1), comments at most 128 characters without ``"`` (§14.4);
 * ``bridge_mode_l3_no_ct``, ``bridge_mode_l3_no_ct_reject``: the bridge conntrack mode's L3
   layout (§14.1): FI from ``forward`` by ``iifname``, FO by ``oifname``, HI from ``input`` by
   ``iifname``, all in the bridge table; ``reject`` is ``drop`` at the bridge unless the kernel
@@ -207,6 +211,40 @@ def test_bridge_mode_l3_dispatch_and_reject():
                                   "bridge fi": {'"vnet0"': "jump FI-1/vnet0"},
                                   "bridge fo": {'"vnet0"': "jump FO-1/vnet0"},
                                   "bridge hi": {'"vnet0"': "jump HI-1/vnet0"}}, case
+
+
+def test_l3_fields_as_nft_expressions():
+    text = golden("l3_every_field_v4")
+    v4 = "meta nfproto ipv4"
+    tcp, udp, icmp = (f"{v4} meta l4proto {number}" for number in (6, 17, 1))
+    fi = [
+        f"{tcp} ip daddr 10.1.0.0/16 th dport 22 ct state new,established ct direction original return "
+        "comment \"ssh 'out'\"",
+        f"{tcp} ether saddr & ff:ff:ff:ff:ff:ff != {MAC} ip saddr & 255.255.255.255 != 10.0.0.5 "
+        "ip daddr 10.2.0.1-10.2.0.9 ip dscp 10 tcp flags & (fin|syn|rst|psh|ack|urg) == syn th sport != 1-1023 "
+        "th dport 80-90 tcp option 2 exists drop",
+        f"{tcp} tcp flags & (syn|ack) != (syn|ack) tcp option 254 missing ip saddr != 10.3.0.1 reject",
+        f"{udp} th dport 53 add @CL-1/vnet0/1 {{ ip saddr ct count 10 }} return",  # ! connlimit-above 10
+        f"{tcp} add @CL-1/vnet0/2 {{ ip saddr ct count over 4 }} drop comment \"{'x' * 128}\"",
+        f"{icmp} icmp type 8 ct state new,established return",
+        f"{icmp} icmp type 3 icmp code 4 return",
+        f"{icmp} icmp type != 5 drop",
+        f"{icmp} icmp type . icmp code != {{ 3 . 1 }} drop",
+        f"{icmp} return",  # type 255: any type
+        f"{v4} meta l4proto 136 counter",  # udplite, continue
+        f"{v4} meta l4proto 50 return", f"{v4} meta l4proto 51 return",
+        f"{v4} meta l4proto 132 th sport 9 return",
+        f"{v4} meta l4proto 2 drop comment \"no igmp\"",
+        f"{v4} ct state related,invalid return",
+        f"{v4} drop"]
+    assert rules(text, "inet", "FI-1/vnet0") == fi
+    assert rules(text, "inet", "HI-1/vnet0") == [rule.replace("CL-1/vnet0/1", "CL-1/vnet0/3").replace(
+        "CL-1/vnet0/2", "CL-1/vnet0/4") for rule in fi]
+    assert rules(text, "inet", "FO-1/vnet0") == [
+        f"{tcp} ip saddr 10.1.0.0/16 th sport 22 ct state established ct direction reply accept comment \"ssh 'out'\"",
+        f"{v4} ct state new accept comment \"st new\"", f"{v4} drop"]
+    for number in range(1, 5):
+        assert f"add set inet libvirt_nwfilter CL-1/vnet0/{number} {{ type ipv4_addr; size 65535; flags dynamic; }}" in text
 
 
 def test_replace_switches_generations_in_one_batch():

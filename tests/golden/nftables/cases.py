@@ -294,7 +294,7 @@ def _single(port: str, ruleset: Callable[[], PortRuleset]):
 
 
 # Reviewed by hand against the spec, with assertions of their own in test_properties.py:
-# clean_traffic, clean_traffic_two_ips, root_only, l3_every_field_v4, l3_only_fo, ssh_to_a,
+# clean_traffic, clean_traffic_two_ips, root_only, l2_every_field, l3_every_field_v4, l3_only_fo, ssh_to_a,
 # bridge_mode_l3_no_ct(_reject), replace, delete. The others are so far only compared with their
 # files, loaded by the kernel, and (their rulesets) exercised with real traffic in tests/kernel.
 CASES = [

@@ -17,6 +17,10 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   ``return`` leaves the port's chain, a negated MAC match;
 * ``l3_only_fo``: a port with to-VM L3 rules only gets its FO chain, selected by the egress mark
   its MO chain sets, and no from-VM chain or dispatch entry (§14.2);
+* ``l2_every_field``: every L2 field as nft expressions (§14.5): masked MACs compared after the
+  mask, VLAN id and type, ARP fields with the header lengths they need, RARP fields as raw
+  offsets of the ARP header (nft's ``arp`` expressions imply ethertype ARP), ports with their
+  protocol, ICMPv6 type/code ranges (a negated pair as a concatenation);
 * ``l3_every_field_v4``: every IPv4 L3 field as nft expressions (§14.5), ``connlimit-above``
   as a per-source ``ct count`` set per rule and copy (§6.6), ICMP type 255 as iptables' "any"
   type (no type match; negated, the rule can never match and is left out), ``continue`` as a
@@ -211,6 +215,36 @@ def test_bridge_mode_l3_dispatch_and_reject():
                                   "bridge fi": {'"vnet0"': "jump FI-1/vnet0"},
                                   "bridge fo": {'"vnet0"': "jump FO-1/vnet0"},
                                   "bridge hi": {'"vnet0"': "jump HI-1/vnet0"}}, case
+
+
+def test_l2_fields_as_nft_expressions():
+    ip, ip6 = "ether type 0x0800", "ether type 0x86dd"
+    assert rules(golden("l2_every_field"), "bridge", "I-1/vnet0") == [
+        "ether saddr & ff:ff:ff:00:00:00 == 52:54:00:00:00:00 ether daddr & ff:ff:ff:80:00:00 != 01:00:5e:00:00:00 "
+        "accept",
+        f"ether type & 0xffff != 0x0800 ether saddr & ff:ff:ff:ff:ff:ff != {MAC} drop",
+        "ether type 0x8100 vlan id 10 vlan type 0x0806 accept",
+        "ether type 0x8100 vlan id != 4095 vlan type != 0x0800 drop",
+        f"ether daddr 01:80:c2:00:00:00 ether saddr {MAC} accept",
+        "ether type 0x0806 arp htype 1 arp ptype 0x0800 arp operation 2 arp hlen 6 arp plen 4 "
+        f"arp saddr ether {MAC} arp daddr ether & ff:ff:ff:ff:ff:ff != 52:54:00:00:00:02 arp saddr ip 10.0.0.0/8 "
+        "arp daddr ip & 255.255.255.255 != 10.1.2.3 return",
+        "ether type 0x0806 arp operation & 0xffff != 1 arp htype & 0xffff != 6 arp ptype & 0xffff != 0x86dd drop",
+        # RARP: htype 1, ptype IPv4, opcode 3, hlen 6, plen 4, SHA, THA != MAC, SPA 0.0.0.0, TPA not in 192.168/16
+        "ether type 0x8035 @nh,0,16 0x0001 @nh,16,16 0x0800 @nh,48,16 0x0003 @nh,32,8 0x0006 @nh,40,8 0x0004 "
+        "@nh,64,48 0x525400000001 @nh,144,48 != 0x525400000001 @nh,112,32 0x00000000 "
+        "@nh,192,32 & 0xffff0000 != 0xc0a80000 accept",
+        f"{ip} ip saddr 10.1.2.0/24 ip daddr & 255.255.255.255 != 10.9.9.9 ip protocol 6 th sport 1024-65535 "
+        "th dport & 0xffff != 22 ip dscp 46 return",
+        f"{ip} ip protocol != 17 ip dscp != 0 drop",
+        f"{ip} ip protocol 33 th dport 5000-5010 accept",
+        f"{ip6} ip6 saddr fe80::/10 ip6 daddr != ff02::1 meta l4proto 17 th sport 546 th dport 547 return",
+        f"{ip6} meta l4proto 58 icmpv6 type 133-136 icmpv6 code 0 accept",
+        f"{ip6} meta l4proto 58 icmpv6 type != 128-129 drop",  # code 0-255: the type alone
+        f"{ip6} meta l4proto 58 icmpv6 code != 3-4 drop",  # type 0-255: the code alone
+        f"{ip6} meta l4proto 58 icmpv6 type . icmpv6 code != {{ 1-2 . 0-3 }} drop",
+        f"{ip6} meta l4proto 58 icmpv6 type 0-255 accept",
+        "ether saddr & 00:00:00:00:00:00 == 00:00:00:00:00:00 counter"]  # mask /0, continue
 
 
 def test_l3_fields_as_nft_expressions():

@@ -16,6 +16,10 @@ rendering. Reviewed this way:
   with their own prefix (R4), DSCP shifted into ``--ip-tos`` (R3), ICMPv6 type/code ranges, and
   ``--vlan-encap`` in hex: ebtables reads that value as hexadecimal (``--vlan-encap 2054``
   becomes ``vlan type 0x2054`` in the kernel), so libvirt's decimal would match another type;
+* ``stp-vlan-chains``: sub-chains entered by their name's prefix (§4: ``stp`` by the STP
+  destination MAC, ``vlan`` by ethertype 0x8100), on both sides;
+* ``to-vm-only``: only the to-VM root chain and its POSTROUTING link, no L3 chains (§7.2);
+* ``empty``: no rules, no command at all;
 * ``l3-fields``: every L3 field in libvirt's iptables argument order (§6.8), ``!`` before the
   option, ``continue`` as a rule without a target (R1), REJECT kept at L3 (§5), ipset flags and
   a quoted set name, comments quoted (newline to space) and last;
@@ -195,3 +199,28 @@ def test_l3_fields_in_libvirts_argument_order():
         '-p all -m dscp ! --dscp 46 -m comment --comment "v6 dscp" -j DROP']
     assert chain_rules(ipv6, "NFJ-vp4") == expected_v6 == chain_rules(ipv6, "NHJ-vp4")
     assert not chain_rules(ipv4, "NFP-vp4") and not chain_rules(ipv6, "NFP-vp4")
+
+
+def test_sub_chains_entered_by_their_prefix():
+    apply = step("stp-vlan-chains", "instantiate", "apply 1: ebtables-restore --noflush")
+    for root, sub in (("nwf-J-vp5", "NJ-vp5"), ("nwf-P-vp5", "NP-vp5")):
+        assert chain_rules(apply, root) == [f"-d 01:80:c2:00:00:00 -j {sub}:stp", f"-p 0x8100 -j {sub}:vlan-x",
+                                            "-j ACCEPT"]
+        assert chain_rules(apply, f"{sub}:stp") == ["-d 01:80:c2:00:00:00 --stp-type 128 -j DROP"]
+        assert chain_rules(apply, f"{sub}:vlan-x") == ["-p 0x8100 --vlan-id 42 -j ACCEPT", "-j DROP"]
+
+
+def test_to_vm_rules_only():
+    instantiate = steps("to-vm-only", "instantiate")
+    assert all(" ebtables-restore " in header for header, _ in instantiate)  # no ip(6)tables step
+    apply = step("to-vm-only", "instantiate", "apply 1: ebtables-restore --noflush")
+    assert chain_rules(apply, "nwf-P-tap-a.1") == ["-d 52:54:00:12:34:56 -j ACCEPT", "-d ff:ff:ff:ff:ff:ff -j ACCEPT",
+                                                   "-j DROP"]
+    assert [line for line in apply if line.startswith(("-A PREROUTING", "-A POSTROUTING"))] == [
+        "-A POSTROUTING -o tap-a.1 -j nwf-P-tap-a.1"]
+    assert not [line for line in apply if "nwf-J-" in line or "NJ-" in line]
+
+
+def test_empty_ruleset_runs_nothing():
+    for section in ("instantiate", "replace", "remove"):
+        assert steps("empty", section) == [], section

@@ -29,6 +29,12 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   layout (§14.1): FI from ``forward`` by ``iifname``, FO by ``oifname``, HI from ``input`` by
   ``iifname``, all in the bridge table; ``reject`` is ``drop`` at the bridge unless the kernel
   can reject there (§14.4);
+* ``multi_port_batch``: one batch changing several ports leaves exactly the new ports' entries
+  (a port removed, one replaced by an L2-only ruleset loses its mark id, new L3 ports get ids
+  of their own; mark values: ingress id << 20, egress id << 8);
+* ``rebuild``: deletes both tables and builds every port anew, in one batch;
+* ``odd_port_names``: the dispatch key is the port's own name; its chains get a name without
+  ``:`` (escaped), and the escape keeps names apart;
 * ``replace``: one batch adds the new generation, repoints every dispatch entry and then removes
   the old generation (§14.4);
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
@@ -279,6 +285,43 @@ def test_l3_fields_as_nft_expressions():
         f"{v4} ct state new accept comment \"st new\"", f"{v4} drop"]
     for number in range(1, 5):
         assert f"add set inet libvirt_nwfilter CL-1/vnet0/{number} {{ type ipv4_addr; size 65535; flags dynamic; }}" in text
+
+
+def test_several_ports_in_one_batch():
+    assert dispatch("multi_port_batch") == {
+        "bridge l2_from_vm": {'"vnet1"': "jump I-2/vnet1", '"vnet3"': "jump I-1/vnet3", '"vnet4"': "jump I-1/vnet4"},
+        "bridge l2_to_vm": {'"vnet1"': "jump O-2/vnet1"},
+        "inet fi": {"0x00300000": "jump FI-1/vnet3", "0x00400000": "jump FI-1/vnet4"},
+        "inet fo": {"0x00000200": "jump FO-1/vnet2", "0x00000300": "jump FO-1/vnet3", "0x00000400": "jump FO-1/vnet4"},
+        "inet hi": {"0x00300000": "jump HI-1/vnet3", "0x00400000": "jump HI-1/vnet4"},
+        "bridge mark_out": {'"vnet2"': "jump MO-1/vnet2", '"vnet3"': "jump MO-1/vnet3", '"vnet4"': "jump MO-1/vnet4"},
+        "inet port_ids": {"0x00000002": '"vnet2"', "0x00000003": '"vnet3"', "0x00000004": '"vnet4"'}}
+    text = golden("multi_port_batch")
+    assert not [line for line in text.splitlines() if "vnet2" in line]  # unchanged: not in the batch
+    assert rules(text, "bridge", "I-1/vnet3")[0] == "meta mark set meta mark & 0x000fffff | 0x00300000"
+
+
+def test_rebuild_starts_from_empty_tables():
+    lines = golden("rebuild").splitlines()
+    assert lines[1:5] == ["add table bridge libvirt_nwfilter", "delete table bridge libvirt_nwfilter",
+                          "add table inet libvirt_nwfilter", "delete table inet libvirt_nwfilter"]
+    assert not [line for line in lines[5:] if line.startswith(("delete ", "flush chain bridge libvirt_nwfilter I-1"))]
+    assert dispatch("rebuild") == {
+        "bridge l2_from_vm": {'"vnet0"': "jump I-2/vnet0"}, "inet fi": {"0x00100000": "jump FI-2/vnet0"},
+        "inet fo": {"0x00000100": "jump FO-2/vnet0", "0x00000200": "jump FO-2/vnet1"},
+        "inet hi": {"0x00100000": "jump HI-2/vnet0"},
+        "bridge mark_out": {'"vnet0"': "jump MO-2/vnet0", '"vnet1"': "jump MO-2/vnet1"},
+        "inet port_ids": {"0x00000001": '"vnet0"', "0x00000002": '"vnet1"'}}
+
+
+def test_odd_port_names():
+    text = golden("odd_port_names")
+    assert dispatch("odd_port_names") == {"bridge l2_from_vm": {'"a:b_c.d-e"': "jump I-1/a_cb__c.d-e"}}
+    chains = [line.split()[4] for line in lines_starting(text, "add chain bridge libvirt_nwfilter I-1/")]
+    assert chains == ["I-1/a_cb__c.d-e", "I-1/a_cb__c.d-e/arp-x_cy__z", "I-1/a_cb__c.d-e/ipv4.a_cb__c"]
+    assert rules(text, "bridge", "I-1/a_cb__c.d-e") == [
+        "ether type 0x0806 jump I-1/a_cb__c.d-e/arp-x_cy__z", "ether type 0x0800 jump I-1/a_cb__c.d-e/ipv4.a_cb__c",
+        "drop"]
 
 
 def test_replace_switches_generations_in_one_batch():

@@ -25,6 +25,10 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   as a per-source ``ct count`` set per rule and copy (§6.6), ICMP type 255 as iptables' "any"
   type (no type match; negated, the rule can never match and is left out), ``continue`` as a
   rule without a verdict (R1), comments at most 128 characters without ``"`` (§14.4);
+* ``l3_every_field_v6``: the IPv6 fields; ICMPv6 type 255 is a type like any other
+  (ip6tables has no "any" type 255, unlike iptables);
+* ``bridge_mode_l3_every_field_v4``: the same rules as in the inet mode, matched by
+  ``ether type 0x0800`` in the bridge table, a reject dropped;
 * ``bridge_mode_l3_no_ct``, ``bridge_mode_l3_no_ct_reject``: the bridge conntrack mode's L3
   layout (§14.1): FI from ``forward`` by ``iifname``, FO by ``oifname``, HI from ``input`` by
   ``iifname``, all in the bridge table; ``reject`` is ``drop`` at the bridge unless the kernel
@@ -198,6 +202,35 @@ def test_to_vm_l3_rules_only():
                                       "inet port_ids": {"0x00000001": '"vnet0"'}}
 
 
+def test_l3_fields_v6():
+    text = golden("l3_every_field_v6")
+    v6 = "meta nfproto ipv6"
+    tcp, udp, icmpv6 = (f"{v6} meta l4proto {number}" for number in (6, 17, 58))
+    fi = [f"{tcp} ip6 daddr fd00::/64 th dport != 80 ct state new,established ct direction original return",
+          f"{udp} ether saddr {MAC} ip6 saddr fd00::1-fd00::9 ip6 dscp != 46 drop",
+          f"{icmpv6} icmpv6 type 128 icmpv6 code 0 ct state new,established return",
+          f"{icmpv6} icmpv6 type . icmpv6 code != {{ 135 . 0 }} drop",
+          f"{icmpv6} icmpv6 type 255 drop",
+          f"{tcp} tcp option 8 exists add @CL-1/vnet0/1 {{ ip6 saddr ct count over 2 }} reject",
+          f"{v6} meta l4proto 132 th dport 100-200 return",
+          f"{v6} meta l4proto 136 return", f"{v6} meta l4proto 50 return",
+          f"{v6} meta l4proto 51 counter",  # ah, continue
+          f"{v6} drop"]
+    assert rules(text, "inet", "FI-1/vnet0") == fi
+    assert rules(text, "inet", "HI-1/vnet0") == [rule.replace("CL-1/vnet0/1", "CL-1/vnet0/2") for rule in fi]
+    assert rules(text, "inet", "FO-1/vnet0") == [
+        f"{tcp} ip6 saddr fd00::/64 th sport != 80 ct state established ct direction reply accept", f"{v6} drop"]
+
+
+def test_bridge_mode_l3_fields():
+    text = golden("bridge_mode_l3_every_field_v4")
+    fi = l3_fields_v4("ether type 0x0800", reject="drop")
+    assert rules(text, "bridge", "FI-1/vnet0") == fi
+    assert rules(text, "bridge", "HI-1/vnet0") == [rule.replace("CL-1/vnet0/1", "CL-1/vnet0/3").replace(
+        "CL-1/vnet0/2", "CL-1/vnet0/4") for rule in fi]
+    assert not lines_starting(text, "add table inet")
+
+
 def test_bridge_mode_l3_dispatch_and_reject():
     for case, udp_53 in (("bridge_mode_l3_no_ct", "drop"), ("bridge_mode_l3_no_ct_reject", "reject")):
         text = golden(case)
@@ -253,17 +286,17 @@ def test_l2_fields_as_nft_expressions():
         "ether saddr & 00:00:00:00:00:00 == 00:00:00:00:00:00 counter"]  # mask /0, continue
 
 
-def test_l3_fields_as_nft_expressions():
-    text = golden("l3_every_field_v4")
-    v4 = "meta nfproto ipv4"
+def l3_fields_v4(v4: str = "meta nfproto ipv4", reject: str = "reject") -> list[str]:
+    """FI of ``l3_every_field_v4``, written by hand: ``v4`` is the IPv4 match (inet mode, or
+    ``ether type 0x0800`` in the bridge mode), ``reject`` what a reject becomes."""
     tcp, udp, icmp = (f"{v4} meta l4proto {number}" for number in (6, 17, 1))
-    fi = [
+    return [
         f"{tcp} ip daddr 10.1.0.0/16 th dport 22 ct state new,established ct direction original return "
         "comment \"ssh 'out'\"",
         f"{tcp} ether saddr & ff:ff:ff:ff:ff:ff != {MAC} ip saddr & 255.255.255.255 != 10.0.0.5 "
         "ip daddr 10.2.0.1-10.2.0.9 ip dscp 10 tcp flags & (fin|syn|rst|psh|ack|urg) == syn th sport != 1-1023 "
         "th dport 80-90 tcp option 2 exists drop",
-        f"{tcp} tcp flags & (syn|ack) != (syn|ack) tcp option 254 missing ip saddr != 10.3.0.1 reject",
+        f"{tcp} tcp flags & (syn|ack) != (syn|ack) tcp option 254 missing ip saddr != 10.3.0.1 {reject}",
         f"{udp} th dport 53 add @CL-1/vnet0/1 {{ ip saddr ct count 10 }} return",  # ! connlimit-above 10
         f"{tcp} add @CL-1/vnet0/2 {{ ip saddr ct count over 4 }} drop comment \"{'x' * 128}\"",
         f"{icmp} icmp type 8 ct state new,established return",
@@ -277,6 +310,12 @@ def test_l3_fields_as_nft_expressions():
         f"{v4} meta l4proto 2 drop comment \"no igmp\"",
         f"{v4} ct state related,invalid return",
         f"{v4} drop"]
+
+
+def test_l3_fields_as_nft_expressions():
+    text = golden("l3_every_field_v4")
+    fi = l3_fields_v4()
+    v4, tcp = "meta nfproto ipv4", "meta nfproto ipv4 meta l4proto 6"
     assert rules(text, "inet", "FI-1/vnet0") == fi
     assert rules(text, "inet", "HI-1/vnet0") == [rule.replace("CL-1/vnet0/1", "CL-1/vnet0/3").replace(
         "CL-1/vnet0/2", "CL-1/vnet0/4") for rule in fi]

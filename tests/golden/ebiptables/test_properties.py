@@ -20,6 +20,8 @@ rendering. Reviewed this way:
   destination MAC, ``vlan`` by ethertype 0x8100), on both sides;
 * ``to-vm-only``: only the to-VM root chain and its POSTROUTING link, no L3 chains (§7.2);
 * ``empty``: no rules, no command at all;
+* ``mixed`` (a 15-character port name): every chain name within the tools' limits (§7: ebtables
+  31 characters, iptables 28), every tool in one plan;
 * ``l3-fields``: every L3 field in libvirt's iptables argument order (§6.8), ``!`` before the
   option, ``continue`` as a rule without a target (R1), REJECT kept at L3 (§5), ipset flags and
   a quoted set name, comments quoted (newline to space) and last;
@@ -224,3 +226,17 @@ def test_to_vm_rules_only():
 def test_empty_ruleset_runs_nothing():
     for section in ("instantiate", "replace", "remove"):
         assert steps("empty", section) == [], section
+
+
+def test_chain_names_of_the_longest_port_name_fit():
+    port = "vnet123456789ab"
+    assert len(port) == 15
+    named = {}
+    for header, lines in steps("mixed", "instantiate"):
+        names = {line[1:].split()[0] for line in lines if line.startswith(":")} | {
+            line.split()[1] for line in lines if line.startswith("-N ")}
+        named.setdefault(header.split()[2], set()).update(name for name in names if port in name)
+    assert set(named) == {"ebtables-restore", "iptables-restore", "ip6tables-restore"}
+    for tool, names in named.items():
+        limit = 31 if tool == "ebtables-restore" else 28
+        assert names and all(len(name) <= limit for name in names), (tool, names)

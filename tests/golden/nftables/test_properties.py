@@ -39,6 +39,8 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
 * ``rebuild``: deletes both tables and builds every port anew, in one batch;
 * ``odd_port_names``: the dispatch key is the port's own name; its chains get a name without
   ``:`` (escaped), and the escape keeps names apart;
+* ``bridge_mode_replace``: L3 rules replaced by L2-only ones in the bridge mode leave no
+  L3 dispatch entry;
 * ``replace``: one batch adds the new generation, repoints every dispatch entry and then removes
   the old generation (§14.4);
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
@@ -361,6 +363,11 @@ def test_odd_port_names():
     assert rules(text, "bridge", "I-1/a_cb__c.d-e") == [
         "ether type 0x0806 jump I-1/a_cb__c.d-e/arp-x_cy__z", "ether type 0x0800 jump I-1/a_cb__c.d-e/ipv4.a_cb__c",
         "drop"]
+
+
+def test_bridge_mode_replace_by_l2_only():
+    assert dispatch("bridge_mode_replace") == {"bridge l2_from_vm": {'"vnet0"': "jump I-2/vnet0"},
+                                               "bridge l2_to_vm": {'"vnet0"': "jump O-2/vnet0"}}
 
 
 def test_replace_switches_generations_in_one_batch():

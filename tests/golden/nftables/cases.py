@@ -296,7 +296,7 @@ def _single(port: str, ruleset: Callable[[], PortRuleset]):
 # Reviewed by hand against the spec, with assertions of their own in test_properties.py:
 # clean_traffic, clean_traffic_two_ips, root_only, l2_every_field, l3_every_field_v4, l3_only_fo, ssh_to_a,
 # l3_every_field_v6, bridge_mode_l3_every_field_v4, bridge_mode_l3_no_ct(_reject), multi_port_batch,
-# rebuild, odd_port_names, bridge_mode_replace, replace, delete: every case.
+# rebuild, odd_port_names, bridge_mode_replace, replace, delete: every case but nd_fields.
 CASES = [
     Case("root_only", "inet", _single("vnet0", root_only)),
     Case("clean_traffic", "inet", _single("vnet0", clean_traffic)),

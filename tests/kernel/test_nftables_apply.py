@@ -224,16 +224,36 @@ def test_rebuild_after_flush_ruleset(host):
     assert len(chains(ns)) == len(expected)
 
 
+def chain_rules(ns: str, family: str, chain: str) -> list[str]:
+    """The rules of one chain as ``nft list chain`` prints them."""
+    text = netlab.run_in(ns, ["nft", "list", "chain", family, TABLE, chain]).stdout
+    return [line.strip() for line in text.split("{", 2)[2].rsplit("}", 2)[0].splitlines() if line.strip()]
+
+
 def test_odd_port_and_chain_names(lab):
+    """Port and sub-chain names with ':', '.', '_', '-' or nft keywords: every port's dispatch
+    entry leads, by the kernel's own listing, to a chain of its own holding its rules and jumping
+    to sub-chains of its own."""
     ns = lab.host_ns
     backend = NftablesBackend(conntrack="inet")
     names = ["a:b_c.d-e", "0.1", "x__y", "_c", "a-b", "fwd", "ip", "mark", "15charactersxyz"]
     plan, records = backend.plan([PortChange(n, None, nft_cases.odd_names()) for n in names])
     run_plan(ns, plan)
-    assert len(chains(ns)) == 3 * len(names)
-    text = listing(ns, "bridge", TABLE)
-    for n in names:
-        assert f'"{n}" : jump' in text
+    data = json.loads(netlab.run_in(ns, ["nft", "-j", "list", "map", "bridge", TABLE, "l2_from_vm"]).stdout)
+    elements = next(item["map"] for item in data["nftables"] if "map" in item)["elem"]
+    roots = {key: value["jump"]["target"] for key, value in elements}
+    assert set(roots) == set(names) and len(set(roots.values())) == len(names)
+    held = set()
+    for root in roots.values():
+        arp_jump, ip_jump, final = chain_rules(ns, "bridge", root)
+        arp, ip = arp_jump.split(" jump ")[1], ip_jump.split(" jump ")[1]
+        assert (arp_jump, ip_jump, final) == (f"ether type arp jump {arp}", f"ether type ip jump {ip}", "drop")
+        assert arp.startswith(f"{root}/") and ip.startswith(f"{root}/")
+        assert chain_rules(ns, "bridge", arp) == ["arp ptype ip arp hlen 6 arp plen 4 arp saddr ip 10.0.0.1 return",
+                                                  "ether type arp drop", "accept"]
+        assert chain_rules(ns, "bridge", ip) == ["ether type ip accept", "accept"]
+        held |= {f"bridge {root}", f"bridge {arp}", f"bridge {ip}"}
+    assert chains(ns) == held
     plan, _ = backend.plan([PortChange(n, records[n], None) for n in names])
     run_plan(ns, plan)
     assert chains(ns) == set()

@@ -152,8 +152,15 @@ def cmd_binding_delete(service: Service, args: argparse.Namespace) -> int:
 
 
 def cmd_binding_list(service: Service, args: argparse.Namespace) -> int:
-    rows = [(a.binding.portdev, a.binding.filterref.filter, a.binding.owner_name) for a in service.list_bindings()]
-    sys.stdout.write(format_table(("Port Dev", "Filter", "Owner"), rows, args.quiet))
+    from .learning.record import describe
+
+    bindings = service.list_bindings()
+    rows = [(a.binding.portdev, a.binding.filterref.filter, a.binding.owner_name) for a in bindings]
+    headers: tuple[str, ...] = ("Port Dev", "Filter", "Owner")
+    if any(a.binding.learning is not None for a in bindings):
+        headers += ("IP learning",)
+        rows = [(*row, describe(a.binding.learning) if a.binding.learning else "-") for row, a in zip(rows, bindings)]
+    sys.stdout.write(format_table(headers, rows, args.quiet))
     return EXIT_OK
 
 
@@ -272,7 +279,11 @@ def _binding_verbs(sub) -> None:
               "owner name and UUID, <portdev name=...>, <mac address=...> and a <filterref> with\n"
               "parameters. MAC defaults to the binding's MAC. The filter tree is resolved and\n"
               "compiled first; a missing variable or unknown filter refuses the binding and nothing\n"
-              "is applied. The rules reach the kernel in one transaction. One binding per port.")
+              "is applied. The rules reach the kernel in one transaction. One binding per port.\n\n"
+              "When IP is the only variable missing and CTRL_IP_LEARNING is any (the default) or\n"
+              "dhcp, the port gets the learning-time rules and the resident service libvirt-nwfilterd\n"
+              "learns its address, then applies the full filter with it (refused when the service\n"
+              "does not run). CTRL_IP_LEARNING=none keeps the missing-variable error.")
     p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
     p = _verb(sub, "binding-delete", cmd_binding_delete, "Remove the binding of a port.",
               "Removes the port's rules from the kernel and forgets the binding.\n\n"
@@ -285,10 +296,17 @@ def _binding_verbs(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="forget the records whatever they hold, and rebuild every other binding")
     _verb(sub, "binding-list", cmd_binding_list, "List bindings.",
-          "Prints port, filter and owner of every binding, sorted by port.")
+          "Prints port, filter and owner of every binding, sorted by port. When a binding learns\n"
+          "its IP address (its filter needs IP, given no value, with CTRL_IP_LEARNING any or dhcp),\n"
+          "the column 'IP learning' shows the mode, the state ('learning' while the port holds the\n"
+          "learning-time rules) and the addresses learned with the end of their DHCP leases (UTC).")
     p = _verb(sub, "binding-dumpxml", cmd_binding_dumpxml, "Print a binding's XML.",
               "Prints the binding as stored after instantiation (with its MAC parameter), in the\n"
-              "form 'virsh nwfilter-binding-dumpxml' uses.")
+              "form 'virsh nwfilter-binding-dumpxml' uses. A binding that learns its IP address has\n"
+              "an <nwf:learning> element (namespace http://libvirt-nwfilter.org/xmlns/nwfilter/1.0)\n"
+              "with its mode, its state (learning, learned or leased) and one <nwf:address> per\n"
+              "address learned, with the end of its DHCP lease ('expires', UTC). binding-create\n"
+              "leaves that element out: a new binding learns anew.")
     p.add_argument("port", metavar="PORTDEV", help="the port (interface) name")
     p = _verb(sub, "render", cmd_render, "Print what binding-create would apply, without applying it.",
               "Resolves and compiles the binding's filter and prints the backend's transaction\n"

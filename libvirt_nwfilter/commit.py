@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import executor
+from .daemon import wakeup
 from .backends.base import Backend, Plan, PortChange, PortRecord
 from .errors import FirewallError, NwfilterError, PartialChange
 from .ir import PortRuleset
@@ -54,8 +55,7 @@ class Change:
 def with_mac_parameter(binding: Binding) -> Binding:
     """The binding as libvirt stores it after instantiation: with a ``MAC`` parameter."""
     params = port_variables(binding.filterref.param_dict(), binding.mac)
-    ref = FilterRef(binding.filterref.filter, make_params(params))
-    return Binding(binding.owner_name, binding.owner_uuid, binding.portdev, binding.mac, ref, binding.linkdev)
+    return replace(binding, filterref=FilterRef(binding.filterref.filter, make_params(params)))
 
 
 def ruleset_hash(ruleset: PortRuleset) -> str:
@@ -217,6 +217,7 @@ class Committer:
                                   ruleset_hash(c.ruleset)) for c in changes if c.new is not None]
         gone = [c.port for c in changes if c.new is None] + list(removed)
         self.state.write(applied, gone)
+        wakeup.notify(self.state.rundir, [c.port for c in changes] + gone)
         for entry in applied:
             log.info("binding on %s: filter '%s' applied", entry.binding.portdev, entry.binding.filterref.filter)
         return applied

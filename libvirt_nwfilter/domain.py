@@ -37,12 +37,11 @@ from lxml import etree
 from .errors import BindingError, ValidationError
 from .model import Binding, FilterRef
 from .schema import PROTOCOLS, parse_literal
-from .syntax import PORT_NAME_RE, normalise_uuid
+from .syntax import NAMESPACE, PORT_NAME_RE, normalise_uuid
 from .xml import _children, _parse_document, _Problems, escape, format_filterref, parse_filterref
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 #: The prefix the CLI asks libvirt to use (readers never rely on it).
 METADATA_KEY = "nwf"
 METADATA_ROOT = "nwfilter"

@@ -32,7 +32,12 @@ class InUseError(NwfilterError):
 
 
 class MissingVariablesError(NwfilterError):
-    """A filter tree needs variables (or list elements) that were not supplied."""
+    """A filter tree needs variables (or list elements) that were not supplied; ``missing``
+    names each access as printed (``IP``, ``A[3]``, ``B[@2]``)."""
+
+    def __init__(self, message: str, missing: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.missing = missing
 
 
 class ExpansionLimitError(NwfilterError):

@@ -6,9 +6,11 @@ the libvirt API (a deadlock) and imports only what the operation needs. Operatio
 
 ``prepare``            resolve and compile every filtered interface; refuse the start early.
 ``start``              instantiate every filtered interface on its ``<target dev>``, all or
-                       nothing (the taps exist, QEMU has not run yet).
-``stopped``/``release`` remove every binding the guest owns, found by its UUID in our state;
-                       never fails.
+                       nothing (the taps exist, QEMU has not run yet); an interface whose
+                       address is learned gets the learning-time rules and the resident service
+                       learns it (refused when the service does not run).
+``stopped``/``release`` remove every binding the guest owns, found by its UUID in our state,
+                       with the addresses learned; never fails.
 (When the kernel refuses a change because our rules were altered behind our back, ``start``
 repairs with ``Service.sync`` and the teardown re-instantiates the recorded rules with
 ``Service.reapply`` before trying once more.)
@@ -72,8 +74,12 @@ Interface hot-plug runs no hook: 'libvirt-nwfilter reapply GUEST' filters a new 
 operations:
   prepare            check every filtered interface's filter and parameters; refuse the
                      start early
-  start              filter every filtered interface on its tap, all or nothing
-  stopped, release   remove every binding the guest owns (never fails)
+  start              filter every filtered interface on its tap, all or nothing; when a
+                     filter needs IP and none is given (CTRL_IP_LEARNING any, the default,
+                     or dhcp), the tap gets the learning-time rules and libvirt-nwfilterd
+                     learns the address (refused when the service does not run)
+  stopped, release   remove every binding the guest owns, and forget the addresses learned
+                     (never fails)
   reconnect, attach  make the rules match the guest again (libvirtd restarted)
   migrate, restore   check that the filters exist here; print the domain XML unchanged
   others             nothing (exit status 0)

@@ -158,7 +158,7 @@ def _binding(text: object, port: str, source: str) -> Binding | None:
         return None
     if not isinstance(text, str):
         raise TypeError(f"port {port}: a binding that is not text")
-    binding = parse_binding(text, source)
+    binding = parse_binding(text, source, stored=True)
     if binding.portdev != port:
         raise ValueError(f"port {port}: the binding of port {binding.portdev}")
     return binding

@@ -158,8 +158,36 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """An address learned on a port: ``expires`` in seconds since the epoch (UTC), None for
+    never (learned by ``any``, or a DHCP lease of infinite time)."""
+
+    address: str  # canonical text
+    expires: int | None = None
+
+
+@dataclass(frozen=True)
+class Learning:
+    """How a binding whose filter needs ``IP`` without a value learns it (semantics.md §10):
+    ``mode`` is ``any`` or ``dhcp`` (``CTRL_IP_LEARNING``), ``leases`` the addresses learned
+    so far, sorted by address."""
+
+    mode: str
+    leases: tuple[Lease, ...] = ()
+
+    @property
+    def state(self) -> str:
+        """``learning`` (no address yet: the learning-time rules), ``learned`` (any) or
+        ``leased`` (dhcp: at least one lease)."""
+        if not self.leases:
+            return "learning"
+        return "learned" if self.mode == "any" else "leased"
+
+
+@dataclass(frozen=True)
 class Binding:
-    """One filter instantiated on one port (libvirt's ``<filterbinding>``)."""
+    """One filter instantiated on one port (libvirt's ``<filterbinding>``); ``learning`` is set
+    when the port learns its address (part of the record, never of a user's input)."""
 
     owner_name: str
     owner_uuid: str
@@ -167,3 +195,4 @@ class Binding:
     mac: str
     filterref: FilterRef
     linkdev: str | None = None
+    learning: Learning | None = None

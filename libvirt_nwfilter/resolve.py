@@ -98,7 +98,7 @@ def resolve(ref: FilterRef, mac: str, lookup: Lookup, max_rules: int | None = No
     _check_learning(variables)
     pending: list[_Pending] = []
     _walk(ref.filter, variables, lookup, pending, ())
-    _check_missing(ref.filter, pending)
+    _check_missing(ref.filter, pending, learning_mode(variables))
     pending.sort(key=lambda p: (p.flt.chain != "root", p.rule.priority))
     planned = [(item, _wheels(item.rule.match, item.variables, item.where) if _has_variables(item.rule) else [])
                for item in pending]
@@ -163,7 +163,14 @@ def _check_learning(variables: Variables) -> None:
         raise ValidationError([f"CTRL_IP_LEARNING value '{values[0]}' is invalid (expected any, dhcp or none)"])
 
 
-def _check_missing(top: str, pending: list[_Pending]) -> None:
+def learning_mode(variables: Variables) -> str:
+    """How a missing ``IP`` is learned: the first value of ``CTRL_IP_LEARNING`` (lower case),
+    ``any`` when it is not given (semantics.md §10)."""
+    values = variables.get("CTRL_IP_LEARNING")
+    return values[0].lower() if values else "any"
+
+
+def _check_missing(top: str, pending: list[_Pending], mode: str) -> None:
     needed: dict[str, list[str]] = {}
     for item in pending:
         for ref in item.rule.match.variables() if item.rule.match else ():
@@ -177,8 +184,16 @@ def _check_missing(top: str, pending: list[_Pending]) -> None:
     listed = ", ".join(f"{access} (needed by {', '.join(users)})" for access, users in needed.items())
     message = f"cannot instantiate filter '{top}': missing variables: {listed}"
     if "IP" in needed:
-        message += "; IP must be given as a parameter because IP address learning is not available"
-    raise MissingVariablesError(message)
+        message += "; " + _learning_note(mode, len(needed))
+    raise MissingVariablesError(message, tuple(needed))
+
+
+def _learning_note(mode: str, missing: int) -> str:
+    if missing > 1:
+        return "IP is learned only when it is the only variable missing"
+    if mode == "none":
+        return "IP must be given as a parameter: CTRL_IP_LEARNING is 'none'"
+    return f"IP is to be learned (CTRL_IP_LEARNING '{mode}')"
 
 
 _Wheel = tuple[list[VarRef], list[dict[VarRef, str]]]

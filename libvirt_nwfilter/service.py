@@ -22,13 +22,27 @@ from .drift import Drift, kernel_check, kernel_drift
 from .errors import BindingError, InUseError, NwfilterError
 from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, JournalDamaged
-from .model import Binding, Filter
+from .learning.spec import compiled, same_learning
+from .model import Binding, Filter, Learning, Lease
 from .resolve import Lookup, resolve
 from .state import AppliedBinding, RecordError, State, valid_port
 from .store import FilterStore, Origin, referencing
 from .xml import format_filter, parse_filter
 
 log = logging.getLogger(__name__)
+
+def _learned_before(binding: Binding, current: AppliedBinding | None) -> bool:
+    return (current is not None and current.binding.learning is not None
+            and (current.binding.owner_uuid, current.binding.mac) == (binding.owner_uuid, binding.mac))
+
+
+def _inherit_learning(binding: Binding, current: AppliedBinding | None) -> Binding:
+    """``binding`` with the addresses learned on its port, when the same owner and MAC learned
+    them there (libvirt keeps a learned address until the port's teardown)."""
+    if binding.learning is None and _learned_before(binding, current):
+        return replace(binding, learning=current.binding.learning)
+    return binding
+
 
 @dataclass(frozen=True)
 class FilterInfo:
@@ -163,8 +177,7 @@ class Service:
         failures, changes = [], []
         for applied in affected:
             try:
-                changes.append(Change(applied.binding.portdev, applied, applied.binding,
-                                      self.ruleset(applied.binding, lookup)))
+                changes.append(Change(applied.binding.portdev, applied, *self.prepared(applied.binding, lookup)))
             except NwfilterError as error:
                 failures.append(f"binding on {applied.binding.portdev} (owner {applied.binding.owner_name}): {error}")
         if failures:
@@ -180,8 +193,15 @@ class Service:
     # -- bindings -----------------------------------------------------------------------
     def ruleset(self, binding: Binding, lookup: Lookup | None = None) -> PortRuleset:
         """The port's ruleset for ``binding`` with the current (or given) filters (pure)."""
-        return compile_port(resolve(binding.filterref, binding.mac, lookup or self.store.source,
-                                    max_rules=self.config.max_rules))
+        return self.prepared(binding, lookup)[1]
+
+    def prepared(self, binding: Binding, lookup: Lookup | None = None) -> tuple[Binding, PortRuleset]:
+        """``binding`` with its learning state as its filters give it (IP learning, see
+        :mod:`.learning`), and its ruleset (pure)."""
+        lookup = lookup or self.store.source
+        ruleset, learning = compiled(binding, lambda ref: compile_port(resolve(ref, binding.mac, lookup,
+                                                                               max_rules=self.config.max_rules)))
+        return (binding if learning == binding.learning else replace(binding, learning=learning)), ruleset
 
     def render(self, binding: Binding) -> str:
         """What :meth:`create_binding` would run, as text (nothing is applied)."""
@@ -198,8 +218,9 @@ class Service:
         with self.locked():
             if self.state.get(binding.portdev) is not None:
                 raise BindingError(f"binding '{binding.portdev}' already exists")
-            return self.committer.commit([Change(binding.portdev, None, binding, self.ruleset(binding))],
-                                         "binding-create")[0]
+            change = Change(binding.portdev, None, *self.prepared(binding))
+            self._require_learner([change])
+            return self.committer.commit([change], "binding-create")[0]
 
     def delete_binding(self, port: str) -> AppliedBinding:
         with self.locked():
@@ -243,7 +264,7 @@ class Service:
         with self.locked():
             changes, unreadable = [], False
             for binding in bindings:
-                ruleset = self.ruleset(binding)
+                binding, ruleset = self.prepared(binding)
                 try:
                     current = self.state.get(binding.portdev)
                 except RecordError as error:
@@ -253,6 +274,7 @@ class Service:
                     log.warning("port %s: replacing the binding owned by %s", binding.portdev,
                                 current.binding.owner_name)
                 changes.append(Change(binding.portdev, current, binding, ruleset))
+            self._require_learner(changes)
             command = f"binding the ports of '{bindings[0].owner_name}'" if bindings else "binding"
             if unreadable:
                 return self.committer.rebuild_with(changes, command)
@@ -287,7 +309,6 @@ class Service:
         the ports that were (re)applied.
         """
         with self.locked():
-            rulesets = {b.portdev: self.ruleset(b) for b in bindings}
             current: dict[str, AppliedBinding | None] = {}
             unreadable = False
             for binding in bindings:
@@ -296,6 +317,10 @@ class Service:
                 except RecordError as error:
                     log.warning("%s; replacing it", error.path)
                     current[binding.portdev], unreadable = None, True
+            prepared = [self.prepared(_inherit_learning(b, current[b.portdev])) for b in bindings]
+            bindings = [binding for binding, _ in prepared]
+            rulesets = {binding.portdev: ruleset for binding, ruleset in prepared}
+            self._require_learner([Change(b.portdev, current[b.portdev], b) for b in bindings])
             recorded = [a for a in current.values() if a is not None]
             intact = self._intact_ports(recorded)
             todo = [b for b in bindings if not self._unchanged(current[b.portdev], b, rulesets[b.portdev], intact)]
@@ -310,6 +335,42 @@ class Service:
                 self.committer.commit([Change(b.portdev, current[b.portdev], b, rulesets[b.portdev]) for b in todo],
                                       command)
             return [b.portdev for b in todo]
+
+    def _require_learner(self, changes: Sequence[Change]) -> None:
+        """A binding that starts learning its address needs the resident service, which learns
+        it: refused (one line) when the service does not run. A port that goes on learning
+        (the same owner and MAC learned there before) is left alone."""
+        from .daemon.server import running
+
+        starting = [c.new for c in changes if c.new is not None and c.new.learning is not None
+                    and not _learned_before(c.new, c.old)]
+        if starting and not running(self.config.rundir):
+            binding = starting[0]
+            raise NwfilterError(f"port {binding.portdev}: its IP address is to be learned (CTRL_IP_LEARNING "
+                                f"'{binding.learning.mode}'), which needs the resident service libvirt-nwfilterd, "
+                                "and it is not running: start it, or give IP as a parameter")
+
+    def update_learned(self, port: str, binding: Binding, leases: tuple[Lease, ...]) -> AppliedBinding | None:
+        """Make ``leases`` the addresses learned on ``port`` and apply its filter with them (the
+        learning-time rules with none), if the port's record still holds ``binding`` (its
+        learned addresses aside); None when it does not. A change of expiry times alone is
+        only recorded (the rules stay the same)."""
+        with self.locked():
+            try:
+                current = self.state.get(port)
+            except RecordError as error:
+                log.error("%s", error)
+                return None
+            if current is None or not same_learning(current.binding, binding):
+                return None
+            new, ruleset = self.prepared(replace(current.binding, learning=Learning(binding.learning.mode, leases)))
+            if new == current.binding:
+                return current
+            if ruleset_hash(ruleset) == current.ruleset_hash and current.backend == self.backend.name:
+                applied = AppliedBinding(new, current.backend, current.record, current.ruleset_hash)
+                self.state.write([applied])
+                return applied
+            return self.committer.commit([Change(port, current, new, ruleset)], f"IP learning on {port}")[0]
 
     def _intact_ports(self, recorded: Sequence[AppliedBinding]) -> set[str]:
         """The recorded ports whose kernel rules are intact: those the resident service knows
@@ -414,6 +475,11 @@ class Service:
         count = f"{len(bindings)} on {len({b.binding.owner_uuid for b in bindings})} owner(s)"
         if damaged:
             count += f", and {len(damaged)} unreadable record(s) ('verify' names them)"
+        learning = [b.binding.learning for b in bindings if b.binding.learning is not None]
+        if learning:
+            waiting = sum(1 for item in learning if not item.leases)
+            count += (f"; {len(learning)} learn their IP address ({waiting} learning, {len(learning) - waiting} "
+                      f"with {sum(len(item.leases) for item in learning)} address(es) learned)")
         lines += [("Filters", f"{len(filters)} ({len(filters) - user} built in, {user} defined here)"),
                   ("Bindings", count),
                   ("Configuration", str(self.config.confdir)), ("State", str(self.config.rundir))]

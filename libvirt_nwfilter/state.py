@@ -9,10 +9,11 @@ truncated, not the expected shape, a binding XML that does not parse, another po
 is a :class:`RecordError` naming the file, the problem and the repair; it is never skipped
 silently, and callers never treat it as "no binding".
 
-``index.json`` maps each port to its owner UUID, mark id and backend, so that a change or a guest's
-teardown reads only the files it needs. It is kept a superset of the files: entries are added
-before a record is written and removed after one is deleted, so a crash in between leaves an
-entry without a file (harmless), never a file without an entry (``stopped`` would miss it). An
+``index.json`` maps each port to its owner UUID, mark id, backend and learning mode (ports that
+learn their address), so that a change or a guest's teardown reads only the files it needs. It
+is kept a superset of the files: entries are added before a record is written and removed after
+one is deleted, so a crash in between leaves an entry without a file (harmless), never a file
+without an entry (``stopped`` would miss it). An
 index that is missing or damaged is rebuilt from the files under the lock (and computed from
 them, without writing, by readers that do not hold it).
 """
@@ -235,6 +236,10 @@ class State:
         """The backends that made the recorded bindings."""
         return {entry["backend"] for entry in self.index().values()}
 
+    def learning_ports(self) -> dict[str, str]:
+        """Port -> learning mode of every binding that learns its address."""
+        return {port: entry["learning"] for port, entry in self.index().items() if entry.get("learning")}
+
     def owned_ports(self, owner_uuid: str) -> list[str]:
         return sorted(port for port, entry in self.index().items() if entry.get("owner") == owner_uuid)
 
@@ -262,7 +267,7 @@ def _applied_from(data: object, path: Path, port: str) -> AppliedBinding:
     if data["backend"] not in BACKENDS:
         raise RecordError(path, port, f"names an unknown backend '{data['backend']}'")
     try:
-        binding = parse_binding(data["binding"], str(path))
+        binding = parse_binding(data["binding"], str(path), stored=True)
     except NwfilterError as error:
         raise RecordError(path, port, f"holds a binding that does not parse ({' '.join(str(error).split())})") from None
     if binding.portdev != port:
@@ -280,8 +285,13 @@ def _valid_index(data: object) -> bool:
         pid = entry.get("id")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
             return False
+        if entry.get("learning") not in (None, "any", "dhcp"):
+            return False
     return True
 
 
 def _index_entry(applied: AppliedBinding) -> dict[str, Any]:
-    return {"owner": applied.binding.owner_uuid, "id": applied.record.get("id"), "backend": applied.backend}
+    entry = {"owner": applied.binding.owner_uuid, "id": applied.record.get("id"), "backend": applied.backend}
+    if applied.binding.learning is not None:
+        entry["learning"] = applied.binding.learning.mode
+    return entry

@@ -11,6 +11,7 @@ import re
 from .model import CHAIN_PREFIXES, Direction, Match, VarRef
 from .schema import ICMPV6_GROUP, IP_PROTOCOLS, ND_TYPES, PORT_PROTOCOLS, decimal, decode_uint
 
+NAMESPACE = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"  # ours, in domain metadata and binding records
 FILTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,199}\Z")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_]+\Z")
 PARAM_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:]+\Z")

@@ -8,6 +8,7 @@ form libvirt's ``nwfilter-dumpxml`` prints (filter-language.md §12).
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from .schema import (EXTENSION_PREFIX, ICMPV6_GROUP, NWF_NAMESPACE, PROTOCOLS, N
 from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
 from .schema import ATTR_ORDER
+
+log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 1 << 20
 _INTEGER_RE = re.compile(r"^[+-]?[0-9]+\Z")
@@ -430,13 +433,24 @@ def _single(root, tag: str, problems: _Problems):
     return found[0] if found else None
 
 
-def parse_binding(data: bytes | str, source: str = "<input>") -> Binding:
-    """Parse and validate a ``<filterbinding>`` document."""
+def parse_binding(data: bytes | str, source: str = "<input>", stored: bool = False) -> Binding:
+    """Parse and validate a ``<filterbinding>`` document. Its learned state
+    (``<nwf:learning>``, :mod:`.learning.record`) is read from our records and journal
+    (``stored``); in a user's input it is left out with a warning (the port learns anew)."""
+    from .learning.record import TAG as LEARNING_TAG, parse_learning
+
     root = _parse_document(data, source, "filterbinding")
     problems = _Problems(source)
     _check_attributes(root, (), problems)
+    learning = None
     for child in _children(root):
-        if child.tag not in ("owner", "portdev", "linkdev", "mac", "filterref"):
+        if child.tag == LEARNING_TAG:
+            if stored:
+                learning = parse_learning(child, problems)
+            else:
+                log.warning("%s: the learned addresses it lists are left out: the port learns its address anew",
+                            source)
+        elif child.tag not in ("owner", "portdev", "linkdev", "mac", "filterref"):
             problems.add(child, "unknown element (expected owner, portdev, linkdev, mac, filterref)")
     owner_name, owner_uuid = _parse_owner(_single(root, "owner", problems), root, problems)
     portdev = _named_device(_single(root, "portdev", problems), "portdev", root, problems, required=True)
@@ -449,7 +463,7 @@ def parse_binding(data: bytes | str, source: str = "<input>") -> Binding:
     else:
         ref = parse_filterref(ref_node, problems)
     problems.raise_if_any()
-    return Binding(owner_name, owner_uuid, portdev, mac, ref, linkdev)
+    return Binding(owner_name, owner_uuid, portdev, mac, ref, linkdev, learning)
 
 
 def _parse_owner(owner, root, problems: _Problems) -> tuple[str, str]:
@@ -503,4 +517,8 @@ def format_binding(binding: Binding) -> str:
         lines.append(f"  <linkdev name='{binding.linkdev}'/>")
     lines.append(f"  <mac address='{binding.mac}'/>")
     lines += format_filterref(binding.filterref)
+    if binding.learning is not None:
+        from .learning.record import format_learning
+
+        lines += format_learning(binding.learning)
     return "\n".join(lines + ["</filterbinding>"]) + "\n"

@@ -24,8 +24,8 @@ DEFAULT_URI = "qemu:///system"
 DEFAULT_HEAL_INTERVAL = 30.0
 
 DESCRIPTION = """\
-The resident service of libvirt-nwfilter: hot-plug, live metadata edits, self-healing, and a
-fast path for the hook and the command. What it adds:
+The resident service of libvirt-nwfilter: hot-plug, live metadata edits, self-healing, IP
+address learning, and a fast path for the hook and the command. What it adds:
 
   * a fast path: the 'libvirt-nwfilter' command and the qemu hook hand their requests to the
     service over RUNDIR/libvirt-nwfilterd.sock (root only) instead of starting Python anew;
@@ -35,9 +35,15 @@ fast path for the hook and the command. What it adds:
     unplugged interface loses its binding; a change of a running guest's libvirt-nwfilter
     metadata is applied at once, all or nothing;
   * self-healing: a change to our firewall rules that the service did not make (nft flush
-    ruleset, a firewall reload) is repaired by rebuilding every binding in one transaction.
+    ruleset, a firewall reload) is repaired by rebuilding every binding in one transaction;
+  * IP address learning: a port whose filter needs IP without a value (CTRL_IP_LEARNING any,
+    the default, or dhcp) holds the learning-time rules while the service watches its
+    traffic (raw sockets, rate-limited); the first address seen (any), or each DHCP lease
+    acknowledged by a trusted server (dhcp, DHCPSERVER), is applied with the full filter;
+    released, declined and expired leases are removed.
 
-Everything works without it: the clients run in-process when its socket does not answer.
+Everything else works without it: the clients run in-process when its socket does not answer
+(a binding that would learn its address is refused then: give IP, or start the service).
 Records, host lock and journal in RUNDIR stay the only truth: the service keeps no state of
 its own that another process could miss."""
 

@@ -64,6 +64,21 @@ def single_instance(rundir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def running(rundir: Path) -> bool:
+    """Whether a libvirt-nwfilterd runs for ``rundir`` (it holds the lock of its pid file)."""
+    try:
+        fd = os.open(Path(rundir) / PID_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def listen(rundir: Path) -> socket.socket:
     """The listening socket ``RUNDIR/libvirt-nwfilterd.sock``, mode 0600 (root only)."""
     path = protocol.socket_path(str(rundir))

@@ -25,7 +25,8 @@ class Report:
         self._lock = threading.Lock()
         self._data: dict[str, Any] = {"pid": service_pid, "started": started, "libvirt": "not connected",
                                       "healing": "off", "repairs": 0, "last_repair": None,
-                                      "events": 0, "last_event": None}
+                                      "events": 0, "last_event": None, "learning": "off", "learned": 0,
+                                      "last_learned": None}
 
     def update(self, **values: Any) -> None:
         with self._lock:
@@ -64,6 +65,9 @@ def status_lines(rundir: Path) -> list[tuple[str, str]]:
     repair = data.get("last_repair")
     lines.append(("Repairs", f"{data['repairs']}" + (f", last {_ago(repair['time'])}: {repair['what']}"
                                                      if repair else "")))
+    learned = data.get("last_learned")
+    lines.append(("IP learning", f"{data.get('learning', 'off')}; {data.get('learned', 0)} change(s) applied"
+                  + (f", last {_ago(learned['time'])}: {learned['what']}" if learned else "")))
     event = data.get("last_event")
     lines.append(("libvirt events handled", f"{data['events']}" + (f", last {_ago(event['time'])}: {event['what']}"
                                                                    if event else "")))

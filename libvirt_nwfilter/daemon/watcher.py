@@ -1,6 +1,6 @@
-"""The watcher process: libvirt events and self-healing, forked by the request server before
-any thread exists; it has threads of its own and never forks (processes it runs are spawned
-by the executor).
+"""The watcher process: IP address learning, libvirt events and self-healing, forked by the
+request server before any thread exists; it has threads of its own and never forks (processes
+it runs are spawned by the executor).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class Watcher:
             signal.signal(sig, lambda *_: stop.set())
         report = Report(self.config.rundir, self.service_pid, self.started)
         report.update()
-        workers = []
+        from .learner import Learner
+
+        workers = [Learner(self.config, report)]
         if not self.options.no_heal:
             from .healing import Healer
 

@@ -188,12 +188,25 @@ def test_index_in_range_is_not_missing():
     assert values(run(lookup, C=["1", "2", "3"]), "dstportstart") == [("3",)]
 
 
-def test_missing_ip_mentions_learning():
+@pytest.mark.parametrize("params, note", [
+    ({}, "IP is to be learned (CTRL_IP_LEARNING 'any')"),
+    ({"CTRL_IP_LEARNING": ["DHCP"]}, "IP is to be learned (CTRL_IP_LEARNING 'dhcp')"),
+    ({"CTRL_IP_LEARNING": ["None"]}, "IP must be given as a parameter: CTRL_IP_LEARNING is 'none'"),
+])
+def test_missing_ip_says_how_it_is_learned(params, note):
     lookup = tree(flt("top", ref("clean")), flt("clean", rule("<ip srcipaddr='$IP'/>")))
     with pytest.raises(MissingVariablesError) as info:
+        run(lookup, **params)
+    assert str(info.value) == f"cannot instantiate filter 'top': missing variables: IP (needed by clean); {note}"
+    assert info.value.missing == ("IP",)
+
+
+def test_missing_ip_with_other_variables_is_not_learned():
+    lookup = tree(flt("top", rule("<ip srcipaddr='$IP' dstipaddr='$GW'/>")))
+    with pytest.raises(MissingVariablesError) as info:
         run(lookup)
-    assert "IP (needed by clean)" in str(info.value)
-    assert "learning" in str(info.value)
+    assert str(info.value).endswith("; IP is learned only when it is the only variable missing")
+    assert info.value.missing == ("IP", "GW")
 
 
 def test_missing_variables_on_builtin_clean_traffic(tmp_path):

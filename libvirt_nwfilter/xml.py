@@ -41,7 +41,7 @@ class _Problems:
 
     def add(self, node: etree._Element | None, message: str) -> None:
         where = f"{self.source}:{node.sourceline}" if node is not None and node.sourceline else self.source
-        element = f"<{node.tag}> " if node is not None else ""
+        element = f"<{_shown_tag(node)}> " if node is not None else ""
         prefix = f"{self.context}, " if self.context else ""
         # One line per problem, even when a value holds a character reference such as &#10;.
         self.items.append(f"{where}: {prefix}{element}{message}".translate(_CONTROL_ESCAPES))
@@ -49,6 +49,14 @@ class _Problems:
     def raise_if_any(self) -> None:
         if self.items:
             raise ValidationError(self.items)
+
+
+def _shown_tag(node: etree._Element) -> str:
+    """``prefix:name`` for an element in a namespace (as written), the name otherwise."""
+    if not isinstance(node.tag, str) or not node.tag.startswith("{"):
+        return str(node.tag)
+    name = etree.QName(node).localname
+    return f"{node.prefix}:{name}" if node.prefix else name
 
 
 def _parse_document(data: bytes | str, source: str, root_tag: str,

@@ -100,10 +100,14 @@ class State:
                 self._locked = False
 
     def _remove_partial_writes(self) -> None:
-        """Temporary files of writes a killed process left (nobody else writes under the lock)."""
-        for directory in (self.rundir, self.bindings_dir):
-            for leftover in directory.glob(".*.json.*") if directory.is_dir() else ():
-                leftover.unlink(missing_ok=True)
+        """Temporary files of writes a killed process left: of the files written under the lock
+        only (nobody else writes those now); the service's report and knowledge files are
+        written without it, at any time."""
+        patterns = {self.rundir: (f".{INDEX}.*", ".journal.json.*"), self.bindings_dir: (".*.json.*",)}
+        for directory, globs in patterns.items():
+            for pattern in globs if directory.is_dir() else ():
+                for leftover in directory.glob(pattern):
+                    leftover.unlink(missing_ok=True)
 
     # -- records --------------------------------------------------------------------------
     def path(self, port: str) -> Path:

@@ -313,8 +313,6 @@ class Learner:
             self._work.notify()
 
     def _apply(self) -> None:
-        from ..service import Service
-
         while not self.stopping.is_set():
             with self._work:
                 while not self._pending and not self.stopping.is_set():
@@ -324,7 +322,7 @@ class Learner:
                 port, (binding, leases) = next(iter(self._pending.items()))
                 del self._pending[port]
             try:
-                applied = Service(self.config).update_learned(port, binding, leases)
+                self._apply_one(port, binding, leases)
             except Exception as error:  # noqa: BLE001 - tried again
                 log.error("port %s: the learned addresses could not be applied (tried again in %g s): %s", port,
                           RETRY, error, exc_info=not isinstance(error, NwfilterError))
@@ -335,14 +333,21 @@ class Learner:
             with self._work:
                 if port not in self._pending:
                     self._busy.discard(port)
-            if applied is None:
-                log.info("port %s: its binding changed meanwhile: what was learned is not applied", port)
-            else:
-                shown = ", ".join(lease.address for lease in leases) or "none (learning-time rules)"
-                log.info("port %s: filter '%s' applied with the learned address(es) %s", port,
-                         binding.filterref.filter, shown)
-                self.report.count("learned", last_learned={"time": time.time(), "what": f"port {port}: {shown}"})
             wakeup.notify(self.config.rundir, [port])
+
+    def _apply_one(self, port: str, binding: Binding, leases: tuple[Lease, ...]) -> None:
+        from ..service import Service
+
+        if Service(self.config).update_learned(port, binding, leases) is None:
+            log.info("port %s: its binding changed meanwhile: what was learned is not applied", port)
+            return
+        shown = ", ".join(lease.address for lease in leases) or "none (learning-time rules)"
+        log.info("port %s: filter '%s' applied with the learned address(es) %s", port, binding.filterref.filter,
+                 shown)
+        try:
+            self.report.count("learned", last_learned={"time": time.time(), "what": f"port {port}: {shown}"})
+        except NwfilterError as error:  # a report, not state
+            log.warning("%s", error)
 
 
 def snoop_same(watched: Binding, recorded: Binding) -> bool:

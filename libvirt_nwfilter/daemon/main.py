@@ -104,7 +104,7 @@ def _preload(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="libvirt-nwfilterd: %(levelname)s: %(message)s")
+                        format="%(asctime)s libvirt-nwfilterd: %(levelname)s: %(message)s")
     try:
         config = Config.load(confdir=args.confdir, rundir=args.rundir, backend=args.backend)
         rundir = Path(os.path.abspath(config.rundir))

@@ -35,11 +35,13 @@ exit 0
 
 class Dnsmasq:
     """``dnsmasq`` serving DHCP (no DNS) on ``vm``'s eth0: ``first``..``last``, /24, leases of
-    ``lease`` (dnsmasq's minimum is two minutes)."""
+    ``lease`` (dnsmasq's minimum is two minutes); ``options`` are more dnsmasq options (TFTP)."""
 
-    def __init__(self, vm: netlab.VM, workdir: Path, first: str, last: str, lease: str = "2m"):
+    def __init__(self, vm: netlab.VM, workdir: Path, first: str, last: str, lease: str = "2m",
+                 options: tuple[str, ...] = ()):
         self.vm, self.workdir = vm, Path(workdir)
         self.range = (first, last, lease)
+        self.options = options
         self.log = self.workdir / f"dnsmasq-{vm.name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -50,7 +52,7 @@ class Dnsmasq:
                 "--user=root", "--group=root", "--interface=eth0", "--bind-interfaces", "--dhcp-authoritative",
                 f"--dhcp-range={first},{last},255.255.255.0,{lease}",
                 f"--dhcp-leasefile={self.workdir / f'dnsmasq-{self.vm.name}.leases'}",
-                "--log-dhcp", "--log-facility=-"]
+                "--log-dhcp", "--log-facility=-", *self.options]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(netlab.ns_argv(self.vm.ns, argv), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log)

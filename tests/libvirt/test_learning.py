@@ -34,6 +34,7 @@ MAC_A, MAC_B, MAC_S, MAC_R = "52:54:00:0e:00:01", "52:54:00:0e:00:02", "52:54:00
 SPOOF_MAC = "52:54:00:99:99:99"
 IP_B, SERVER, ROGUE = "10.0.0.2", "10.0.0.254", "10.0.0.253"
 GUEST_MAC = "52:54:00:0e:01:01"
+SPOOFED = "10.0.0.77"  # never leased: outside the server's range
 
 #: (case, step) -> (libvirt, ours): the learned addresses (as roles) where we differ on purpose.
 DIFFERENCES = {
@@ -306,15 +307,44 @@ def pxe_guest_xml(libvirtd, name: str, params: dict[str, str]) -> str:
     return xml.replace("hvm</type>", "hvm</type><boot dev='network'/>").replace("      <rom enabled='no'/>\n", "")
 
 
+#: The guest's boot script (iPXE fetches it by TFTP from dnsmasq once leased): a fetch from its
+#: leased address, the same fetch from a spoofed address, the leased address again and a last
+#: fetch. iPXE runs it in order, so once the last file reached the server the spoofed request
+#: was sent before it: its absence at the server needs no timed wait.
+BOOT_SCRIPT = f"""#!ipxe
+imgfetch --timeout 5000 leased-first || echo leased-first failed
+set net0/ip {SPOOFED}
+imgfetch --timeout 5000 spoofed || echo spoofed failed
+clear net0/ip
+imgfetch --timeout 5000 leased-last || echo leased-last failed
+shell
+"""
+
+
+def _from_spoofed(frame: bytes) -> bool:
+    """An IPv4 packet or ARP frame of the guest whose sender address is the spoofed one."""
+    spoofed = bytes(int(part) for part in SPOOFED.split("."))
+    return (frame[12:14] == b"\x08\x00" and frame[26:30] == spoofed) or \
+        (frame[12:14] == b"\x08\x06" and frame[28:32] == spoofed)
+
+
 def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, service, backend, tmp_path):
+    tftp = tmp_path / "tftp"
+    tftp.mkdir()
+    (tftp / "boot.ipxe").write_text(BOOT_SCRIPT)
+    for name in ("leased-first", "spoofed", "leased-last"):
+        (tftp / name).write_text(f"{name}\n")
     server_vm = libvirt_lab.add_vm("srv", MAC_S, ipv4=f"{SERVER}/24")
-    server = Dnsmasq(server_vm, tmp_path, "10.0.0.100", "10.0.0.150").start()
+    server = Dnsmasq(server_vm, tmp_path, "10.0.0.100", "10.0.0.150",
+                     options=("--enable-tftp", f"--tftp-root={tftp}", "--dhcp-boot=boot.ipxe")).start()
     name = "nwft-learn-pxe"
+    capture = None
     try:
         libvirtd.define_guest(name, GUEST_MAC, xml=pxe_guest_xml(libvirtd, name, {"CTRL_IP_LEARNING": "dhcp",
                                                                                   "DHCPSERVER": SERVER}))
         lv.virsh("start", name)
         tap = libvirtd.guest_tap(name)
+        capture = libvirt_lab.capture((libvirt_lab.host_ns, tap)).start()  # what the guest sends
         listing = nwf(service, "binding-list").stdout
         assert re.search(rf"^ {re.escape(tap)} .* dhcp: (learning|10\.0\.0\.1\d\d)", listing, re.M), listing
         leases = tmp_path / f"dnsmasq-{server_vm.name}.leases"
@@ -327,8 +357,19 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
             libvirt_lab.host_run(["ebtables-save", "-t", "nat"]).stdout
         assert leased in kernel, "the full filter with the leased address is not in the kernel"
         assert f"port {tap}: learned {leased} (DHCP lease until" in service.log_text()
+
+        # the leased source passes (both fetches before and after), the spoofed one is dropped
+        assert wait_until(lambda: f"/leased-last to {leased}" in server.log_text(), timeout=180, interval=1), \
+            f"the guest's last fetch from its leased address never reached the server:\n{server.log_text()[-3000:]}"
+        assert f"/leased-first to {leased}" in server.log_text()
+        assert "/spoofed " not in server.log_text(), "a request from the spoofed source reached the server"
+        sent = capture.stop(settle=0)
+        capture = None
+        assert any(_from_spoofed(frame) for frame in sent), "the guest never sent from the spoofed source"
         assert nwf(service, "verify").returncode == 0
     finally:
+        if capture is not None:
+            capture.stop(settle=0)
         libvirtd.remove_guest(name)
         server.stop()
     assert nwf(service, "-q", "binding-list").stdout.strip() == ""  # stopped: binding and leases forgotten

@@ -73,11 +73,16 @@ def libvirtd_hook(dirs):
     return (dirs["hooks"] / "qemu.d" / "libvirt-nwfilter").read_text()
 
 
+def new_service(libvirtd, dirs, backend: str) -> Daemon:
+    """``libvirt-nwfilterd`` in the libvirtd's namespace, with the backend the hook reads too."""
+    (dirs["conf"] / "libvirt-nwfilter.conf").write_text(f"backend = {backend}\n")
+    return Daemon(libvirtd.lab.host_ns, dirs["conf"], dirs["run"], backend=backend,
+                  options=("--heal-interval", "3600"), log=dirs["base"] / f"service-{backend}.log")
+
+
 @pytest.fixture
 def service(libvirtd, dirs, backend):
-    (dirs["conf"] / "libvirt-nwfilter.conf").write_text(f"backend = {backend}\n")
-    daemon = Daemon(libvirtd.lab.host_ns, dirs["conf"], dirs["run"], backend=backend,
-                    options=("--heal-interval", "3600"), log=dirs["base"] / f"service-{backend}.log").start()
+    daemon = new_service(libvirtd, dirs, backend).start()
     try:
         yield daemon
     finally:
@@ -298,13 +303,43 @@ def test_same_learning_as_libvirt(lab_vms, service, tmp_path, case):
 # A real guest
 
 
-def pxe_guest_xml(libvirtd, name: str, params: dict[str, str]) -> str:
+def guest_metadata(params: dict[str, str]) -> str:
+    """Our metadata: the guest's interface with clean-traffic and ``params`` (never ``IP``)."""
     inner = "".join(f'<nwf:parameter name="{n}" value="{v}"/>' for n, v in params.items())
-    meta = (f'    <nwf:nwfilter xmlns:nwf="{NS}"><nwf:interface mac="{GUEST_MAC}">'
+    return (f'    <nwf:nwfilter xmlns:nwf="{NS}"><nwf:interface mac="{GUEST_MAC}">'
             f'<nwf:filterref filter="clean-traffic">{inner}</nwf:filterref></nwf:interface></nwf:nwfilter>')
-    xml = libvirtd.guest_xml(name, GUEST_MAC, metadata=meta)
+
+
+def pxe_guest_xml(libvirtd, name: str, params: dict[str, str]) -> str:
+    xml = libvirtd.guest_xml(name, GUEST_MAC, metadata=guest_metadata(params))
     xml = re.sub(r"<domain type='\w+'>", "<domain type='qemu'>", xml)  # TCG: iPXE halts under KVM here
     return xml.replace("hvm</type>", "hvm</type><boot dev='network'/>").replace("      <rom enabled='no'/>\n", "")
+
+
+def test_a_learning_guest_needs_the_service(libvirt_lab, libvirtd, dirs, backend):
+    """Without libvirt-nwfilterd the guest does not start (one line in virsh's error, nothing
+    applied); with it, the same guest starts on the learning-time rules."""
+    daemon = new_service(libvirtd, dirs, backend)
+    name = "nwft-learn-noservice"
+    libvirtd.define_guest(name, GUEST_MAC, metadata=guest_metadata({}))
+    try:
+        refused = lv.virsh("start", name, check=False)
+        assert refused.returncode != 0, "a learning guest started without the service"
+        assert re.search(r"port \S+: its IP address is to be learned \(CTRL_IP_LEARNING 'any'\), which needs the "
+                         r"resident service libvirt-nwfilterd, and it is not running: start it, or give IP as a "
+                         r"parameter", refused.stderr), refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert lv.virsh("domstate", name).stdout.strip() == "shut off"
+        assert nwf(daemon, "-q", "binding-list").stdout.strip() == ""
+        assert nwf(daemon, "verify").returncode == 0  # nothing half-applied, nothing left in the kernel
+        daemon.start()
+        lv.virsh("start", name)
+        tap = libvirtd.guest_tap(name)
+        listing = nwf(daemon, "binding-list").stdout
+        assert re.search(rf"^ {re.escape(tap)} .* any: learning", listing, re.M), listing
+    finally:
+        libvirtd.remove_guest(name)
+        daemon.stop()
 
 
 #: The guest's boot script (iPXE fetches it by TFTP from dnsmasq once leased): a fetch from its
@@ -367,6 +402,13 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
         capture = None
         assert any(_from_spoofed(frame) for frame in sent), "the guest never sent from the spoofed source"
         assert nwf(service, "verify").returncode == 0
+
+        # saved and restored: nothing learned is carried over, the address is learned anew
+        lv.virsh("save", name, str(tmp_path / "saved"))
+        assert nwf(service, "-q", "binding-list").stdout.strip() == ""
+        lv.virsh("restore", str(tmp_path / "saved"))
+        restored = nwf(service, "binding-dumpxml", libvirtd.guest_tap(name)).stdout
+        assert "state='learning'" in restored and "<nwf:address" not in restored, restored
     finally:
         if capture is not None:
             capture.stop(settle=0)

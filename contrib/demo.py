@@ -7,7 +7,8 @@
    after ``stopped`` everything passes again.
 2. A private libvirtd in the lab (unless ``--no-libvirt``) with the hook installed: a disk-less
    guest with the same metadata starts and its tap is filtered; a guest whose metadata lacks
-   ``IP`` does not start and ``virsh`` shows why; destroying the guest removes its rules.
+   ``IP`` (its address would be learned, and no libvirt-nwfilterd runs here) does not start and
+   ``virsh`` shows why; destroying the guest removes its rules.
 
 Everything is created in namespaces and temporary directories and removed at the end.
 """
@@ -126,7 +127,8 @@ class Demo:
                 refused, message = False, ""
             except libvirtd.LibvirtdError as error:
                 refused, message = True, str(error)
-            self.check("a guest whose metadata lacks IP does not start", refused, True)
+            self.check("a guest whose metadata lacks IP does not start (learning needs libvirt-nwfilterd)", refused,
+                       True)
             reason = message.split("unexpected exit status 1: ", 1)[-1].splitlines()[0]
             say(f"  virsh start said: ...unexpected exit status 1: {reason.strip()}")
         finally:

@@ -172,8 +172,9 @@ class Learner:
             binding = applied.binding if applied is not None else None
         watch = self.watches.get(port)
         if binding is None or binding.learning is None:
-            if watch is not None:
+            if watch is not None or port in self.missing:  # watched, or waiting for its port to be back
                 log.info("port %s: IP learning stopped (its binding went)", port)
+            if watch is not None:
                 self._drop(watch)
             self.missing.pop(port, None)
             return

@@ -155,6 +155,8 @@ def test_lease_expiry_removes_the_address(setup):
                dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, long, lease=3600, dst_mac=GUEST_MAC))
     setup.wait_learned([short, long])
     check_probes(setup.lab, sources(setup, [short, long], ["10.0.0.122"]), context="two leases")
+    setup.send(setup.s, dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, long, lease=7200, dst_mac=GUEST_MAC))
+    setup.daemon.wait_log(f"port {setup.g.port}: renewed {long} (DHCP lease until")
     setup.wait_learned([long], timeout=3 + LEARN_TIMEOUT)
     check_probes(setup.lab, sources(setup, [long], [short]), context=f"the lease of {short} expired")
     assert f"dropped {short} (its lease expired)" in setup.daemon.log_text()

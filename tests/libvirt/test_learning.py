@@ -407,11 +407,14 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
         lv.virsh("save", name, str(tmp_path / "saved"))
         assert nwf(service, "-q", "binding-list").stdout.strip() == ""
         lv.virsh("restore", str(tmp_path / "saved"))
-        restored = nwf(service, "binding-dumpxml", libvirtd.guest_tap(name)).stdout
+        restored_tap = libvirtd.guest_tap(name)
+        restored = nwf(service, "binding-dumpxml", restored_tap).stdout
         assert "state='learning'" in restored and "<nwf:address" not in restored, restored
+        offset = len(service.log_text())
     finally:
         if capture is not None:
             capture.stop(settle=0)
         libvirtd.remove_guest(name)
         server.stop()
     assert nwf(service, "-q", "binding-list").stdout.strip() == ""  # stopped: binding and leases forgotten
+    service.wait_log(f"port {restored_tap}: IP learning stopped (its binding went)", start=offset)

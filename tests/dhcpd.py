@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import netlab
 
@@ -33,7 +33,7 @@ class DhcpServer:
     """dnsmasq serving DHCP on ``vm``'s eth0 (``vm.ipv4`` is the server's address)."""
 
     def __init__(self, vm: netlab.VM, workdir: Path, hosts: Mapping[str, str] = (),
-                 pool: tuple[str, str] | None = None, lease_time: str = "1h"):
+                 pool: tuple[str, str] | None = None, lease_time: str = "1h", options: Sequence[str] = ()):
         self.vm = vm
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +42,7 @@ class DhcpServer:
         self.hosts = dict(hosts)
         self.pool = pool
         self.lease_time = lease_time
+        self.options = tuple(options)  # more dnsmasq options (e.g. TFTP for network boot)
         self._proc: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
@@ -54,7 +55,7 @@ class DhcpServer:
                 f"--interface={self.vm.iface}", "--bind-interfaces", "--dhcp-authoritative", "--log-dhcp",
                 f"--log-facility={self.logfile}", f"--dhcp-leasefile={self.leasefile}",
                 f"--pid-file={self.workdir / 'dnsmasq.pid'}", "--user=root", "--group=root",
-                *ranges, *(f"--dhcp-host={mac},{ip}" for mac, ip in self.hosts.items())]
+                *ranges, *(f"--dhcp-host={mac},{ip}" for mac, ip in self.hosts.items()), *self.options]
 
     def start(self, timeout: float = 15.0) -> "DhcpServer":
         """Start dnsmasq and wait until it serves DHCP (its log says so)."""

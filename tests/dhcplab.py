@@ -1,10 +1,10 @@
-"""Real DHCP in lab namespaces: Debian's ``dnsmasq`` as a server on a lab VM, and ISC's
-``dhclient`` as the client of another (tests/netlab.py VMs).
+"""A real DHCP client in a lab namespace: ISC's ``dhclient`` on a lab VM (the server is
+tests/dhcpd.py's dnsmasq on another).
 
-Both are processes of the test, known by their PIDs and stopped by them (the lab's teardown
-kills whatever is left in its namespaces). Files (leases, logs, the client's configuration and
-script) live in a per-test directory. The client's script only sets or removes the leased
-address on the interface, so nothing of the host (``/etc/resolv.conf``) is touched.
+The client is a process of the test, known by its PID and stopped by it (the lab's teardown
+kills whatever is left in its namespaces). Its files (leases, configuration, script) live in a
+per-test directory. Its script only sets or removes the leased address on the interface, so
+nothing of the host (``/etc/resolv.conf``) is touched.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import netlab
@@ -31,55 +30,6 @@ case "$reason" in
 esac
 exit 0
 """
-
-
-class Dnsmasq:
-    """``dnsmasq`` serving DHCP (no DNS) on ``vm``'s eth0: ``first``..``last``, /24, leases of
-    ``lease`` (dnsmasq's minimum is two minutes); ``options`` are more dnsmasq options (TFTP)."""
-
-    def __init__(self, vm: netlab.VM, workdir: Path, first: str, last: str, lease: str = "2m",
-                 options: tuple[str, ...] = ()):
-        self.vm, self.workdir = vm, Path(workdir)
-        self.range = (first, last, lease)
-        self.options = options
-        self.log = self.workdir / f"dnsmasq-{vm.name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 15.0) -> "Dnsmasq":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        first, last, lease = self.range
-        argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--pid-file=",
-                "--user=root", "--group=root", "--interface=eth0", "--bind-interfaces", "--dhcp-authoritative",
-                f"--dhcp-range={first},{last},255.255.255.0,{lease}",
-                f"--dhcp-leasefile={self.workdir / f'dnsmasq-{self.vm.name}.leases'}",
-                "--log-dhcp", "--log-facility=-", *self.options]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(netlab.ns_argv(self.vm.ns, argv), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log)
-        deadline = time.monotonic() + timeout
-        while "DHCP, IP range" not in self.log_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"dnsmasq did not start:\n{self.log_text()}")
-            time.sleep(0.05)
-        return self
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
 
 
 class Dhclient:

@@ -25,9 +25,11 @@ import pytest
 
 import dhcp_frames as dhcp
 import netlab
-from bindings_helpers import (BCAST, Probe, arp_request, backend, binding_xml, check_probes,  # noqa: F401
-                              dispatch_entries, ip_frame, ipv6_udp, wait_until)
-from dhcplab import Dhclient, Dnsmasq
+from bindings_helpers import (BCAST, arp_request, backend, binding_xml, dispatch_entries, ip_frame,  # noqa: F401
+                              ipv6_udp, wait_until)
+from dhcpd import DhcpServer
+from dhcplab import Dhclient
+from traffic import Probe, check_frames
 from service_helpers import Daemon, client_argv, env_for
 
 GUEST_MAC, B_MAC, SERVER_MAC, ROGUE_MAC = "52:54:00:0c:00:01", "52:54:00:0c:00:02", "52:54:00:0c:00:fe", \
@@ -89,7 +91,7 @@ def setup(lab, backend, tmp_path):
 
 @pytest.fixture
 def dnsmasq(setup):
-    server = Dnsmasq(setup.s, setup.tmp, "10.0.0.100", "10.0.0.150").start()
+    server = DhcpServer(setup.s, setup.tmp / "s", pool=("10.0.0.100", "10.0.0.150"), lease_time="2m").start()
     try:
         yield server
     finally:
@@ -121,12 +123,12 @@ def dhcp_only(setup: Setup) -> list[Probe]:
 def test_dhcp_lease_second_lease_and_releases(setup, dnsmasq):
     setup.bind(CTRL_IP_LEARNING="dhcp", DHCPSERVER=SERVER)
     assert setup.learned() == [] and "dhcp: learning" in setup.nwf("binding-list").stdout
-    check_probes(setup.lab, dhcp_only(setup), context="before the lease: only DHCP")
+    check_frames(setup.lab, dhcp_only(setup), context="before the lease: only DHCP")
 
     first = Dhclient(setup.g, setup.tmp, "first")
     one = first.lease()
     setup.wait_learned([one])
-    check_probes(setup.lab, sources(setup, [one], ["10.0.0.151"]), context=f"leased {one}")
+    check_frames(setup.lab, sources(setup, [one], ["10.0.0.151"]), context=f"leased {one}")
     listing = setup.nwf("binding-list").stdout
     assert re.search(rf"dhcp: {re.escape(one)} until \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ", listing), listing
     assert f"port {setup.g.port}: learned {one} (DHCP lease until" in setup.daemon.log_text()
@@ -136,16 +138,16 @@ def test_dhcp_lease_second_lease_and_releases(setup, dnsmasq):
     two = second.lease()
     assert two != one
     setup.wait_learned(sorted([one, two], key=lambda a: int(a.rsplit(".", 1)[1])))
-    check_probes(setup.lab, sources(setup, [one, two], ["10.0.0.151"]), context="two leases")
+    check_frames(setup.lab, sources(setup, [one, two], ["10.0.0.151"]), context="two leases")
 
     second.release()
     setup.wait_learned([one])
-    check_probes(setup.lab, sources(setup, [one], [two]), context=f"{two} released")
+    check_frames(setup.lab, sources(setup, [one], [two]), context=f"{two} released")
     assert f"dropped {two} (released by the guest)" in setup.daemon.log_text()
 
     first.release()
     setup.wait_learned([])
-    check_probes(setup.lab, dhcp_only(setup) + sources(setup, [], [one]), context="no lease left: DHCP only again")
+    check_frames(setup.lab, dhcp_only(setup) + sources(setup, [], [one]), context="no lease left: DHCP only again")
 
 
 def test_lease_expiry_removes_the_address(setup):
@@ -154,23 +156,23 @@ def test_lease_expiry_removes_the_address(setup):
     setup.send(setup.s, dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, short, lease=3, dst_mac=GUEST_MAC),
                dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, long, lease=3600, dst_mac=GUEST_MAC))
     setup.wait_learned([short, long])
-    check_probes(setup.lab, sources(setup, [short, long], ["10.0.0.122"]), context="two leases")
+    check_frames(setup.lab, sources(setup, [short, long], ["10.0.0.122"]), context="two leases")
     setup.send(setup.s, dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, long, lease=7200, dst_mac=GUEST_MAC))
     setup.daemon.wait_log(f"port {setup.g.port}: renewed {long} (DHCP lease until")
     setup.wait_learned([long], timeout=3 + LEARN_TIMEOUT)
-    check_probes(setup.lab, sources(setup, [long], [short]), context=f"the lease of {short} expired")
+    check_frames(setup.lab, sources(setup, [long], [short]), context=f"the lease of {short} expired")
     assert f"dropped {short} (its lease expired)" in setup.daemon.log_text()
 
 
 def test_a_rogue_server_is_ignored(setup, dnsmasq):
     rogue = setup.lab.add_vm("r", ROGUE_MAC, ipv4=f"{ROGUE}/24")
-    rogue_server = Dnsmasq(rogue, setup.tmp, "10.0.0.200", "10.0.0.250").start()
+    rogue_server = DhcpServer(rogue, setup.tmp / "r", pool=("10.0.0.200", "10.0.0.250"), lease_time="2m").start()
     try:
         setup.bind(CTRL_IP_LEARNING="dhcp", DHCPSERVER=SERVER)
         client = Dhclient(setup.g, setup.tmp)
         leased = client.lease()
         assert 100 <= int(leased.rsplit(".", 1)[1]) <= 150, f"{leased} is not from the trusted server"
-        assert wait_until(lambda: "DHCPOFFER" in rogue_server.log_text(), timeout=10), "the rogue never offered"
+        assert wait_until(lambda: "DHCPOFFER" in rogue_server.log(), timeout=10), "the rogue never offered"
         assert f"from {ROGUE}" not in client.output, "a reply of the rogue reached the guest"
         setup.wait_learned([leased])
     finally:
@@ -200,14 +202,14 @@ def test_any_static_guest_and_arp_probe(setup):
                      Probe("IPv6", setup.g, ipv6_udp(GUEST_MAC, B_MAC, "fd00::1", "fd00::2"), setup.b, False),
                      Probe("to the guest", setup.b, ip_frame(B_MAC, GUEST_MAC, IP_B, "10.0.0.1", "udp"), setup.g,
                            True)]
-    check_probes(setup.lab, learning_time, context="learning (any)")
+    check_frames(setup.lab, learning_time, context="learning (any)")
     assert setup.learned() == [] and setup.learned(h) == []
 
     setup.send(setup.g, ip_frame(GUEST_MAC, B_MAC, "10.0.0.1", IP_B, "udp"))
     setup.send(h, dhcp.probe(h.mac, "10.0.0.7"))
     setup.wait_learned(["10.0.0.1"])
     setup.wait_learned(["10.0.0.7"], vm=h)
-    check_probes(setup.lab, sources(setup, ["10.0.0.1"], ["10.0.0.7"]) + sources(setup, ["10.0.0.7"], ["10.0.0.1"], h)
+    check_frames(setup.lab, sources(setup, ["10.0.0.1"], ["10.0.0.7"]) + sources(setup, ["10.0.0.7"], ["10.0.0.1"], h)
                  + [Probe("another source MAC", setup.g, ip_frame(SPOOF_MAC, B_MAC, "10.0.0.1", IP_B), setup.b, False)],
                  context="learned")
     log = setup.daemon.log_text()
@@ -226,18 +228,18 @@ def test_restarted_service_keeps_the_lease(setup, dnsmasq):
     leased = Dhclient(setup.g, setup.tmp).lease()
     setup.wait_learned([leased])
     setup.daemon.stop()
-    check_probes(setup.lab, sources(setup, [leased], ["10.0.0.151"]), context="service stopped")
+    check_frames(setup.lab, sources(setup, [leased], ["10.0.0.151"]), context="service stopped")
     offset = len(setup.daemon.log_text())
     setup.daemon.start()
     setup.daemon.wait_log(f"port {setup.g.port}: learning its IP address (dhcp", start=offset)
     assert setup.learned() == [leased]
-    check_probes(setup.lab, sources(setup, [leased], ["10.0.0.151"]), context="service restarted")
+    check_frames(setup.lab, sources(setup, [leased], ["10.0.0.151"]), context="service restarted")
     assert setup.nwf("verify").returncode == 0
 
 
 def _fails_closed(setup: Setup, context: str) -> None:
     assert setup.g.port in dispatch_entries(setup.lab.host_ns, setup.backend), f"{context}: the port is unfiltered"
-    check_probes(setup.lab, dhcp_only(setup), context=context)
+    check_frames(setup.lab, dhcp_only(setup), context=context)
 
 
 def test_sigkill_during_learning_fails_closed(setup, dnsmasq):
@@ -250,7 +252,7 @@ def test_sigkill_during_learning_fails_closed(setup, dnsmasq):
     _fails_closed(setup, "service killed while learning")
     client = Dhclient(setup.g, setup.tmp)
     leased = client.lease()  # DHCP still passes; nobody learns it
-    check_probes(setup.lab, sources(setup, [], [leased]) + dhcp_only(setup)[:1], context="leased, nobody learning")
+    check_frames(setup.lab, sources(setup, [], [leased]) + dhcp_only(setup)[:1], context="leased, nobody learning")
     client.stop()
 
     setup.daemon.start()
@@ -265,7 +267,7 @@ def test_sigkill_during_learning_fails_closed(setup, dnsmasq):
     learned = setup.learned()
     assert learned in ([], [address])
     if learned:
-        check_probes(setup.lab, sources(setup, [address], ["10.0.0.151"]), context="killed after the change")
+        check_frames(setup.lab, sources(setup, [address], ["10.0.0.151"]), context="killed after the change")
     else:
         _fails_closed(setup, "killed before the change")
 

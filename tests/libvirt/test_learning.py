@@ -24,9 +24,10 @@ import pytest
 import dhcp_frames as dhcp
 import libvirtd as lv
 import netlab
-from bindings_helpers import BCAST, Probe, arp_request, backend, binding_xml, ip_frame, ipv6_udp, verdicts, \
-    wait_until  # noqa: F401
-from dhcplab import Dhclient, Dnsmasq
+from bindings_helpers import BCAST, arp_request, backend, binding_xml, ip_frame, ipv6_udp, wait_until  # noqa: F401
+from dhcpd import DhcpServer
+from dhcplab import Dhclient
+from traffic import Probe, frames
 from service_helpers import Daemon, client_argv, env_for
 
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
@@ -166,7 +167,7 @@ class Run:
         wait_until(lambda: settled(self.engine.learned(a)), timeout=timeout, interval=0.25)
 
         learned = [self.roles.get(address, address) for address in self.engine.learned(a)]
-        self.steps[step] = (learned, verdicts(self.lab, probes))
+        self.steps[step] = (learned, frames(self.lab, probes) if probes else {})
 
 
 def sources(run: Run, *addresses: str) -> list[Probe]:
@@ -222,7 +223,7 @@ def case_dhcp(run: Run) -> None:
     """dhcp mode with a rogue server beside the trusted one (DHCPSERVER names the trusted)."""
     run.observe("learning", lambda got: True, learning_time_dhcp(run.vms), timeout=0)
     first, second = Dhclient(run.vms["a"], run.workdir, "first"), Dhclient(run.vms["a"], run.workdir, "second")
-    rogue = Dnsmasq(run.vms["r"], run.workdir, "10.0.0.200", "10.0.0.250").start()
+    rogue = DhcpServer(run.vms["r"], run.workdir / "rogue", pool=("10.0.0.200", "10.0.0.250")).start()
     try:
         one = first.lease()
     finally:
@@ -254,7 +255,7 @@ def lab_vms(libvirt_lab, tmp_path):
     lab = libvirt_lab
     vms = {"a": lab.add_vm("a", MAC_A), "b": lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24"),
            "s": lab.add_vm("s", MAC_S, ipv4=f"{SERVER}/24"), "r": lab.add_vm("r", MAC_R, ipv4=f"{ROGUE}/24")}
-    server = Dnsmasq(vms["s"], tmp_path, "10.0.0.100", "10.0.0.150").start()
+    server = DhcpServer(vms["s"], tmp_path / "server", pool=("10.0.0.100", "10.0.0.150")).start()
     try:
         yield lab, vms
     finally:
@@ -370,8 +371,8 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
     for name in ("leased-first", "spoofed", "leased-last"):
         (tftp / name).write_text(f"{name}\n")
     server_vm = libvirt_lab.add_vm("srv", MAC_S, ipv4=f"{SERVER}/24")
-    server = Dnsmasq(server_vm, tmp_path, "10.0.0.100", "10.0.0.150",
-                     options=("--enable-tftp", f"--tftp-root={tftp}", "--dhcp-boot=boot.ipxe")).start()
+    server = DhcpServer(server_vm, tmp_path / "server", pool=("10.0.0.100", "10.0.0.150"),
+                        options=("--enable-tftp", f"--tftp-root={tftp}", "--dhcp-boot=boot.ipxe")).start()
     name = "nwft-learn-pxe"
     capture = None
     try:
@@ -382,10 +383,8 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
         capture = libvirt_lab.capture((libvirt_lab.host_ns, tap)).start()  # what the guest sends
         listing = nwf(service, "binding-list").stdout
         assert re.search(rf"^ {re.escape(tap)} .* dhcp: (learning|10\.0\.0\.1\d\d)", listing, re.M), listing
-        leases = tmp_path / f"dnsmasq-{server_vm.name}.leases"
-        assert wait_until(lambda: GUEST_MAC in (leases.read_text() if leases.exists() else ""), timeout=180,
-                          interval=1), f"iPXE got no lease:\n{server.log_text()[-3000:]}"
-        leased = next(line.split()[2] for line in leases.read_text().splitlines() if GUEST_MAC in line)
+        leased = server.wait_lease(GUEST_MAC, timeout=180)
+        assert leased, f"iPXE got no lease:\n{server.log()[-3000:]}"
         assert wait_until(lambda: f"<nwf:address ip='{leased}'" in nwf(service, "binding-dumpxml", tap).stdout,
                           timeout=30), service.log_text()[-3000:]
         kernel = libvirt_lab.ruleset() if backend == "nftables" else \
@@ -394,10 +393,10 @@ def test_pxe_guest_is_learned_by_dhcp_and_filtered(libvirt_lab, libvirtd, servic
         assert f"port {tap}: learned {leased} (DHCP lease until" in service.log_text()
 
         # the leased source passes (both fetches before and after), the spoofed one is dropped
-        assert wait_until(lambda: f"/leased-last to {leased}" in server.log_text(), timeout=180, interval=1), \
-            f"the guest's last fetch from its leased address never reached the server:\n{server.log_text()[-3000:]}"
-        assert f"/leased-first to {leased}" in server.log_text()
-        assert "/spoofed " not in server.log_text(), "a request from the spoofed source reached the server"
+        assert wait_until(lambda: f"/leased-last to {leased}" in server.log(), timeout=180, interval=1), \
+            f"the guest's last fetch from its leased address never reached the server:\n{server.log()[-3000:]}"
+        assert f"/leased-first to {leased}" in server.log()
+        assert "/spoofed " not in server.log(), "a request from the spoofed source reached the server"
         sent = capture.stop(settle=0)
         capture = None
         assert any(_from_spoofed(frame) for frame in sent), "the guest never sent from the spoofed source"

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dhcp_frames as dhcp
 from bindings_helpers import BCAST, ETH_IPV4, arp_request, ip_frame, ipv6_udp, mac_bytes, vlan_tagged
-from libvirt_nwfilter.learning import bpf, snoop
+from libvirt_nwfilter.learning import bpf, snoop, snoop6
 
 GUEST, OTHER = "52:54:00:00:00:01", "52:54:00:00:00:02"
 SERVER_MAC, SERVER = "52:54:00:00:00:fe", "10.0.0.254"
@@ -129,3 +129,64 @@ def test_the_filter_never_hides_what_teaches(data, mode):
 def test_jumps_out_of_range_are_refused():
     with pytest.raises(ValueError, match="out of range"):
         bpf.assemble([bpf.Insn(bpf.JEQ_K, 1, "far"), *[bpf.Insn(bpf.RET_K, 0)] * 300, "far", bpf.Insn(bpf.RET_K, 1)])
+
+
+# ----------------------------------------------------------------------------------------------
+# IPv6 learning (snoop6): DAD probes and DHCPv6
+
+
+def _ipv6_samples() -> list[tuple[bytes, bool]]:
+    from scapy.layers.dhcp6 import DHCP6_Reply, DHCP6OptIA_NA, DHCP6OptIAAddress
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RA, IPv6, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import Ether
+
+    target = "2001:db8::5"
+    group = snoop6.solicited_node(target)
+    dad = Ether(src=GUEST, dst="33:33:ff:00:00:05") / IPv6(src="::", dst=group, hlim=255) / ICMPv6ND_NS(tgt=target)
+    reply = (Ether(src=SERVER_MAC, dst=GUEST) / IPv6(src="fe80::fe", dst="fe80::1") / UDP(sport=547, dport=546)
+             / DHCP6_Reply() / DHCP6OptIA_NA(iaid=1, ianaopts=[DHCP6OptIAAddress(addr="2001:db8::100", preflft=5,
+                                                                                 validlft=9)]))
+    frames = [(dad, False), (reply, True),
+              (Ether(src=GUEST) / IPv6(src="::", dst=group, hlim=255) / IPv6ExtHdrHopByHop() / ICMPv6ND_NS(tgt=target),
+               False),
+              (Ether(src=GUEST) / IPv6(src="fe80::1", dst=group, hlim=255) / ICMPv6ND_NS(tgt=target), False),
+              (Ether(src=GUEST) / IPv6(src="fe80::1", dst="ff02::1", hlim=255) / ICMPv6ND_RA(), False),
+              (Ether(src=GUEST) / IPv6(src="2001:db8::5", dst="2001:db8::6") / ICMPv6EchoRequest(), False),
+              (Ether(src=OTHER, dst=GUEST) / IPv6(src="2001:db8::6", dst="2001:db8::5") / UDP(sport=1, dport=2), True)]
+    return [(bytes(frame), to_guest) for frame, to_guest in frames]
+
+
+IPV6_SAMPLES = _ipv6_samples()
+
+
+def passes6(mode: str, frame: bytes, to_guest: bool) -> bool:
+    return run(bpf.program(mode, MAC, ipv6=True), frame, OUTGOING if to_guest else HOST) > 0
+
+
+def teaches6(frame: bytes, to_guest: bool) -> bool:
+    return bool(snoop6.inspect6(frame, to_guest, MAC))
+
+
+@pytest.mark.parametrize("mode", ["any", "dhcp"])
+def test_with_ipv6_learning_every_ipv6_teaching_frame_passes_and_ipv4_is_unchanged(mode):
+    assert [teaches6(frame, to_guest) for frame, to_guest in IPV6_SAMPLES] == [True, True, True] + [False] * 4
+    for frame, to_guest in IPV6_SAMPLES[:3]:
+        assert passes6(mode, frame, to_guest) and not passes(mode, frame, to_guest)
+    for frame, to_guest in IPV6_SAMPLES[3:]:  # a solicitation from a real address, an RA, ordinary traffic
+        assert not passes6(mode, frame, to_guest)
+    for frame, to_guest in SAMPLES:
+        assert passes6(mode, frame, to_guest) == passes(mode, frame, to_guest) or frame[12:14] == b"\x86\xdd"
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), mode=st.sampled_from(["any", "dhcp"]))
+def test_the_ipv6_filter_never_hides_what_teaches(data, mode):
+    frame, to_guest = data.draw(st.sampled_from(IPV6_SAMPLES))
+    mutated = bytearray(frame)
+    for _ in range(data.draw(st.integers(0, 4))):
+        where = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[where] = data.draw(st.integers(0, 255))
+    frame = bytes(mutated[:data.draw(st.integers(0, len(mutated)))])
+    if teaches6(frame, to_guest):
+        assert passes6(mode, frame, to_guest)

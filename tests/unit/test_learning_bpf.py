@@ -112,16 +112,19 @@ def test_ordinary_traffic_is_kept_out(mode, frame, to_guest):
     assert not passes(mode, frame, to_guest)
 
 
+def mutated(data, frame: bytes) -> bytes:
+    """``frame`` with up to four bytes changed, then cut anywhere (drawn from ``data``)."""
+    changed = bytearray(frame)
+    for _ in range(data.draw(st.integers(0, 4))):
+        changed[data.draw(st.integers(0, len(changed) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(changed[:data.draw(st.integers(0, len(changed)))])
+
+
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), mode=st.sampled_from(["any", "dhcp"]))
 def test_the_filter_never_hides_what_teaches(data, mode):
     frame, to_guest = data.draw(st.sampled_from(SAMPLES))
-    mutated = bytearray(frame)
-    for _ in range(data.draw(st.integers(0, 4))):
-        where = data.draw(st.integers(0, len(mutated) - 1))
-        mutated[where] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(mutated)))
-    frame = bytes(mutated[:cut])
+    frame = mutated(data, frame)
     if teaches(mode, frame, to_guest):
         assert passes(mode, frame, to_guest)
 
@@ -183,10 +186,6 @@ def test_with_ipv6_learning_every_ipv6_teaching_frame_passes_and_ipv4_is_unchang
 @given(data=st.data(), mode=st.sampled_from(["any", "dhcp"]))
 def test_the_ipv6_filter_never_hides_what_teaches(data, mode):
     frame, to_guest = data.draw(st.sampled_from(IPV6_SAMPLES))
-    mutated = bytearray(frame)
-    for _ in range(data.draw(st.integers(0, 4))):
-        where = data.draw(st.integers(0, len(mutated) - 1))
-        mutated[where] = data.draw(st.integers(0, 255))
-    frame = bytes(mutated[:data.draw(st.integers(0, len(mutated)))])
+    frame = mutated(data, frame)
     if teaches6(frame, to_guest):
         assert passes6(mode, frame, to_guest)

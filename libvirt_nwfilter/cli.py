@@ -45,6 +45,7 @@ configuration file:
   lock-timeout = SECONDS         how long a command waits for the host lock (default 60)
   hook-lock-timeout = SECONDS    the same for the libvirt hook (default 10)
   max-rules-per-binding = N      rules one binding may expand to (default 100000)
+  ipv6-learning-limit = N        IPv6 addresses one port may learn (default 16, at most 1024)
 CONFDIR/libvirt-nwfilter.conf holds these 'key = value' lines ('#' starts a comment); the
 environment overrides it and options override both.
 
@@ -283,7 +284,9 @@ def _binding_verbs(sub) -> None:
               "When IP is the only variable missing and CTRL_IP_LEARNING is any (the default) or\n"
               "dhcp, the port gets the learning-time rules and the resident service libvirt-nwfilterd\n"
               "learns its address, then applies the full filter with it (refused when the service\n"
-              "does not run). CTRL_IP_LEARNING=none keeps the missing-variable error.")
+              "does not run). CTRL_IP_LEARNING=none keeps the missing-variable error. The same holds\n"
+              "for IPV6 (alone or with IP): the service learns the guest's IPv6 addresses from its\n"
+              "duplicate address detection probes and from DHCPv6 replies (DHCPSERVERV6).")
     p.add_argument("file", metavar="FILE", help=BINDING_FILE_HELP)
     p = _verb(sub, "binding-delete", cmd_binding_delete, "Remove the binding of a port.",
               "Removes the port's rules from the kernel and forgets the binding.\n\n"

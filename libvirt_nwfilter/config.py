@@ -13,6 +13,7 @@ key                        meaning                                              
                            guest's job meanwhile and gives up other calls on it
                            after 30 s)
 ``max-rules-per-binding``  rules one binding may expand to (list parameters)        100000
+``ipv6-learning-limit``    IPv6 addresses a port may learn (1 to 1024)              16
 =========================  =======================================================  ==========
 """
 
@@ -36,10 +37,11 @@ CONFIG_FILE = "libvirt-nwfilter.conf"
 DEFAULT_LOCK_TIMEOUT = 60.0
 DEFAULT_HOOK_LOCK_TIMEOUT = 10.0
 DEFAULT_MAX_RULES = 100_000
+DEFAULT_IPV6_LEARNING_LIMIT, MAX_IPV6_LEARNING_LIMIT = 16, 1024
 MAX_CONFIG_BYTES = 64 * 1024
 
 _FILE_KEYS = {"backend": "backend", "lock-timeout": "lock_timeout", "hook-lock-timeout": "hook_lock_timeout",
-              "max-rules-per-binding": "max_rules"}
+              "max-rules-per-binding": "max_rules", "ipv6-learning-limit": "ipv6_learning_limit"}
 _ENV_KEYS = {"LIBVIRT_NWFILTER_BACKEND": "backend", "LIBVIRT_NWFILTER_LOCK_TIMEOUT": "lock_timeout",
              "LIBVIRT_NWFILTER_HOOK_LOCK_TIMEOUT": "hook_lock_timeout",
              "LIBVIRT_NWFILTER_MAX_RULES": "max_rules"}
@@ -53,6 +55,7 @@ class Config:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     hook_lock_timeout: float = DEFAULT_HOOK_LOCK_TIMEOUT
     max_rules: int = DEFAULT_MAX_RULES
+    ipv6_learning_limit: int = DEFAULT_IPV6_LEARNING_LIMIT
     problem: str | None = None  # why the configuration is not usable (``load(strict=False)``)
 
     @classmethod
@@ -123,6 +126,10 @@ def _value(field: str, text: str, where: str) -> object:
     if field == "max_rules":
         if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < 1:
             raise NwfilterError(f"{where}: '{text}' is not a positive whole number of rules")
+        return int(text)
+    if field == "ipv6_learning_limit":
+        if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 1 <= int(text) <= MAX_IPV6_LEARNING_LIMIT:
+            raise NwfilterError(f"{where}: '{text}' is not a number of addresses (1 to {MAX_IPV6_LEARNING_LIMIT})")
         return int(text)
     try:
         seconds = float(text) if len(text) <= 20 else -1.0

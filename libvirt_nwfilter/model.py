@@ -174,12 +174,13 @@ class Learning:
 
     mode: str
     leases: tuple[Lease, ...] = ()
+    variables: tuple[str, ...] = ("IP",)  # the variables learned: IP, IPV6 or both (issue 15)
 
     @property
     def state(self) -> str:
-        """``learning`` (no address yet: the learning-time rules), ``learned`` (any) or
-        ``leased`` (dhcp: at least one lease)."""
-        if not self.leases:
+        """``learning`` (no address yet, or no IPv4 address while ``IP`` is learned: the
+        learning-time rules), ``learned`` (any) or ``leased`` (dhcp: at least one lease)."""
+        if not self.leases or ("IP" in self.variables and all(":" in lease.address for lease in self.leases)):
             return "learning"
         return "learned" if self.mode == "any" else "leased"
 

@@ -23,7 +23,7 @@ from .errors import BindingError, InUseError, NwfilterError
 from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, JournalDamaged
 from .learning.spec import compiled, same_learning
-from .model import Binding, Filter, Learning, Lease
+from .model import Binding, Filter, Lease
 from .resolve import Lookup, resolve
 from .state import AppliedBinding, RecordError, State, valid_port
 from .store import FilterStore, Origin, referencing
@@ -348,7 +348,8 @@ class Service:
             binding = starting[0]
             raise NwfilterError(f"port {binding.portdev}: its IP address is to be learned (CTRL_IP_LEARNING "
                                 f"'{binding.learning.mode}'), which needs the resident service libvirt-nwfilterd, "
-                                "and it is not running: start it, or give IP as a parameter")
+                                f"and it is not running: start it, or give {' and '.join(binding.learning.variables)} as a "
+                                "parameter")
 
     def update_learned(self, port: str, binding: Binding, leases: tuple[Lease, ...]) -> AppliedBinding | None:
         """Make ``leases`` the addresses learned on ``port`` and apply its filter with them (the
@@ -363,7 +364,7 @@ class Service:
                 return None
             if current is None or not same_learning(current.binding, binding):
                 return None
-            new, ruleset = self.prepared(replace(current.binding, learning=Learning(binding.learning.mode, leases)))
+            new, ruleset = self.prepared(replace(current.binding, learning=replace(binding.learning, leases=leases)))
             if new == current.binding:
                 return current
             if ruleset_hash(ruleset) == current.ruleset_hash and current.backend == self.backend.name:

@@ -33,9 +33,9 @@ from typing import Callable
 
 from ..config import Config
 from ..errors import NwfilterError
-from ..learning import bpf, snoop
+from ..learning import bpf, snoop, snoop6
 from ..learning.record import format_time
-from ..learning.spec import servers
+from ..learning.spec import SERVER_VARIABLE_V6, servers
 from ..model import Binding, Lease
 from ..state import RecordError, State
 from . import wakeup
@@ -54,30 +54,57 @@ WARN_EVERY = 10.0  # seconds between two warnings about a flood on one port
 
 
 class Watch:
-    """One learning port: its socket, the binding it learns for, and what it learned."""
+    """One learning port: its socket, the binding it learns for, and what it learned (IPv4 in
+    ``leases``, IPv6 in ``addresses6``)."""
 
-    def __init__(self, binding: Binding, sock: socket.socket):
+    def __init__(self, binding: Binding, sock: socket.socket, ipv6_limit: int):
         self.binding = binding
         self.port = binding.portdev
         self.mode = binding.learning.mode
         self.mac = bytes.fromhex(binding.mac.replace(":", ""))
-        self.servers = servers(binding)
+        self.servers, self.servers6 = servers(binding), servers(binding, SERVER_VARIABLE_V6)
+        self.learns4, self.learns6 = learns(binding)
         self.sock = sock
-        self.leases = snoop.Leases(binding.learning.leases)
-        self.done = False  # any: an address was learned
+        self.ipv6_limit = ipv6_limit
+        self.take(binding)
         self.buckets = {True: snoop.TokenBucket(), False: snoop.TokenBucket()}
         self.warned = 0.0
+
+    def take(self, binding: Binding) -> None:
+        """What ``binding``'s record says was learned."""
+        self.binding = binding
+        self.leases = snoop.Leases(lease for lease in binding.learning.leases if ":" not in lease.address)
+        self.addresses6 = snoop6.Addresses6((lease for lease in binding.learning.leases if ":" in lease.address),
+                                            self.ipv6_limit)
+        self.done = self.mode == "any" and bool(self.leases.expiry)  # any: the IPv4 address was learned
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to learn: ``any`` has its IPv4 address and IPv6 is not learned."""
+        return self.done and not self.learns6
+
+    def all_leases(self) -> tuple[Lease, ...]:
+        return self.leases.leases() + self.addresses6.leases()
+
+    def next_expiry(self) -> int | None:
+        return min((e for e in (self.leases.next_expiry(), self.addresses6.next_expiry()) if e is not None),
+                   default=None)
 
     def close(self) -> None:
         self.sock.close()
 
 
-def open_socket(port: str, mode: str, mac: bytes) -> socket.socket:
+def learns(binding: Binding) -> tuple[bool, bool]:
+    """Whether ``binding`` learns IPv4 (``IP``) and IPv6 (``IPV6``) addresses."""
+    return "IP" in binding.learning.variables, "IPV6" in binding.learning.variables
+
+
+def open_socket(port: str, mode: str, mac: bytes, ipv6: bool = False) -> socket.socket:
     """A raw socket on ``port`` that receives only what the kernel filter passes: created for
     no protocol, filtered, then bound (so that no unfiltered frame is ever queued)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
     try:
-        code = bpf.program(mode, mac)
+        code = bpf.program(mode, mac, ipv6)
         buffer = ctypes.create_string_buffer(code, len(code))
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
                         struct.pack("HL", len(code) // 8, ctypes.addressof(buffer)))
@@ -190,20 +217,20 @@ class Learner:
 
     def _take_record(self, watch: Watch, binding: Binding) -> None:
         """The record is the truth: what it says was learned replaces ours."""
-        watch.binding = binding
-        watch.leases = snoop.Leases(binding.learning.leases)
+        watch.take(binding)
         self._note_expiry(watch)
-        if watch.mode == "any" and binding.learning.leases:
+        if watch.finished:
             self._drop(watch)
 
     def _start(self, binding: Binding) -> None:
         port = binding.portdev
-        if binding.learning.mode == "any" and binding.learning.leases:
+        learns4, learns6 = learns(binding)
+        if binding.learning.mode == "any" and not learns6 and binding.learning.leases:
             self.missing.pop(port, None)
             return  # learned already
         mac = bytes.fromhex(binding.mac.replace(":", ""))
         try:
-            sock = open_socket(port, binding.learning.mode, mac)
+            sock = open_socket(port, binding.learning.mode, mac, learns6)
         except OSError as error:
             if self.missing.get(port) != binding:
                 log.warning("port %s learns its IP address (%s) but cannot be watched: %s; tried again every "
@@ -211,7 +238,7 @@ class Learner:
             self.missing[port] = binding
             return
         self.missing.pop(port, None)
-        watch = Watch(binding, sock)
+        watch = Watch(binding, sock, self.config.ipv6_learning_limit)
         self.watches[port] = watch
         self._note_expiry(watch)
         self.selector.register(sock, selectors.EVENT_READ, watch)
@@ -251,9 +278,13 @@ class Learner:
             if not watch.buckets[to_guest].take():
                 self._flooded(watch, to_guest)
                 continue
-            if watch.done:
-                continue
-            self.learn(watch, snoop.inspect(bytes(view[:size]), to_guest, watch.mac))
+            frame = bytes(view[:size])
+            if watch.learns4 and not watch.done:
+                self.learn(watch, snoop.inspect(frame, to_guest, watch.mac))
+            if watch.learns6:
+                facts = snoop6.inspect6(frame, to_guest, watch.mac)
+                if facts:
+                    self._changed(watch, watch.addresses6.apply(facts, watch.servers6, int(self.clock())), 6)
 
     def _flooded(self, watch: Watch, to_guest: bool) -> None:
         now = time.monotonic()
@@ -271,8 +302,9 @@ class Learner:
             fact = snoop.first_address(facts, watch.servers)
             if fact is not None:
                 watch.done = True
+                watch.leases = snoop.Leases([Lease(fact.address)])
                 log.info("port %s: learned %s (%s)", watch.port, fact.address, fact.kind)
-                self._queue(watch, (Lease(fact.address),))
+                self._queue(watch, watch.all_leases())
             return
         events = watch.leases.apply(facts, watch.servers, int(self.clock()))
         self._changed(watch, events)
@@ -281,28 +313,30 @@ class Learner:
         now = int(self.clock())
         for watch in list(self.watches.values()):
             self._changed(watch, watch.leases.expire(now))
-        self._earliest = min((e for w in self.watches.values() if (e := w.leases.next_expiry()) is not None),
-                             default=None)
+            self._changed(watch, watch.addresses6.expire(now), 6)
+        self._earliest = min((e for w in self.watches.values() if (e := w.next_expiry()) is not None), default=None)
 
-    def _changed(self, watch: Watch, events: list[snoop.Event]) -> None:
+    def _changed(self, watch: Watch, events: list[snoop.Event], family: int = 4) -> None:
+        held = watch.leases if family == 4 else watch.addresses6
         for event in events:
             until = f" until {format_time(event.expires)}" if event.expires is not None else ""
             if event.what == "refused":
-                log.warning("port %s: lease of %s not taken: the port holds %d addresses already", watch.port,
-                            event.address, len(watch.leases.expiry))
+                log.warning("port %s: %s not taken: the port holds %d IPv%d addresses already", watch.port,
+                            event.address, len(held.expiry), family)
             elif event.what in ("learned", "renewed"):
-                log.info("port %s: %s %s (DHCP lease%s)", watch.port, event.what, event.address,
-                         until or " without end")
+                log.info("port %s: %s %s (%s%s)", watch.port, event.what, event.address,
+                         "DHCP lease" if family == 4 else "IPv6", until or " without end")
             else:
                 log.info("port %s: dropped %s (%s)", watch.port, event.address,
                          {"expired": "its lease expired", "released": "released by the guest",
-                          "declined": "declined by the guest"}[event.what])
+                          "declined": "declined by the guest",
+                          "replaced": f"the port holds {watch.ipv6_limit} IPv6 addresses: the oldest goes"}[event.what])
         if any(event.what != "refused" for event in events):
             self._note_expiry(watch)
-            self._queue(watch, watch.leases.leases())
+            self._queue(watch, watch.all_leases())
 
     def _note_expiry(self, watch: Watch) -> None:
-        expiry = watch.leases.next_expiry()
+        expiry = watch.next_expiry()
         if expiry is not None and (self._earliest is None or expiry < self._earliest):
             self._earliest = expiry
 

@@ -40,7 +40,9 @@ address learning, and a fast path for the hook and the command. What it adds:
     the default, or dhcp) holds the learning-time rules while the service watches its
     traffic (raw sockets, rate-limited); the first address seen (any), or each DHCP lease
     acknowledged by a trusted server (dhcp, DHCPSERVER), is applied with the full filter;
-    released, declined and expired leases are removed.
+    released, declined and expired leases are removed. IPV6 without a value is learned the
+    same way: from the guest's duplicate address detection probes and from DHCPv6 replies of
+    trusted servers (DHCPSERVERV6), at most ipv6-learning-limit addresses a port.
 
 Everything else works without it: the clients run in-process when its socket does not answer
 (a binding that would learn its address is refused then: give IP, or start the service).

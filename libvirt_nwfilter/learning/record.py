@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 
+from ..config import MAX_IPV6_LEARNING_LIMIT
 from ..model import Lease, Learning
 from ..syntax import NAMESPACE
 
@@ -21,10 +22,13 @@ TAG = f"{{{NAMESPACE}}}learning"
 ADDRESS_TAG = f"{{{NAMESPACE}}}address"
 MODES = ("any", "dhcp")
 MAX_LEASES = 32  # addresses one port may hold (dhcp: a guest with many client identifiers)
+MAX_IPV6_ADDRESSES = MAX_IPV6_LEARNING_LIMIT  # the most the configuration may allow
+DEFAULT_VARIABLES = ("IP",)
 
 
 def format_learning(learning: Learning, indent: str = "  ") -> list[str]:
-    head = f"{indent}<nwf:learning xmlns:nwf='{NAMESPACE}' mode='{learning.mode}' state='{learning.state}'"
+    learns = f" learn='{' '.join(learning.variables)}'" if learning.variables != DEFAULT_VARIABLES else ""
+    head = f"{indent}<nwf:learning xmlns:nwf='{NAMESPACE}' mode='{learning.mode}'{learns} state='{learning.state}'"
     if not learning.leases:
         return [head + "/>"]
     lines = [head + ">"]
@@ -46,12 +50,16 @@ def parse_time(text: str) -> int:
 
 def parse_learning(node, problems) -> Learning | None:
     """The ``<nwf:learning>`` element ``node``; every problem goes to ``problems.add(node, text)``."""
-    unknown = sorted(set(node.attrib) - {"mode", "state"})
+    unknown = sorted(set(node.attrib) - {"mode", "learn", "state"})
     if unknown:
-        problems.add(node, f"unknown attribute(s) {', '.join(unknown)} (expected mode, state)")
+        problems.add(node, f"unknown attribute(s) {', '.join(unknown)} (expected mode, learn, state)")
     mode = node.get("mode")
     if mode not in MODES:
         problems.add(node, f"attribute 'mode': '{mode or ''}' is not any or dhcp")
+        return None
+    variables = tuple((node.get("learn") or " ".join(DEFAULT_VARIABLES)).split())
+    if variables not in (("IP",), ("IPV6",), ("IP", "IPV6")):
+        problems.add(node, f"attribute 'learn': '{node.get('learn')}' is not IP, IPV6 or 'IP IPV6'")
         return None
     leases = []
     for child in node:
@@ -60,27 +68,35 @@ def parse_learning(node, problems) -> Learning | None:
         if child.tag != ADDRESS_TAG:
             problems.add(child, "unknown element (expected <nwf:address>)")
             continue
-        lease = _parse_address(child, problems)
+        lease = _parse_address(child, problems, variables)
         if lease is not None:
             leases.append(lease)
     if len({lease.address for lease in leases}) != len(leases):
         problems.add(node, "an address is listed twice")
-    if len(leases) > MAX_LEASES:
-        problems.add(node, f"more than {MAX_LEASES} addresses")
-    learning = Learning(mode, tuple(sorted(leases, key=address_key)))
+    for version, limit in ((4, MAX_LEASES), (6, MAX_IPV6_ADDRESSES)):
+        if sum(1 for lease in leases if ipaddress.ip_address(lease.address).version == version) > limit:
+            problems.add(node, f"more than {limit} IPv{version} addresses")
+    learning = Learning(mode, tuple(sorted(leases, key=address_key)), variables)
     if node.get("state") not in (None, learning.state):
         problems.add(node, f"attribute 'state': '{node.get('state')}' contradicts the addresses ({learning.state})")
     return learning
 
 
-def _parse_address(node, problems) -> Lease | None:
+def _parse_address(node, problems, variables: tuple[str, ...]) -> Lease | None:
     unknown = sorted(set(node.attrib) - {"ip", "expires"})
     if unknown:
         problems.add(node, f"unknown attribute(s) {', '.join(unknown)} (expected ip, expires)")
-    try:
-        address = str(ipaddress.IPv4Address(node.get("ip") or ""))
-    except ValueError:
-        problems.add(node, f"attribute 'ip': '{node.get('ip') or ''}' is not an IPv4 address")
+    families = [(ipaddress.IPv4Address, "IPv4")] * ("IP" in variables) + \
+        [(ipaddress.IPv6Address, "IPv6")] * ("IPV6" in variables)
+    address = None
+    for family, _ in families:
+        try:
+            address = str(family(node.get("ip") or ""))
+        except ValueError:
+            continue
+    if address is None:
+        names = " or ".join(name for _, name in families)
+        problems.add(node, f"attribute 'ip': '{node.get('ip') or ''}' is not an {names} address")
         return None
     text = node.get("expires")
     if text is None:

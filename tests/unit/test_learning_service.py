@@ -195,3 +195,59 @@ def test_what_was_learned_for_a_binding_that_changed_is_dropped(service):
     assert service.update_learned("vnet0", other, (Lease("10.0.0.5", EXPIRES),)) is None
     assert service.update_learned("vnet9", recorded.binding, (Lease("10.0.0.5", EXPIRES),)) is None
     assert service.state.get("vnet0") == recorded
+
+
+# ----------------------------------------------------------------------------------------------
+# IPv6 learning (issue 15): IPV6 missing, alone or with IP
+
+V6 = "2001:db8::5"
+
+
+def test_ipv6_alone_learns_with_the_full_filter_from_the_start(service):
+    learned, ruleset = service.prepared(binding("clean-traffic-dualstack", IP="10.0.0.5"))
+    assert learned.learning == Learning("any", (), ("IPV6",)) and learned.learning.state == "learning"
+    assert ruleset == service.ruleset(binding("clean-traffic-dualstack", IP="10.0.0.5", IPV6="::1"))
+    leases = (Lease(V6),)
+    learned, ruleset = service.prepared(binding("clean-traffic-dualstack", IP="10.0.0.5",
+                                                learning=Learning("any", leases, ("IPV6",))))
+    assert learned.learning == Learning("any", leases, ("IPV6",)) and learned.learning.state == "learned"
+    assert ruleset == service.ruleset(binding("clean-traffic-dualstack", IP="10.0.0.5", IPV6=V6))
+
+
+def test_both_families_hold_the_learning_time_rules_until_ipv4_is_known(service):
+    only6 = Learning("dhcp", (Lease(V6),), ("IP", "IPV6"))
+    learned, ruleset = service.prepared(binding("clean-traffic-dualstack", CTRL_IP_LEARNING="dhcp", learning=only6))
+    assert learned.learning == only6 and learned.learning.state == "learning"
+    assert ruleset == learning_ruleset("dhcp", MAC)
+    both = Learning("dhcp", (Lease("10.0.0.5", EXPIRES), Lease(V6)), ("IP", "IPV6"))
+    learned, ruleset = service.prepared(binding("clean-traffic-dualstack", CTRL_IP_LEARNING="dhcp", learning=both))
+    assert learned.learning.state == "leased"
+    assert ruleset == service.ruleset(binding("clean-traffic-dualstack", CTRL_IP_LEARNING="dhcp", IP="10.0.0.5",
+                                              IPV6=V6))
+    # addresses of a variable the binding gives itself are never applied
+    given = binding("clean-traffic-dualstack", IP="10.0.0.9", learning=Learning("any", (Lease(V6),), ("IP", "IPV6")))
+    assert service.prepared(given)[0].learning == Learning("any", (), ("IPV6",))
+
+
+def test_ipv6_learning_state_round_trips_and_is_checked(tmp_path):
+    learning = Learning("dhcp", (Lease("10.0.0.5", EXPIRES), Lease(V6)), ("IP", "IPV6"))
+    recorded = binding("clean-traffic-dualstack", learning=learning)
+    text = format_binding(recorded)
+    assert "learn='IP IPV6'" in text and f"<nwf:address ip='{V6}'/>" in text
+    assert parse_binding(text, stored=True) == recorded
+    assert "learn=" not in format_binding(binding(learning=Learning("any", (Lease("10.0.0.5"),))))
+    with pytest.raises(NwfilterError, match="is not an IPv4 address"):
+        parse_binding(format_binding(binding(learning=Learning("any", (Lease(V6),)))), stored=True)
+
+
+def test_dhcpserverv6_is_checked(service):
+    with pytest.raises(ValidationError, match="DHCPSERVERV6 value '10.0.0.1' is not an IPv6 address"):
+        service.prepared(binding("clean-traffic-dualstack", IP="10.0.0.5", DHCPSERVERV6="10.0.0.1"))
+
+
+def test_the_ipv6_limit_is_configured(tmp_path):
+    (tmp_path / "libvirt-nwfilter.conf").write_text("ipv6-learning-limit = 4\n")
+    assert Config.load({}, confdir=str(tmp_path)).ipv6_learning_limit == 4
+    (tmp_path / "libvirt-nwfilter.conf").write_text("ipv6-learning-limit = 5000\n")
+    with pytest.raises(NwfilterError, match="is not a number of addresses \\(1 to 1024\\)"):
+        Config.load({}, confdir=str(tmp_path))

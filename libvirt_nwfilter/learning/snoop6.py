@@ -11,7 +11,7 @@ port learned (pure; issue 15: IPv6 address learning).
   options for their valid lifetime (0: the server takes the address back).
 
 :class:`Addresses6` keeps a port's addresses within a bound: a DAD probe beyond it replaces the
-oldest address learned from a probe (the guest's newest addresses are the ones in use: privacy
+address least recently probed (the guest's newest addresses are the ones in use: privacy
 addresses rotate), a lease beyond it is refused. Link-local addresses are never learned (the
 filters allow the guest's link-local addresses by rule), nor multicast, loopback, unspecified or
 IPv4-mapped ones.
@@ -131,6 +131,9 @@ class Addresses6(Leases):
 
     def _probed(self, address: str) -> list[Event]:
         if address in self.expiry:
+            if address in self.probed:  # probed again: in use, the newest now
+                self.probed.remove(address)
+                self.probed.append(address)
             return []
         events = []
         if len(self.expiry) >= self.limit:

@@ -198,3 +198,10 @@ def test_a_record_reloaded_keeps_probed_addresses_replaceable():
     port = snoop6.Addresses6([Lease(SLAAC), Lease(LEASED, 700)], limit=2)
     events = port.apply([snoop6.Fact(snoop6.DAD, PRIVACY)], [], now=0)
     assert [(e.what, e.address) for e in events] == [("replaced", SLAAC), ("learned", PRIVACY)]
+
+
+def test_a_probe_again_makes_an_address_the_newest():
+    port = snoop6.Addresses6(limit=2)
+    for address in (SLAAC, PRIVACY, SLAAC, LEASED):
+        port.apply([snoop6.Fact(snoop6.DAD, address)], [], now=0)
+    assert {lease.address for lease in port.leases()} == {SLAAC, LEASED}  # PRIVACY was probed least recently

@@ -9,6 +9,8 @@ the port itself (as a bridge would send them):
 * DHCP ACK -> full filter: a port in ``dhcp`` mode; the ACK of a trusted server is sent, and the
   time until ``nft monitor`` shows the port's rule with the acknowledged address is taken; then
   the guest releases the address (untimed) so that every round is the same. Median and max.
+* IPv6 DAD probe -> full filter: a port bound to ``clean-traffic-dualstack`` learning ``IPV6``;
+  the guest probes a new address each round, timed the same way.
 * 100 guests learning and idle (``any``): CPU time of the service's processes over 30 s.
 * A flood of 10,000 DHCP requests a second for 10 s from one ``dhcp`` guest (every one passes
   the kernel socket filter and is rate-limited by the learner): the service's CPU time per frame,
@@ -36,9 +38,14 @@ import uuid as uuidlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import dhcp_frames as dhcp  # noqa: E402  (the tests' frame builders)
+from scapy.layers.inet6 import ICMPv6ND_NS, IPv6  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+
+from libvirt_nwfilter.learning.snoop6 import solicited_node  # noqa: E402
 
 PY = str(REPO / ".venv" / "bin" / "python")
 CLI = str(REPO / ".venv" / "bin" / "libvirt-nwfilter")
@@ -48,11 +55,37 @@ IDLE_GUESTS, IDLE_SECONDS = 100, 30.0
 FLOOD_RATE, FLOOD_SECONDS = 10_000, 10.0
 
 
-def binding_xml(port: str, mac: str, params: dict[str, str]) -> str:
+def binding_xml(port: str, mac: str, params: dict[str, str], filter_name: str = "clean-traffic") -> str:
     inner = "".join(f"<parameter name='{n}' value='{v}'/>" for n, v in params.items())
     return (f"<filterbinding><owner><name>bench</name><uuid>{uuidlib.uuid4()}</uuid></owner>"
-            f"<portdev name='{port}'/><mac address='{mac}'/><filterref filter='clean-traffic'>{inner}</filterref>"
+            f"<portdev name='{port}'/><mac address='{mac}'/><filterref filter='{filter_name}'>{inner}</filterref>"
             "</filterbinding>\n")
+
+
+class RuleMonitor:
+    """``nft monitor rules``, read in a thread: how long until a rule names an address."""
+
+    def __enter__(self) -> "RuleMonitor":
+        self.lines: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(["nft", "monitor", "rules"], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=lambda: [self.lines.put((time.perf_counter(), line)) for line in self.proc.stdout],
+                         daemon=True).start()
+        time.sleep(0.5)
+        return self
+
+    def time_until(self, address: str, action) -> float:
+        while not self.lines.empty():
+            self.lines.get()
+        sent = time.perf_counter()
+        action()
+        while True:
+            seen, line = self.lines.get(timeout=60)
+            if re.search(rf"(?<![\w:]){re.escape(address)}(?![\w:])", line):
+                return seen - sent
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
 def summary(label: str, samples: list[float], unit: str = "ms", scale: float = 1000.0) -> dict:
@@ -141,25 +174,12 @@ class Inner:
         self.cli("binding-create", "-", stdin=binding_xml(GUEST, GUEST_MAC, {"CTRL_IP_LEARNING": "dhcp",
                                                                             "DHCPSERVER": SERVER}))
         self.wait_log(f"port {GUEST}: learning its IP address")
-        lines: queue.Queue = queue.Queue()
-        monitor = subprocess.Popen(["nft", "monitor", "rules"], stdout=subprocess.PIPE, text=True)
-        threading.Thread(target=lambda: [lines.put((time.perf_counter(), line)) for line in monitor.stdout],
-                         daemon=True).start()
-        time.sleep(0.5)
         samples = []
-        try:
+        with RuleMonitor() as monitor:
             for k in range(rounds):
                 address = f"10.6.0.{10 + k}"
                 ack = dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, GUEST_MAC, address, dst_mac=GUEST_MAC)
-                while not lines.empty():
-                    lines.get()
-                sent = time.perf_counter()
-                send(GUEST, ack)
-                while True:
-                    seen, line = lines.get(timeout=60)
-                    if re.search(rf"\b{re.escape(address)}\b", line):
-                        break
-                samples.append(seen - sent)
+                samples.append(monitor.time_until(address, lambda: send(GUEST, ack)))
                 send(f"{GUEST}x", dhcp.client(dhcp.RELEASE, GUEST_MAC, address, ciaddr=address, dst_ip=SERVER,
                                               dst_mac=SERVER_MAC))
                 deadline = time.monotonic() + 60
@@ -168,11 +188,25 @@ class Inner:
                         raise RuntimeError(f"{address} was never released")
                     time.sleep(0.05)
                 time.sleep(0.3)  # the learner's own records settle; not timed
-        finally:
-            monitor.terminate()
-            monitor.wait()
+        self.cli("binding-delete", GUEST)
         self.results["ack-to-filter"] = summary("DHCP ACK sent -> the full filter with its address in the kernel",
                                                 samples)
+
+    def dad_to_filter(self, rounds: int) -> None:
+        """IPv6: a new address's DAD probe -> the full filter with it (clean-traffic-dualstack)."""
+        self.cli("binding-create", "-", stdin=binding_xml(GUEST, GUEST_MAC, {"IP": "10.6.0.5"},
+                                                          "clean-traffic-dualstack"))
+        self.wait_log(f"port {GUEST}: learning its IP address (any")
+        samples = []
+        with RuleMonitor() as monitor:
+            for k in range(rounds):
+                address = f"2001:db8::{k + 1:x}:5"
+                probe = bytes(Ether(src=GUEST_MAC, dst="33:33:ff:00:00:05")
+                              / IPv6(src="::", dst=solicited_node(address), hlim=255) / ICMPv6ND_NS(tgt=address))
+                samples.append(monitor.time_until(address, lambda: send(f"{GUEST}x", probe)))
+                time.sleep(0.3)  # not timed
+        self.cli("binding-delete", GUEST)
+        self.results["dad-to-filter"] = summary("IPv6 DAD probe sent -> the full filter with its address", samples)
 
     def idle(self) -> None:
         names = [f"li{k}" for k in range(IDLE_GUESTS)]
@@ -200,6 +234,8 @@ class Inner:
         return samples
 
     def flood(self) -> None:
+        self.cli("binding-create", "-", stdin=binding_xml(GUEST, GUEST_MAC, {"CTRL_IP_LEARNING": "dhcp"}))
+        self.wait_log(f"port {GUEST}: learning its IP address (dhcp", count=2)
         quiet = self.list_times(9)
         frame = dhcp.client(dhcp.DISCOVER, GUEST_MAC)
         frame += bytes(max(0, 60 - len(frame)))
@@ -234,6 +270,7 @@ class Inner:
         try:
             self.start_daemon()
             self.ack_to_filter(rounds)
+            self.dad_to_filter(rounds)
             self.flood()
             self.idle()
         finally:

@@ -23,9 +23,10 @@ from scapy.layers.l2 import Ether
 
 import ipv6lab as v6
 import netlab
-from bindings_helpers import Probe, binding_xml, check_probes, ip_frame, ipv6_udp, wait_until
+from bindings_helpers import binding_xml, ip_frame, ipv6_udp, wait_until
 from libvirt_nwfilter.learning.snoop6 import solicited_node
 from service_helpers import Daemon, client_argv, env_for
+from traffic import Probe, check_frames
 
 GUEST_MAC, B_MAC, SERVER_MAC = "52:54:00:0d:00:01", "52:54:00:0d:00:02", "52:54:00:0d:00:fe"
 IP_G, IP_B = "10.0.0.1", "10.0.0.2"
@@ -81,12 +82,12 @@ def test_dad_teaches_and_dhcpv6_leases_from_the_trusted_server(setup):
                                                              {"IP": IP_G, "DHCPSERVERV6": SERVER_LL}))
     assert "learn='IPV6' state='learning'" in nwf(lab, daemon, "binding-dumpxml", g.port)
     ipv4 = Probe("IPv4 from its address", g, ip_frame(GUEST_MAC, B_MAC, IP_G, IP_B, "udp"), b, True)
-    check_probes(lab, [ipv4, *sources(g, b, [], ["2001:db8::5"])], context="no IPv6 address learned yet")
+    check_frames(lab, [ipv4, *sources(g, b, [], ["2001:db8::5"])], context="no IPv6 address learned yet")
 
     netlab.sysctl_in(g.ns, {"net.ipv6.conf.eth0.disable_ipv6": 0, "net.ipv6.conf.eth0.accept_dad": 1})
     g.run(["ip", "-6", "addr", "add", "2001:db8::5/64", "dev", "eth0"])  # the guest kernel's own DAD
     wait_learned(lab, daemon, g, ["2001:db8::5"])
-    check_probes(lab, [ipv4, *sources(g, b, ["2001:db8::5"], ["2001:db8::6"])], context="learned from DAD")
+    check_frames(lab, [ipv4, *sources(g, b, ["2001:db8::5"], ["2001:db8::6"])], context="learned from DAD")
     assert f"port {g.port}: learned 2001:db8::5 (IPv6 without end)" in daemon.log_text()
 
     def reply(src: str, address: str):
@@ -96,7 +97,7 @@ def test_dad_teaches_and_dhcpv6_leases_from_the_trusted_server(setup):
 
     send(lab, s, reply(ROGUE_LL, "2001:db8::666"), reply(SERVER_LL, "2001:db8::100"))
     wait_learned(lab, daemon, g, ["2001:db8::5", "2001:db8::100"])
-    check_probes(lab, sources(g, b, ["2001:db8::100"], ["2001:db8::666"]), context="leased by the trusted server")
+    check_frames(lab, sources(g, b, ["2001:db8::100"], ["2001:db8::666"]), context="leased by the trusted server")
     assert re.search(r"learned 2001:db8::100 \(IPv6 until \d{4}-", daemon.log_text())
     nwf(lab, daemon, "verify")
 
@@ -116,7 +117,7 @@ def test_real_slaac_and_dhcpv6_are_learned(setup, tmp_path):
     assert lease.returncode == 0, f"dhclient -6: {lease.stderr[-800:]}"
     wait_learned(lab, daemon, g, sorted([slaac, leased], key=lambda a: int(ipaddress.IPv6Address(a))))
     b.run(["ip", "-6", "addr", "add", f"{v6.PREFIX}2/64", "dev", "eth0", "nodad"])
-    check_probes(lab, [Probe(f"source {a}", g, ipv6_udp(GUEST_MAC, B_MAC, a, f"{v6.PREFIX}2"), b, a != f"{v6.PREFIX}99")
+    check_frames(lab, [Probe(f"source {a}", g, ipv6_udp(GUEST_MAC, B_MAC, a, f"{v6.PREFIX}2"), b, a != f"{v6.PREFIX}99")
                        for a in (slaac, leased, f"{v6.PREFIX}99")], context="SLAAC and DHCPv6 learned")
     log = daemon.log_text()
     assert f"learned {slaac} (IPv6 without end)" in log and re.search(rf"learned {leased} \(IPv6 until ", log), log
@@ -137,6 +138,6 @@ def test_the_bound_holds_under_invented_addresses(setup):
     # the guest probes its newest addresses again: sent until the rate limit lets them in
     assert wait_until(lambda: send(lab, g, *probes[-LIMIT:]) or set(learned(lab, daemon, g)) == set(invented[-LIMIT:]),
                       timeout=LEARN_TIMEOUT, interval=1), f"learned {learned(lab, daemon, g)}:\n{daemon.log_text()[-3000:]}"
-    check_probes(lab, sources(g, b, [invented[-1]], [invented[0]]), context=f"bound of {LIMIT}")
+    check_frames(lab, sources(g, b, [invented[-1]], [invented[0]]), context=f"bound of {LIMIT}")
     assert "the port holds 4 IPv6 addresses: the oldest goes" in daemon.log_text()
 

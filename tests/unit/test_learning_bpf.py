@@ -107,7 +107,9 @@ def test_every_teaching_frame_passes(mode):
     ("dhcp", dhcp.reply(dhcp.ACK, SERVER_MAC, SERVER, OTHER, "10.0.0.50", dst_mac=OTHER), True),
     ("dhcp", ACK[:23] + b"\x06" + ACK[24:], True),  # TCP
     ("dhcp", ACK[:20] + b"\x00\x10" + ACK[22:], True),  # a later fragment
-])
+], ids=["tcp-from-guest", "arp-probe", "udp-from-0.0.0.0", "udp-from-multicast",
+        "udp-not-from-guest", "ipv6-udp", "udp-to-guest", "ack-to-another-mac", "ack-as-tcp",
+        "ack-later-fragment"])  # fixed ids: the frames carry random IP ids (pytest-xdist compares)
 def test_ordinary_traffic_is_kept_out(mode, frame, to_guest):
     assert not passes(mode, frame, to_guest)
 

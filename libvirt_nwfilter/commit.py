@@ -33,7 +33,7 @@ from . import executor
 from .daemon import wakeup
 from .backends.base import Backend, Plan, PortChange, PortRecord
 from .errors import FirewallError, NwfilterError, PartialChange
-from .ir import PortRuleset
+from .ir import PortRuleset, ruleset_text
 from .journal import FilterUpdate, Intent, Journal, PortIntent
 from .model import Binding, FilterRef, make_params
 from .resolve import port_variables
@@ -60,7 +60,7 @@ def with_mac_parameter(binding: Binding) -> Binding:
 
 def ruleset_hash(ruleset: PortRuleset) -> str:
     """A 64-bit fingerprint of a compiled ruleset (zlib: hashlib costs start-up time)."""
-    data = repr(ruleset).encode()
+    data = ruleset_text(ruleset).encode()
     return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
 
 

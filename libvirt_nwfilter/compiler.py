@@ -9,11 +9,12 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 from . import ir
 from .ir import Cond, Field, L2Rule, L2Side, L3Rule, PortRuleset, Side, SubChain, Verdict
-from .model import Action, Direction, Match, chain_prefix
+from .model import Action, Attr, Direction, Match, Rule, chain_prefix
 from .resolve import RuleInstance
 from .schema import ND_LLADDR, ND_TARGET, PROTOCOLS, Layer, decode_uint, mask_prefix, tcp_flag_bits
 
@@ -163,12 +164,15 @@ _ICMPV6_BASES = ("type", "typeend", "code", "codeend")
 
 def match_conds(match: Match) -> list[Cond]:
     """Conditions of a match as written (no implicit protocol conditions)."""
+    present: dict[str, Attr] = {}
+    for attr in match.attrs:
+        present.setdefault(attr.name, attr)
     conds = []
     for rendering in _RENDERINGS[match.protocol]:
-        attr = match.get(rendering.attr)
         if rendering.field is Field.ICMPV6_TYPE_CODE:
-            present = [match.get(n) for n in _ICMPV6_BASES if match.get(n)]
-            attr = present[0] if present else None
+            attr = next((present[n] for n in _ICMPV6_BASES if n in present), None)
+        else:
+            attr = present.get(rendering.attr)
         if attr is None or (rendering.field is Field.ARP_GRATUITOUS and attr.value != "true"):
             continue
         conds.append(Cond(rendering.field, rendering.value(match), attr.negated))
@@ -198,7 +202,14 @@ def _implicit_l2(protocol: str | None) -> list[Cond]:
     return []
 
 
-def _l2_copies(instance: RuleInstance) -> list[tuple[Side, L2Rule]]:
+# Compiling one rule depends only on its instance (the rule and where it comes from): the copies
+# are cached, so a filter tree shared by many ports compiles each rule without variables once
+# (bulk changes; such a rule is one instance for every port, see resolve).
+RULE_CACHE_SIZE = 1 << 16
+
+
+@lru_cache(maxsize=RULE_CACHE_SIZE)
+def _l2_copies(instance: RuleInstance) -> tuple[tuple[Side, L2Rule], ...]:
     rule = instance.rule
     written = match_conds(rule.match) if rule.match else []
     protocol = rule.match.protocol if rule.match else None
@@ -208,10 +219,10 @@ def _l2_copies(instance: RuleInstance) -> list[tuple[Side, L2Rule]]:
         return L2Rule(tuple(_implicit_l2(protocol) + conds), verdict, instance.origin, instance)
 
     if rule.direction is Direction.OUT:
-        return [(Side.FROM_VM, make(written))]
+        return ((Side.FROM_VM, make(written)),)
     if rule.direction is Direction.IN:
-        return [(Side.TO_VM, make(written))]
-    return [(Side.FROM_VM, make(_reverse(written))), (Side.TO_VM, make(written))]
+        return ((Side.TO_VM, make(written)),)
+    return (Side.FROM_VM, make(_reverse(written))), (Side.TO_VM, make(written))
 
 
 def jump_conds(chain: str) -> tuple[Cond, ...]:
@@ -259,7 +270,8 @@ def _build_side(entries: list[tuple[RuleInstance, L2Rule]]) -> L2Side:
 _ORIGINAL, _REPLY = "original", "reply"
 
 
-def _l3_copies(instance: RuleInstance) -> dict[Copy, L3Rule]:
+@lru_cache(maxsize=RULE_CACHE_SIZE)
+def _l3_copies(instance: RuleInstance) -> tuple[tuple[Copy, L3Rule], ...]:
     rule, match = instance.rule, instance.rule.match
     spec = match.spec
     family = 6 if spec.layer is Layer.L3V6 else 4
@@ -268,16 +280,16 @@ def _l3_copies(instance: RuleInstance) -> dict[Copy, L3Rule]:
     state = match.value("state") if rule.statematch else None
     copies = _selected_copies(rule.direction, state, match, reversed_copies)
     written = match_conds(match)
-    result = {}
+    result = []
     for copy in copies:
         is_reversed = copy in reversed_copies
         conds = _reverse([c for c in written if c.field is not Field.SRC_MAC]) if is_reversed else list(written)
         if is_reversed and match.get("srcmacaddr") and not _has_real_match(conds):
             continue
-        conds = _insert_state(conds, instance, copy, is_reversed, state)
-        result[copy] = L3Rule(family, protocol, tuple(conds), _l3_verdict(rule.action, copy),
-                              instance.origin, match.value("comment"), instance)
-    return result
+        conds = _insert_state(conds, rule, copy, is_reversed, state)
+        result.append((copy, L3Rule(family, protocol, tuple(conds), _l3_verdict(rule.action, copy), instance.origin,
+                                    match.value("comment"), instance)))
+    return tuple(result)
 
 
 def _selected_copies(direction: Direction, state: str | None, match: Match, reversed_copies: set[Copy]) -> list[Copy]:
@@ -295,9 +307,7 @@ def _has_real_match(conds: list[Cond]) -> bool:
     return any(c.field not in (Field.CT_STATE, Field.CT_DIRECTION) for c in conds)
 
 
-def _insert_state(conds: list[Cond], instance: RuleInstance, copy: Copy, is_reversed: bool,
-                  state: str | None) -> list[Cond]:
-    rule, match = instance.rule, instance.rule.match
+def _insert_state(conds: list[Cond], rule: Rule, copy: Copy, is_reversed: bool, state: str | None) -> list[Cond]:
     if not rule.statematch or any(c.field is Field.CONNLIMIT_ABOVE for c in conds):
         return conds
     if state is not None:
@@ -332,7 +342,7 @@ def compile_port(instances: Sequence[RuleInstance]) -> PortRuleset:
             for side, rule in _l2_copies(instance):
                 sides[side].append((instance, rule))
         else:
-            for copy, rule in _l3_copies(instance).items():
+            for copy, rule in _l3_copies(instance):
                 l3[copy].append(rule)
     return PortRuleset(_build_side(sides[Side.FROM_VM]), _build_side(sides[Side.TO_VM]),
                        tuple(l3[Copy.FI]), tuple(l3[Copy.FO]), tuple(l3[Copy.HI]))

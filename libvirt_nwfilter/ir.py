@@ -20,20 +20,22 @@ It is left out of ``repr`` and of comparisons, so rendering, equality and the ru
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence, Union
+
+from .model import FastHashEnum
 
 if TYPE_CHECKING:
     from .resolve import RuleInstance
 
 
-class Side(enum.Enum):
+class Side(FastHashEnum):
     FROM_VM = "from-vm"
     TO_VM = "to-vm"
 
 
-class Verdict(enum.Enum):
+class Verdict(FastHashEnum):
     ACCEPT = "accept"
     DROP = "drop"
     REJECT = "reject"
@@ -41,7 +43,7 @@ class Verdict(enum.Enum):
     CONTINUE = "continue"  # no verdict: go on with the next rule
 
 
-class Field(enum.Enum):
+class Field(FastHashEnum):
     """What a condition tests. The comment gives the type of ``Cond.value``."""
 
     # Ethernet (L2 elements; the first two also appear as implicit jump/protocol conditions)
@@ -231,3 +233,27 @@ class PortRuleset:
 
     def l3_families(self) -> frozenset[int]:
         return frozenset(rule.family for rule in self.fi + self.fo + self.hi)
+
+
+def ruleset_text(ruleset: PortRuleset) -> str:
+    """``repr(ruleset)``, made from cached representations of its rules (a filter tree shared by
+    many ports repeats most of them): the text a ruleset's fingerprint is computed from."""
+    return (f"PortRuleset(from_vm={_side_text(ruleset.from_vm)}, to_vm={_side_text(ruleset.to_vm)}, "
+            f"fi={_tuple_text(ruleset.fi)}, fo={_tuple_text(ruleset.fo)}, hi={_tuple_text(ruleset.hi)})")
+
+
+def _side_text(side: L2Side) -> str:
+    subchains = [f"SubChain(name={sub.name!r}, priority={sub.priority!r}, rules={_tuple_text(sub.rules)})"
+                 for sub in side.subchains]
+    return f"L2Side(root={_tuple_text(side.root)}, subchains={_joined(subchains)})"
+
+
+def _tuple_text(items: Sequence[object]) -> str:
+    return _joined([_rule_text(item) for item in items])
+
+
+def _joined(parts: list[str]) -> str:
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+_rule_text = lru_cache(maxsize=1 << 16)(repr)

@@ -9,7 +9,14 @@ from typing import Iterator, Union
 from .schema import PROTOCOLS, ProtocolSpec
 
 
-class Action(enum.Enum):
+class FastHashEnum(enum.Enum):
+    """An enum hashed by identity (members are singletons and compare by identity): rules and
+    their compiled forms are cache keys, and ``Enum.__hash__`` is Python code."""
+
+    __hash__ = object.__hash__
+
+
+class Action(FastHashEnum):
     DROP = "drop"
     ACCEPT = "accept"
     REJECT = "reject"
@@ -17,7 +24,7 @@ class Action(enum.Enum):
     CONTINUE = "continue"
 
 
-class Direction(enum.Enum):
+class Direction(FastHashEnum):
     IN = "in"
     OUT = "out"
     INOUT = "inout"

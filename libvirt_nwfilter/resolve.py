@@ -96,18 +96,72 @@ def resolve(ref: FilterRef, mac: str, lookup: Lookup, max_rules: int | None = No
     if LINK_LOCAL not in variables and _link_locals(variables["MAC"]):
         variables[LINK_LOCAL] = _link_locals(variables["MAC"])
     _check_learning(variables)
-    pending: list[_Pending] = []
-    _walk(ref.filter, variables, lookup, pending, ())
-    _check_missing(ref.filter, pending, learning_mode(variables))
-    pending.sort(key=lambda p: (p.flt.chain != "root", p.rule.priority))
-    planned = [(item, _wheels(item.rule.match, item.variables, item.where) if _has_variables(item.rule) else [])
-               for item in pending]
+    tree = _tree(ref.filter, lookup)
+    pending = {entry.position: _Pending(entry.flt, entry.rule_number, entry.rule, {**entry.defaults, **variables},
+                                        entry.position) for entry in tree if entry.shared is None}
+    _check_missing(ref.filter, [pending[position] for position in sorted(pending)], learning_mode(variables))
+    planned = [(entry, []) if entry.shared is not None else
+               (pending[entry.position], _wheels(entry.rule.match, pending[entry.position].variables, entry.where))
+               for entry in tree]
     if max_rules is not None:
         _check_size(ref.filter, planned, max_rules)
     instances = []
     for item, wheels in planned:
-        instances += _expand(item, wheels)
+        if isinstance(item, _TreeRule):
+            instances.append(item.shared)
+        else:
+            instances += _expand(item, wheels)
     return instances
+
+
+@dataclass(frozen=True)
+class _TreeRule:
+    """One rule of a filter tree, in the order of the port's rules: what every port that uses
+    the tree shares. ``defaults``: the parameters of the filter references on the way to it
+    (the port's own variables override them); ``shared``: its instance when it has no
+    variables (the same for every port)."""
+
+    flt: Filter
+    rule_number: int
+    rule: Rule
+    defaults: Variables
+    position: int
+    shared: RuleInstance | None
+
+    @property
+    def where(self) -> str:
+        return f"filter '{self.flt.name}' rule {self.rule_number}"
+
+
+# Filter trees walked and sorted, by top filter: (the filters the walk looked up, the rules).
+# An entry is used only while the lookup gives back those very filter objects.
+_TREES: dict[str, tuple[tuple[tuple[str, Filter], ...], tuple[_TreeRule, ...]]] = {}
+_MAX_TREES = 256
+
+
+def _tree(top: str, lookup: Lookup) -> tuple[_TreeRule, ...]:
+    """The rules of the tree under ``top``, in the port's order (cached while its filters stay
+    the same objects)."""
+    cached = _TREES.get(top)
+    if cached is not None and all(lookup(name) is flt for name, flt in cached[0]):
+        return cached[1]
+    used: dict[str, Filter] = {}
+
+    def recording(name: str) -> Filter | None:
+        flt = used[name] = lookup(name)
+        return flt
+
+    walked: list[_Pending] = []
+    _walk(top, {}, recording, walked, ())
+    walked.sort(key=lambda p: (p.flt.chain != "root", p.rule.priority))
+    tree = tuple(_TreeRule(p.flt, p.rule_number, p.rule, p.variables, p.position,
+                           None if _has_variables(p.rule) else
+                           RuleInstance(p.flt.name, p.flt.chain, p.flt.effective_priority, p.rule_number, p.rule,
+                                        p.position)) for p in walked)
+    if len(_TREES) >= _MAX_TREES:
+        _TREES.clear()
+    _TREES[top] = (tuple(used.items()), tree)
+    return tree
 
 
 def _has_variables(rule: Rule) -> bool:
@@ -118,7 +172,7 @@ def _size(wheels: list[_Wheel]) -> int:
     return math.prod(len(steps) for _, steps in wheels)
 
 
-def _check_size(top: str, planned: list[tuple[_Pending, list[_Wheel]]], max_rules: int) -> None:
+def _check_size(top: str, planned: list[tuple[_Pending | _TreeRule, list[_Wheel]]], max_rules: int) -> None:
     """ExpansionLimitError when the rules would number more than ``max_rules`` (counted, not made)."""
     sizes = [(_size(wheels), item, wheels) for item, wheels in planned]
     total = sum(size for size, _, _ in sizes)
@@ -226,8 +280,6 @@ def _wheels(match: Match, variables: Variables, where: str) -> list[_Wheel]:
 def _expand(item: _Pending, wheels: list[_Wheel]) -> list[RuleInstance]:
     rule, flt = item.rule, item.flt
     make = lambda r: RuleInstance(flt.name, flt.chain, flt.effective_priority, item.rule_number, r, item.position)  # noqa: E731
-    if not _has_variables(rule):
-        return [make(rule)]
     instances = []
     for combination in itertools.product(*(steps for _, steps in reversed(wheels))):
         binding: dict[VarRef, str] = {}

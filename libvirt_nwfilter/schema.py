@@ -11,6 +11,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Mapping
 
@@ -446,7 +447,13 @@ def parse_literal(spec: AttrSpec, text: str) -> str:
     """Check a literal value of ``spec`` and return its canonical text (ValueError if bad)."""
     if spec.vtype in _UINT_MAX:
         return _parse_uint(spec, text)
-    return _PARSERS[spec.vtype](text)
+    return _parse_typed(spec.vtype, text)
+
+
+@lru_cache(maxsize=1 << 12)
+def _parse_typed(vtype: ValueType, text: str) -> str:
+    """A value's canonical text by type (a port's MAC and addresses fill several rules)."""
+    return _PARSERS[vtype](text)
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -169,8 +170,7 @@ class State:
         for item in applied:
             data = {"binding": format_binding(item.binding), "backend": item.backend,
                     "record": item.record, "hash": item.ruleset_hash}
-            write_atomically(self.path(item.binding.portdev), json.dumps(data, indent=1, sort_keys=True) + "\n",
-                             mode=0o600)
+            write_atomically(self.path(item.binding.portdev), json.dumps(data, sort_keys=True) + "\n", mode=0o600)
         for port in removed:
             self.forget(port)
         final = {port: entry for port, entry in wider.items() if port not in removed}
@@ -271,12 +271,19 @@ def _applied_from(data: object, path: Path, port: str) -> AppliedBinding:
     if data["backend"] not in BACKENDS:
         raise RecordError(path, port, f"names an unknown backend '{data['backend']}'")
     try:
-        binding = parse_binding(data["binding"], str(path), stored=True)
+        binding = _parsed_binding(data["binding"], str(path))
     except NwfilterError as error:
         raise RecordError(path, port, f"holds a binding that does not parse ({' '.join(str(error).split())})") from None
     if binding.portdev != port:
         raise RecordError(path, port, f"holds the binding of port '{binding.portdev}'")
     return AppliedBinding(binding, data["backend"], data["record"], data["hash"])
+
+
+@lru_cache(maxsize=1 << 14)
+def _parsed_binding(text: str, source: str) -> Binding:
+    """A record's binding (records are read more than once by one command; XML parsing is what
+    reading one costs)."""
+    return parse_binding(text, source, stored=True)
 
 
 def _valid_index(data: object) -> bool:

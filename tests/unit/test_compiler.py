@@ -68,3 +68,15 @@ def test_clean_traffic_root_chains(tmp_path):
     assert [(s.name, s.priority) for s in rs.from_vm.subchains] == [
         ("mac", -800), ("ipv4-ip", -710), ("arp-mac", -520), ("arp-ip", -510), ("rarp", -400)]
     assert not (rs.fi or rs.fo or rs.hi)
+
+
+def test_ruleset_text_is_the_rulesets_repr(tmp_path):
+    """The fingerprint's text is built from cached pieces; it must stay exactly ``repr``."""
+    from libvirt_nwfilter.ir import PortRuleset, ruleset_text
+
+    flt = parse_filter(EXAMPLE)
+    rulesets = [PortRuleset(),
+                compiled(FilterRef("t69", make_params({"IP": ["10.1.0.2"], "PORTS": ["53"]})), {"t69": flt}, tmp_path),
+                compiled(FilterRef("clean-traffic", make_params({"IP": ["10.0.0.1", "10.0.0.2"]})), tmp=tmp_path)]
+    for ruleset in rulesets:
+        assert ruleset_text(ruleset) == repr(ruleset)

@@ -371,3 +371,27 @@ def test_learning_checked_even_when_ip_given():
     lookup = tree(flt("top", rule("<ip srcipaddr='$IP'/>")))
     with pytest.raises(ValidationError):
         run(lookup, IP="10.0.0.1", CTRL_IP_LEARNING="sometimes")
+
+
+def test_tree_walk_reused_only_while_the_filters_are_the_same_objects():
+    """The walk of a filter tree is kept between ports; a changed filter (another object under
+    the same name) is walked anew, as is a tree whose reference stopped resolving."""
+    child_v1 = flt("child", rule("<mac srcmacaddr='$MAC'/>"))
+    child_v2 = flt("child", rule("<mac srcmacaddr='$MAC'/>"), rule("<ip srcipaddr='$IP'/>", priority=600))
+    top = flt("top", "<filterref filter='child'/>")
+    first = tree(top, child_v1)
+    assert values(run(first, MAC="52:54:00:00:00:02"), "srcmacaddr") == [("52:54:00:00:00:02",)]
+    assert values(run(first, MAC="52:54:00:00:00:03"), "srcmacaddr") == [("52:54:00:00:00:03",)]
+    changed = run(tree(top, child_v2), IP="10.0.0.9")
+    assert [i.rule.match.protocol for i in changed] == ["mac", "ip"]
+    assert values(changed, "srcipaddr") == [(None,), ("10.0.0.9",)]
+    with pytest.raises(UnknownFilterError, match="referenced filter 'child' is missing"):
+        run(tree(top))
+
+
+def test_rules_without_variables_are_one_instance_for_every_port():
+    lookup = tree(flt("top", rule("<mac protocolid='ipv4'/>"), rule("<mac srcmacaddr='$MAC'/>", priority=600)))
+    a, b = run(lookup, mac="52:54:00:00:00:0a"), run(lookup, mac="52:54:00:00:00:0b")
+    assert a[0] is b[0]
+    assert a[1].rule.match.value("srcmacaddr") == "52:54:00:00:00:0a"
+    assert b[1].rule.match.value("srcmacaddr") == "52:54:00:00:00:0b"

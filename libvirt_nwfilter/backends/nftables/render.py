@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 from ...errors import NwfilterError, UnsupportedError
@@ -48,6 +49,8 @@ from ..text import clean_comment, mac_int, mac_mask, mac_text, range_text, tcp_f
 from .names import hex_text, quote
 
 COMMENT_MAX_BYTES = 128
+# Rules are rendered once per distinct rule (many ports share a filter tree): texts are cached.
+CACHE_SIZE = 1 << 16
 # libvirt creates its ebtables chains with policy ACCEPT: a frame that falls off the end of a
 # sub-chain is accepted (observed: tests/ORACLE.md, every chain ends with "counter accept").
 SUBCHAIN_END_VERDICT = "accept"
@@ -104,6 +107,7 @@ def _num_range(value: NumRange | int) -> str:
     return range_text(value.low, value.high, "-")
 
 
+@lru_cache(maxsize=1 << 12)
 def _net_text(net: IpNet) -> str:
     network = ipaddress.ip_network(f"{net.address}/{net.prefix}", strict=False)
     if network.prefixlen == network.max_prefixlen:
@@ -407,10 +411,15 @@ def _join(parts: Iterable[str]) -> str:
 
 def l2_jump(conds: Sequence[Cond], sub: str, target: str) -> str:
     """A root-chain rule jumping to the sub-chain ``target`` (the IR's ``sub``) under ``conds``."""
-    ctx = _l2_context(conds, f"jump to chain '{sub}'")
-    return _join(_render_conds(conds, ctx) + [f"jump {target}"])
+    return _join([*_jump_conditions(tuple(conds), sub), f"jump {target}"])
 
 
+@lru_cache(maxsize=CACHE_SIZE)
+def _jump_conditions(conds: tuple[Cond, ...], sub: str) -> tuple[str, ...]:
+    return tuple(_render_conds(conds, _l2_context(conds, f"jump to chain '{sub}'")))
+
+
+@lru_cache(maxsize=CACHE_SIZE)
 def l2_rule(rule: L2Rule) -> str | None:
     """An L2 rule (reject is drop at L2: ebtables cannot reject); None if it never matches."""
     ctx = _l2_context(rule.conds, rule.origin)
@@ -423,6 +432,17 @@ def l2_rule(rule: L2Rule) -> str | None:
 
 def l3_rule(rule: L3Rule, *, inet: bool, reject: str, new_set: NewSet) -> str | None:
     """An L3 rule for the inet table (``inet``) or the bridge table; None if it never matches."""
+    if any(cond.field is Field.CONNLIMIT_ABOVE for cond in rule.conds):
+        return _l3_rule(rule, inet, reject, new_set)  # names a set of its port: not shared
+    return _shared_l3_rule(rule, inet, reject)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _shared_l3_rule(rule: L3Rule, inet: bool, reject: str) -> str | None:
+    return _l3_rule(rule, inet, reject, None)
+
+
+def _l3_rule(rule: L3Rule, inet: bool, reject: str, new_set: NewSet | None) -> str | None:
     if rule.family not in (4, 6):
         raise NwfilterError(f"{rule.origin}: unknown IP family {rule.family}")
     if rule.protocol != "all" and rule.protocol not in _L4PROTO:

@@ -73,6 +73,7 @@ class Committer:
         self.backend = backend
         self.state = state
         self.journal = journal
+        executor.mark_changes(state.rundir)  # the resident service tells our changes by it
         self.compile = compile
         self.backend_named = backend_named
         self.journal_pending = False  # the journal on disk covers the work in progress

@@ -1,7 +1,11 @@
 """The only module that runs firewall tools: plans from the backends, probes and listings.
 
 Tools are run with argument lists (never a shell), a fixed minimal environment, and found in
-the sbin directories themselves (libvirtd runs hooks with a short ``PATH``).
+the sbin directories themselves (libvirtd runs hooks with a short ``PATH``). Once a process has
+called :func:`mark_changes`, it runs ``nft`` under the name :data:`MARKED_NFT` (a symbolic link
+in the run directory): the kernel names the committing process in its notifications, and the
+resident service tells our changes from anyone else's by that name. It also reads those
+notifications (:func:`nft_notifications`) and the ruleset's generation (:func:`nft_generation`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterator
 
 from .backends.base import Plan, Step
@@ -40,10 +46,40 @@ def tool(name: str) -> str:
     return found
 
 
+MARKED_NFT = "nwfilter-nft"  # what our nft processes are called (at most 15 characters: comm)
+_marked: dict[str, str] = {}  # real nft path -> the marked link, once mark_changes was called
+_mark_dir: Path | None = None
+
+
+def mark_changes(rundir: Path) -> None:
+    """Run ``nft`` as :data:`MARKED_NFT` from now on, through a symbolic link in ``rundir``."""
+    global _mark_dir
+    _mark_dir = Path(rundir)
+
+
+def _marked_tool(path: str) -> str:
+    """``path`` (nft), or the marked link to it when this process marks its changes."""
+    if _mark_dir is None or os.path.basename(path) != "nft":
+        return path
+    if path not in _marked:
+        link = _mark_dir / MARKED_NFT
+        try:
+            if not link.is_symlink() or os.readlink(link) != path:
+                temporary = _mark_dir / f".{MARKED_NFT}.{os.getpid()}"
+                temporary.unlink(missing_ok=True)
+                os.symlink(path, temporary)
+                os.replace(temporary, link)
+            _marked[path] = str(link)
+        except OSError as error:  # unmarked: the service takes our change for a foreign one
+            log.warning("cannot create %s (%s): changes are not marked as ours", link, error.strerror)
+            _marked[path] = path
+    return _marked[path]
+
+
 def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
     """Run one step (in network namespace ``netns`` if given) and return the finished process
     (no exception on a non-zero exit)."""
-    argv = [tool(step.argv[0]), *step.argv[1:]]
+    argv = [_marked_tool(tool(step.argv[0])), *step.argv[1:]]
     if netns is not None:
         argv = [tool("ip"), "netns", "exec", netns, *argv]
     log.debug("running %s (%d bytes of input)", " ".join(argv), len(step.stdin))
@@ -216,3 +252,49 @@ def write_sysctl(name: str, value: str) -> None:
 def load_module(name: str) -> bool:
     """modprobe a kernel module; True when it is loaded afterwards."""
     return run(Step(("modprobe", name))).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------
+# nf_tables notifications (netlink), for the resident service
+
+_NETLINK_NETFILTER = 12
+_SOL_NETLINK = 270
+_NETLINK_ADD_MEMBERSHIP = 1
+_SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; the socket module does not export it
+NOTIFICATION_BUFFER = 64 << 20  # bytes of notifications the kernel may queue for us
+
+
+def nft_notifications() -> socket.socket:
+    """A netlink socket receiving every nf_tables notification of this network namespace (see
+    :mod:`~libvirt_nwfilter.backends.nftables.notices`), with a receive buffer large enough
+    for a rebuild of thousands of ports. ``recv`` raises ``OSError(ENOBUFS)`` when notifications
+    were lost all the same."""
+    from .backends.nftables.notices import NFNLGRP_NFTABLES
+
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, NOTIFICATION_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NOTIFICATION_BUFFER)
+        sock.bind((0, 0))
+        sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def nft_generation() -> int | None:
+    """The nf_tables generation of this network namespace now (it grows with every committed
+    transaction); None when it cannot be read."""
+    from .backends.nftables.notices import generation_answer, generation_request
+
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER) as sock:
+            sock.settimeout(5.0)
+            sock.sendto(generation_request(), (0, 0))
+            return generation_answer(sock.recv(1 << 16))
+    except OSError as error:
+        log.debug("cannot read the nf_tables generation: %s", error)
+        return None

@@ -376,9 +376,11 @@ class Service:
     def _intact_ports(self, recorded: Sequence[AppliedBinding]) -> set[str]:
         """The recorded ports whose kernel rules are intact: those the resident service knows
         to be (it watches every change to our tables), the others checked against a reference."""
+        from . import executor
         from .daemon import knowledge
 
-        known = knowledge.intact(self.config.rundir, self.backend.name)
+        generation = executor.nft_generation if self.backend.name == "nftables" else None
+        known = knowledge.intact(self.config.rundir, self.backend.name, generation)
         trusted = {a.binding.portdev for a in recorded if known.get(a.binding.portdev) == a.ruleset_hash}
         rest = [a for a in recorded if a.binding.portdev not in trusted]
         return trusted | (self.kernel_check(rest)[1] if rest else set())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -83,6 +84,7 @@ class State:
         self.rundir = Path(rundir)
         self.bindings_dir = self.rundir / "bindings"
         self._locked = False
+        self._index: dict[str, dict[str, Any]] | None = None  # read under the lock (not to be changed)
         self.index_problem: str | None = None  # what was wrong with the index this run
 
     @contextlib.contextmanager
@@ -93,12 +95,12 @@ class State:
         except OSError as error:
             raise NwfilterError(f"cannot create the run directory {self.rundir}: {error.strerror}") from None
         with host_lock(self.rundir / "lock", timeout):
-            self._locked = True
+            self._locked, self._index = True, None
             try:
                 self._remove_partial_writes()
                 yield
             finally:
-                self._locked = False
+                self._locked, self._index = False, None
 
     def _remove_partial_writes(self) -> None:
         """Temporary files of writes a killed process left: of the files written under the lock
@@ -192,8 +194,13 @@ class State:
 
     def index(self) -> dict[str, dict[str, Any]]:
         """Port -> {"owner": owner UUID, "id": mark id or None, "backend": name}. A missing or damaged index is
-        rebuilt from the files (written back only under the lock)."""
+        rebuilt from the files (written back only under the lock). Under the lock it is read once
+        (nobody else changes it then); callers do not change what they get."""
+        if self._index is not None:
+            return self._index
         problem = self._index_problem()
+        if isinstance(problem, dict) and self._locked:
+            self._index = problem
         if problem is None or isinstance(problem, dict):
             return problem or {}
         if self.index_problem is None:
@@ -250,6 +257,8 @@ class State:
     def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
         self._mkdir(self.rundir)
         write_atomically(self.index_path, json.dumps(index, sort_keys=True) + "\n", mode=0o600)
+        if self._locked:
+            self._index = index
 
     @staticmethod
     def _mkdir(path: Path) -> None:

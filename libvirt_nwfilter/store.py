@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -79,7 +80,7 @@ class FilterStore:
             data = path.read_bytes()
         except OSError as error:
             raise NwfilterError(f"{path}: cannot read: {error.strerror}") from None
-        flt = parse_filter(data, str(path))
+        flt = _parsed(data, str(path))
         if flt.name != name:
             raise NwfilterError(f"{path}: file name does not match filter name '{flt.name}'")
         return flt
@@ -176,6 +177,13 @@ class FilterStore:
         path.unlink()
         self._cache.pop(name, None)
         return flt
+
+
+@lru_cache(maxsize=1024)
+def _parsed(data: bytes, source: str) -> Filter:
+    """A filter file's content, parsed once per process (and once for the processes the resident
+    service forks): the same content gives the same :class:`Filter` object."""
+    return parse_filter(data, source)
 
 
 def _file_text(flt: Filter) -> str:

@@ -1,17 +1,21 @@
 """Self-healing: our rules are watched and rebuilt after a change the tool did not make.
 
-nftables: ``nft monitor`` reports every change to the ruleset; a burst of changes that touch
-our tables (debounced: one check per burst) triggers a check. Every backend is also checked
-every ``interval`` seconds (ebiptables has no monitor). Changes made through the tool trigger
-checks too (the monitor does not tell who made a change), so checks are spaced to take at most a
-quarter of the time.
+The records are the truth: a repair rebuilds every binding from them in one transaction
+(``Service.reapply``) and logs the ports that were broken. Between repairs the healer keeps
+what it knows in ``kernel-intact.json`` (:mod:`.knowledge`): the ports whose rules are what
+their records say, which lets a hook ``reconnect`` skip its reference namespace.
 
-A check compares each recorded port's rules in the kernel (the backend's digest of a listing)
-with what they were when the service last found them intact: the first time (at start, and
-for a port whose record changed since) through a reference built from the records in a
-throw-away namespace (``Service``'s check), later against the digest remembered then. A port whose rules are missing or changed is broken; the
-records are the truth, so the repair rebuilds every binding from them in one transaction
-(``Service.reapply``) and logs the ports that were broken.
+* nftables (:mod:`.nft_watch`): every committed transaction is announced by the kernel, with
+  the name of the process that made it; a change of ours only updates what is known, anyone
+  else's change to our tables is repaired at once (a burst of changes is one repair).
+* ebiptables (:class:`PeriodicHealer`): no notifications; every ``interval`` seconds each
+  recorded port's rules in the kernel (a digest of the listing) are compared with what they
+  were when the healer last found them intact (the first time, and after a change through the
+  tool, against a reference built from the records in a throw-away namespace).
+
+A full check against the reference kernel runs at start (and, with nftables, when
+notifications were lost). Repairs that follow each other closely back off (a repair that
+cannot hold is logged, not repeated in a loop).
 """
 
 from __future__ import annotations
@@ -31,88 +35,97 @@ from .status import Report
 
 log = logging.getLogger(__name__)
 
-QUIET = 0.15  # seconds without a change that end a burst
-LONGEST_BURST = 2.0  # a burst that goes on is checked after this long anyway
-TABLE_MARK = "libvirt_nwfilter"  # in nft monitor lines about our tables
-MAX_PAUSE = 10.0  # seconds: the longest pause between two checks
+MAX_PAUSE = 10.0  # seconds: the longest pause between two periodic checks
+REPAIR_WINDOW = 60.0  # seconds: more than REPAIRS_IN_WINDOW repairs in it back off
+REPAIRS_IN_WINDOW = 3
+LONGEST_BACK_OFF = 600.0
+
+
+def make_healer(config: Config, report: Report, interval: float) -> "Healer":
+    if config.backend == "nftables":
+        from .nft_watch import NftablesHealer
+
+        return NftablesHealer(config, report, interval)
+    return PeriodicHealer(config, report, interval)
 
 
 class Healer:
+    """Threads, repairs and knowledge, shared by both ways of watching."""
+
     def __init__(self, config: Config, report: Report, interval: float):
         self.config = config
         self.report = report
         self.interval = interval
-        self.changed = threading.Event()
         self.stopping = threading.Event()
-        self.expected: dict[str, tuple[str, str]] = {}  # port -> (ruleset hash, kernel digest)
-        self._monitor = None
         self._threads: list[threading.Thread] = []
+        self._repairs: list[float] = []
 
-    # -- threads --------------------------------------------------------------------------
     def start(self) -> None:
-        watching = "checked every %gs" % self.interval
-        if self.config.backend == "nftables":
-            self._spawn(self._watch_monitor)
-            watching = f"nft monitor, and {watching}"
-        self.report.update(healing=watching)
-        self._spawn(self._work)
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def _spawn(self, body: Callable[[], None]) -> None:
         thread = threading.Thread(target=body, name=body.__name__, daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.changed.set()
-        if self._monitor is not None:
-            self._monitor.terminate()
-
-    def _watch_monitor(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self._monitor = executor.stream(("nft", "monitor"))
-            except NwfilterError as error:
-                log.error("cannot watch the ruleset: %s", error)
-                self.stopping.wait(10)
-                continue
-            for line in self._monitor.stdout:
-                if TABLE_MARK in line:
-                    knowledge.forget(self.config.rundir)
-                    self.changed.set()
-            self._monitor.wait()
-            if not self.stopping.is_set():
-                log.warning("nft monitor ended (status %s); restarting it", self._monitor.returncode)
-                self.changed.set()
-                self.stopping.wait(1)
-
-    def _work(self) -> None:
-        self._guarded(self.check_fully)
-        while not self.stopping.is_set():
-            if self.changed.wait(self.interval):
-                self._settle()
-            if not self.stopping.is_set():
-                began = time.monotonic()
-                self._guarded(self.check)
-                # A check lists every rule: with many ports it costs CPU that the requests
-                # changing them need. At most a quarter of the time goes to checking.
-                self.stopping.wait(min(3 * (time.monotonic() - began), MAX_PAUSE))
-
-    def _settle(self) -> None:
-        """Wait for the end of a burst of changes."""
-        began = time.monotonic()
-        while self.changed.is_set() and time.monotonic() - began < LONGEST_BURST:
-            self.changed.clear()
-            time.sleep(QUIET)
-        self.changed.clear()
-
-    def _guarded(self, check: Callable[[Service], None]) -> None:
+    def _guarded(self, work: Callable[[Service], None]) -> None:
         try:
-            check(Service(self.config))
+            work(Service(self.config))
         except Exception as error:  # noqa: BLE001 - the watcher keeps watching
             log.error("checking the rules failed: %s", error, exc_info=not isinstance(error, NwfilterError))
 
-    # -- checks ---------------------------------------------------------------------------
+    def _mine(self, service: Service) -> list[AppliedBinding]:
+        return [a for a in service.state.all() if a.backend == service.backend.name]
+
+    def _repair(self, service: Service, broken: list[str]) -> None:
+        """Rebuild every binding from its record, logged with the ports that were broken."""
+        self._back_off()
+        knowledge.forget(self.config.rundir)
+        began = time.monotonic()
+        log.warning("rules of %d port(s) changed behind our back (%s): rebuilding every binding",
+                    len(broken), listing(broken))
+        applied = service.reapply()
+        took = time.monotonic() - began
+        log.warning("repaired: %d binding(s) rebuilt in one transaction in %.2f s (ports that were broken: %s)",
+                    len(applied), took, listing(broken))
+        self.report.count("repairs", last_repair={"time": time.time(), "what": f"{len(broken)} port(s) restored "
+                                                  f"({listing(broken)}) in {took:.2f} s"})
+
+    def _back_off(self) -> None:
+        """Wait before a repair when the last ones came in quick succession."""
+        now = time.monotonic()
+        self._repairs = [t for t in self._repairs if now - t < REPAIR_WINDOW] + [now]
+        excess = len(self._repairs) - REPAIRS_IN_WINDOW
+        if excess > 0:
+            pause = min(REPAIR_WINDOW * 2 ** (excess - 1), LONGEST_BACK_OFF)
+            log.error("%d repairs within %g s: our rules do not hold (something keeps changing them); "
+                      "waiting %g s before the next repair", len(self._repairs), REPAIR_WINDOW, pause)
+            self.stopping.wait(pause)
+
+
+class PeriodicHealer(Healer):
+    """ebiptables: a check every ``interval`` seconds (at most a quarter of the time)."""
+
+    def __init__(self, config: Config, report: Report, interval: float):
+        super().__init__(config, report, interval)
+        self.expected: dict[str, tuple[str, str]] = {}  # port -> (ruleset hash, kernel digest)
+
+    def start(self) -> None:
+        self.report.update(healing=f"checked every {self.interval:g}s")
+        self._spawn(self._work)
+
+    def _work(self) -> None:
+        self._guarded(self.check_fully)
+        while not self.stopping.wait(self.interval):
+            began = time.monotonic()
+            self._guarded(self.check)
+            # A check lists every rule: with many ports it costs CPU that the requests
+            # changing them need. At most a quarter of the time goes to checking.
+            self.stopping.wait(min(3 * (time.monotonic() - began), MAX_PAUSE))
+
     def check_fully(self, service: Service) -> None:
         """Against a reference kernel built from the records (at start)."""
         recorded = self._mine(service)
@@ -133,9 +146,6 @@ class Healer:
         else:
             recorded = self._mine(service)
         self._conclude(service, recorded, broken)
-
-    def _mine(self, service: Service) -> list[AppliedBinding]:
-        return [a for a in service.state.all() if a.backend == service.backend.name]
 
     def _broken(self, service: Service, recorded: list[AppliedBinding]) -> list[str]:
         steps = service.backend.survey_steps()
@@ -165,25 +175,13 @@ class Healer:
     def _conclude(self, service: Service, recorded: list[AppliedBinding], broken: list[str]) -> None:
         if broken:
             self._repair(service, broken)
+            self.expected = {}
+            self.check(service)  # remembers the rebuilt rules' digests and says so
             return
         knowledge.record(self.config.rundir, service.backend.name,
                          {a.binding.portdev: a.ruleset_hash for a in recorded})
 
-    def _repair(self, service: Service, broken: list[str]) -> None:
-        knowledge.forget(self.config.rundir)
-        began = time.monotonic()
-        log.warning("rules of %d port(s) changed behind our back (%s): rebuilding every binding",
-                    len(broken), _listing(broken))
-        applied = service.reapply()
-        took = time.monotonic() - began
-        log.warning("repaired: %d binding(s) rebuilt in one transaction in %.2f s (ports that were broken: %s)",
-                    len(applied), took, _listing(broken))
-        self.report.count("repairs", last_repair={"time": time.time(), "what": f"{len(broken)} port(s) restored "
-                                                  f"({_listing(broken)}) in {took:.2f} s"})
-        self.expected = {}
-        self.check(service)  # remembers the rebuilt rules' digests and says so
 
-
-def _listing(ports: list[str], most: int = 10) -> str:
+def listing(ports: list[str], most: int = 10) -> str:
     shown = ", ".join(ports[:most])
     return shown + (f" and {len(ports) - most} more" if len(ports) > most else "")

@@ -37,9 +37,9 @@ class Watcher:
 
         workers = [Learner(self.config, report)]
         if not self.options.no_heal:
-            from .healing import Healer
+            from .healing import make_healer
 
-            workers.append(Healer(self.config, report, self.options.heal_interval))
+            workers.append(make_healer(self.config, report, self.options.heal_interval))
         if not self.options.no_libvirt:
             from .events import Events
 

@@ -11,12 +11,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..cli import add_config_options
 from ..config import Config
 from ..errors import NwfilterError
 from . import protocol, server
+
+if TYPE_CHECKING:
+    from .warm import Warmer
 
 log = logging.getLogger("libvirt_nwfilter.daemon")
 
@@ -93,14 +96,19 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _preload(config: Config) -> None:
-    """Import and probe once, so that forked requests start warm."""
+def _preload(config: Config) -> "Warmer":
+    """Import, probe and compile every recorded binding once, so that forked requests start warm;
+    the warmer keeps them so (the server runs it when idle)."""
     from .. import cli, hook  # noqa: F401 - the entry points requests run
     from .. import domain, install, resolve, compiler  # noqa: F401 - what they import lazily
     from ..service import Service
+    from .warm import Warmer
 
     Service(config).backend  # noqa: B018 - imports the backend and probes the kernel (cached per boot)
     cli.build_parser()
+    warmer = Warmer(config)
+    warmer.run()
+    return warmer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,13 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.load(confdir=args.confdir, rundir=args.rundir, backend=args.backend)
         rundir = Path(os.path.abspath(config.rundir))
         with server.single_instance(rundir):
-            _preload(config)
+            warmer = _preload(config)
             from .watcher import Watcher
 
             watcher = Watcher(config, args, started=time.time())
             sock = server.listen(rundir)
             log.info("listening on %s (backend %s)", protocol.socket_path(str(rundir)), config.backend)
-            server.Server(sock, args.max_request, watcher.run).serve()
+            server.Server(sock, args.max_request, watcher.run, warmer.step).serve()
             log.info("stopped")
             return 0
     except (server.ServiceError, NwfilterError) as error:

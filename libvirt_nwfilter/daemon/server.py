@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PID_FILE = "libvirt-nwfilterd.pid"
 MAX_CHILDREN = 64
 STOP_GRACE = 30.0  # seconds running requests get to finish at a stop
+IDLE_PERIOD = 1.0  # seconds between looks for idle work (a request or a child's end wakes us earlier)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -102,10 +103,13 @@ def listen(rundir: Path) -> socket.socket:
 class Server:
     """Accept, fork, reap; restart the watcher process when it exits."""
 
-    def __init__(self, sock: socket.socket, max_request: int, watcher: Callable[[], None] | None = None):
+    def __init__(self, sock: socket.socket, max_request: int, watcher: Callable[[], None] | None = None,
+                 idle: Callable[[], bool] | None = None):
+        """``idle``: a slice of work done when no request runs (True: there is more)."""
         self.sock = sock
         self.max_request = max_request
         self.children: set[int] = set()
+        self._idle = idle
         self._watcher_body = watcher
         self.watcher_pid: int | None = None
         self._watcher_started = 0.0
@@ -174,14 +178,16 @@ class Server:
         selector = selectors.DefaultSelector()
         selector.register(self.sock, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
+        more = False
         try:
             while not self._stopping:
-                for key, _ in selector.select(timeout=5.0):
+                for key, _ in selector.select(timeout=0 if more else IDLE_PERIOD):
                     if key.fileobj is self.sock:
                         self._accept_all()
                     else:
                         _drain(wake_r)
                 self._reap()
+                more = self._idle_work()
                 if self.watcher_pid is None and not self._stopping and \
                         time.monotonic() - self._watcher_started > 5.0:
                     self._start_watcher()
@@ -192,6 +198,17 @@ class Server:
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _idle_work(self) -> bool:
+        """A slice of the idle work when no request runs; True when there is more."""
+        if self._idle is None or self.children:
+            return False
+        try:
+            return self._idle()
+        except Exception:  # noqa: BLE001 - idle work is never worth stopping the service
+            log.exception("idle work failed; not done any more")
+            self._idle = None
+            return False
 
     def _accept_all(self) -> None:
         while True:

@@ -1,0 +1,100 @@
+"""What the request server keeps warm for the processes it forks: every recorded binding
+compiled and rendered once, so that a request (a ``reapply`` or ``define`` of many bindings
+above all) finds the filter trees walked, the rules compiled and their nft text rendered.
+
+Only caches of pure functions are filled (keyed by what they are computed from: a changed
+filter or binding is simply a miss); nothing here is ever the truth. The server calls
+:meth:`Warmer.step` when it is idle: a short slice of work at a time, once the records or the
+filters changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..backends.base import PortChange
+from ..commit import ruleset_hash
+from ..config import Config
+from ..service import Service
+
+log = logging.getLogger(__name__)
+
+SLICE = 0.02  # seconds of work per step: a request arriving meanwhile waits at most that long
+
+
+class Warmer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.bindings = Path(config.rundir) / "bindings"
+        self.filters = Path(config.confdir) / "filters"
+        self._seen: tuple | None = None  # the two directories as last looked at
+        self._records: dict[str, tuple[int, int]] = {}  # record file -> (inode, mtime) compiled
+        self._work: Iterator[None] | None = None
+
+    def step(self) -> bool:
+        """One slice of work; True while there is more."""
+        if self._work is None:
+            todo = self._changed()
+            if not todo:
+                return False
+            self._work = self._compile(todo)
+        deadline = time.monotonic() + SLICE
+        for _ in self._work:
+            if time.monotonic() > deadline:
+                return True
+        self._work = None
+        return False
+
+    def run(self) -> None:
+        """Everything at once (at start, before the socket listens)."""
+        while self.step():
+            pass
+
+    def _changed(self) -> list[str]:
+        """Record files written since they were last compiled (every one when a filter changed)."""
+        seen = (_signature(self.bindings), _signature(self.filters))
+        if seen == self._seen:
+            return []
+        filters_changed = self._seen is None or seen[1] != self._seen[1]
+        self._seen = seen
+        try:
+            with os.scandir(self.bindings) as entries:
+                records = {e.name: (e.inode(), e.stat().st_mtime_ns) for e in entries
+                           if e.name.endswith(".json") and not e.name.startswith(".")}
+        except OSError:
+            records = {}
+        todo = [name for name, signature in records.items() if filters_changed or self._records.get(name) != signature]
+        self._records = records
+        return sorted(todo)
+
+    def _compile(self, names: list[str]) -> Iterator[None]:
+        try:
+            service = Service(self.config)
+            backend = service.backend
+        except Exception as error:  # noqa: BLE001 - warming up is never required
+            log.debug("nothing warmed up: %s", error)
+            return
+        for name in names:
+            try:
+                applied = service.state.get(name.removesuffix(".json"))
+                if applied is not None:
+                    ruleset = service.ruleset(applied.binding)
+                    ruleset_hash(ruleset)
+                    if applied.backend == backend.name:
+                        backend.plan([PortChange(applied.binding.portdev, None, ruleset)])
+            except Exception as error:  # noqa: BLE001 - the request will report it
+                log.debug("%s not warmed up: %s", name, error)
+            yield
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """Changes whenever a file in the directory ``path`` is written (renamed into place) or removed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import report
 from .documents import MEAS_PORTS
-from .measure import CLI, REPO, TESTS, VENV_PY
+from .measure import CLI, REPO, SUBJECT, TESTS, VENV_PY
 from .scenarios import BACKENDS, Bench
 
 
@@ -35,6 +35,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--libvirt-lock-wait", type=float, default=600.0,
                    help="seconds to wait for the test-libvirtd lock held by a test run (default 600)")
     p.add_argument("--no-libvirt", action="store_true", help="skip libvirt's engine")
+    p.add_argument("--no-service", action="store_true", help="skip the resident service's figures")
     p.add_argument("--replot", action="store_true",
                    help="measure nothing: print the table and redraw the plot from OUT/results.json")
     p.add_argument("--debug", action="store_true", help="tracebacks for errors")
@@ -66,8 +67,10 @@ def main(argv: Sequence[str]) -> int:
         return 2
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         print(f"bench: note: running under {sys.executable}, not the project venv", file=sys.stderr)
-    os.chdir(REPO)  # the pre-population child is "python -m bench.populate"
-    sys.path.insert(0, str(TESTS))
+    if SUBJECT != REPO:
+        print(f"bench: measuring the checkout {SUBJECT} (LIBVIRT_NWFILTER_BENCH_SUBJECT)", file=sys.stderr)
+    sys.path[:0] = [str(REPO), str(TESTS)]  # this benchmark and its helpers, whatever the directory
+    os.chdir(SUBJECT)  # "python -m bench.populate" and the service run with the subject's package
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)

@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_PY = REPO / ".venv" / "bin" / "python"
-CLI = REPO / ".venv" / "bin" / "libvirt-nwfilter"
-HOOK = REPO / "hooks" / "qemu"
+# The checkout measured: this one, or another one (with its own .venv) named by
+# LIBVIRT_NWFILTER_BENCH_SUBJECT, so that two versions are measured by the same benchmark.
+SUBJECT = Path(os.environ.get("LIBVIRT_NWFILTER_BENCH_SUBJECT") or REPO).resolve()
+VENV_PY = SUBJECT / ".venv" / "bin" / "python"
+CLI = SUBJECT / ".venv" / "bin" / "libvirt-nwfilter"
+HOOK = SUBJECT / "hooks" / "qemu"
 TESTS = REPO / "tests"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -278,8 +281,8 @@ def machine_info(rundir: Path) -> dict:
     debian = "unknown"
     with contextlib.suppress(OSError):
         debian = Path("/etc/debian_version").read_text().strip()
-    commit = first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+    commit = first(["git", "-C", str(SUBJECT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(SUBJECT), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 1024 / 1024, 1),

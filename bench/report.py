@@ -19,6 +19,13 @@ GOAL_SCALING = 1.5
 GOAL_REAPPLY_S = 3.0
 GOAL_REDEFINE_S = 3.0
 GOAL_HOOK_START_S = 0.100
+# Goals of the resident service (issue 10, nftables backend, fresh client processes, wall).
+GOAL_SERVICE_REQUEST_S = 0.040
+GOAL_SERVICE_SCALING = 1.3
+GOAL_SERVICE_LIBVIRT_RATIO = 25.0
+GOAL_SERVICE_RECONNECT_S = 0.030
+GOAL_SERVICE_FLUSH_S = 2.0
+GOAL_SERVICE_BULK_S = 1.5
 
 
 def goals(results: Results) -> list[dict]:
@@ -51,19 +58,63 @@ def goals(results: Results) -> list[dict]:
         m = results.find("hook-start", "ours", nft, size)
         goal(f"hook start, wall ({size} present)", f"<= {GOAL_HOOK_START_S * 1000:.0f} ms",
              fmt_time(m.median) if m else None, m.median <= GOAL_HOOK_START_S if m else None)
+    service_goals(results, goal)
     return goals
+
+
+def _figure(m: Measurement | None) -> str | None:
+    """Median (minimum) wall, and the CPU of the whole process tree likewise."""
+    if m is None:
+        return None
+    cpu = f"; CPU {fmt_time(statistics.median(m.cpu))} ({fmt_time(min(m.cpu))})" if m.cpu else ""
+    return f"{fmt_time(m.median)} (min {fmt_time(min(m.walls))}){cpu}"
+
+
+def service_goals(results: Results, goal) -> None:
+    """Issue 10: the requests through the resident service, each given to ``goal``."""
+    nft, top = "nftables", results.max_present
+    for key, what in (("hook-start", "hook start"), ("binding-create", "binding-create")):
+        zero, full = results.find(key, "service", nft, 0), results.find(key, "service", nft, top)
+        goal(f"{what} through the service, 0 present", f"<= {GOAL_SERVICE_REQUEST_S * 1000:.0f} ms",
+             _figure(zero), zero.median <= GOAL_SERVICE_REQUEST_S if zero else None)
+        ratio = full.median / zero.median if zero and full else None
+        goal(f"{what} through the service, {top} present vs 0", f"<= {GOAL_SERVICE_SCALING}x",
+             f"{ratio:.2f}x ({_figure(full)})" if ratio else None,
+             ratio <= GOAL_SERVICE_SCALING if ratio else None)
+    lv, ours = results.find("binding-create", "libvirt", None, 0), results.find("binding-create", "service", nft, 0)
+    ratio = lv.median / ours.median if lv and ours else None
+    goal("binding-create through the service vs libvirt's engine (same run)", f">= {GOAL_SERVICE_LIBVIRT_RATIO:.0f}x faster",
+         f"{ratio:.1f}x ({fmt_time(lv.median)} / {fmt_time(ours.median)})" if ratio else None,
+         ratio >= GOAL_SERVICE_LIBVIRT_RATIO if ratio else None)
+    for key, what, target in (("hook-reconnect", f"hook reconnect of an intact guest, {top} present",
+                               GOAL_SERVICE_RECONNECT_S),
+                              ("flush-restored", f"nft flush ruleset -> {top} ports restored", GOAL_SERVICE_FLUSH_S),
+                              ("reapply", f"reapply of {top} through the service", GOAL_SERVICE_BULK_S),
+                              ("redefine", f"define of a filter {top} bindings use, through the service",
+                               GOAL_SERVICE_BULK_S)):
+        m = results.find(key, "service", nft, top)
+        goal(what, f"<= {fmt_time(target)}", _figure(m), m.median <= target if m else None)
+    m = results.find("hotplug", "service", nft, 0)
+    goal("hot-plug: attach-device returned -> rules in place", "measured (median, max)",
+         f"{fmt_time(m.median)}, max {fmt_time(max(m.walls))}" if m else None, None)
 
 
 def ratio_text(results: Results, m: Measurement) -> str:
     if not m.walls:
         return ""
     parts = []
-    if m.key == "binding-create" and m.engine == "ours":
+    if m.engine == "service" and m.key not in ("populate", "hotplug", "flush-restored"):
+        alone = results.find(m.key, "ours", m.backend, m.present)
+        if alone:
+            parts.append(f"in-process/this {alone.median / m.median:.1f}x")
+    if m.key == "binding-create" and m.engine in ("ours", "service"):
         lv = results.find("binding-create", "libvirt", None, m.present) or results.find("binding-create", "libvirt", None, 0)
         if lv:
             parts.append(f"libvirt/this {lv.median / m.median:.1f}x"
                          + ("" if lv.present == m.present else f" (libvirt @{lv.present})"))
-    if m.engine in ("ours", "tool") and m.present and m.key not in ("populate", "reapply", "verify", "redefine"):
+    if m.engine in ("ours", "tool", "service") and m.present and m.key not in ("populate", "reapply", "verify",
+                                                                             "redefine", "hook-reconnect",
+                                                                             "flush-restored"):
         base = results.find(m.key, m.engine, m.backend, 0)
         if base:
             parts.append(f"vs 0 present {m.median / base.median:.2f}x")
@@ -71,7 +122,7 @@ def ratio_text(results: Results, m: Measurement) -> str:
         nft = results.find(m.key, "ours", "nftables", m.present)
         if nft:
             parts.append(f"vs nftables {m.median / nft.median:.2f}x")
-    if m.key.startswith(("hook-start", "binding-create")) and m.engine == "ours":
+    if m.key.startswith(("hook-start", "binding-create")) and m.engine in ("ours", "service"):
         bare = results.find("python-bare", "python")
         if bare:
             parts.append(f"interpreter {100 * bare.median / m.median:.0f}%")
@@ -79,26 +130,27 @@ def ratio_text(results: Results, m: Measurement) -> str:
 
 
 def table(results: Results) -> str:
-    rows = [("measurement", "backend", "present", "median", "min-max", "n", "CPU", "peak RSS",
+    rows = [("measurement", "backend", "present", "median", "min-max", "n", "CPU med", "CPU min", "peak RSS",
              "ratio to reference")]
     for m in results.measurements:
         if m.error and not m.walls:
             rows.append((m.label, m.backend or m.engine, "" if m.present is None else str(m.present),
-                         "ERROR", m.error[:60], "0", "-", "-", ""))
+                         "ERROR", m.error[:60], "0", "-", "-", "-", ""))
             continue
         if not m.walls:
             continue
         engine = {"ours": m.backend or "", "libvirt": "libvirt", "tool": f"{m.backend} (tool)",
-                  "python": "python"}[m.engine]
+                  "python": "python", "service": f"{m.backend} (service)"}[m.engine]
         label = m.label
+        cpu = m.cpu and m.engine != "libvirt" and any(m.cpu)
         rows.append((label, engine, "" if m.present is None else str(m.present), fmt_time(m.median),
                      f"{fmt_time(min(m.walls))}-{fmt_time(max(m.walls))}", str(len(m.walls)),
-                     fmt_time(statistics.median(m.cpu)) if m.cpu and m.engine != "libvirt" else "-",
+                     fmt_time(statistics.median(m.cpu)) if cpu else "-", fmt_time(min(m.cpu)) if cpu else "-",
                      fmt_rss(max(m.rss_kb)) if m.rss_kb else "-", ratio_text(results, m)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, r in enumerate(rows):
-        cells = [c.rjust(widths[i]) if i in (2, 3, 4, 5, 6, 7) else c.ljust(widths[i]) for i, c in enumerate(r)]
+        cells = [c.rjust(widths[i]) if i in (2, 3, 4, 5, 6, 7, 8) else c.ljust(widths[i]) for i, c in enumerate(r)]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -106,7 +158,7 @@ def table(results: Results) -> str:
 
 
 def goals_text(goals: list[dict]) -> str:
-    lines = ["Goals (nftables backend):"]
+    lines = ["Goals (nftables backend; through the service: median wall (minimum), CPU of the process tree):"]
     for g in goals:
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[g["met"]]
         lines.append(f"  {mark} {g['goal']}: target {g['target']}, measured {g['measured']}")

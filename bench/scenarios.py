@@ -10,9 +10,13 @@
    the ``nft`` process alone (nftables), and at the largest count ``reapply`` and ``verify``;
 4. per backend: a clean-traffic-like filter of our own used by 1000 bindings, redefined (one rule
    changed) with ``libvirt-nwfilter define``;
-5. libvirt's engine (``virsh nwfilter-binding-create`` against a private libvirtd started in its
+5. nftables through the resident service (:mod:`.service`): the same requests from fresh client
+   processes at 0 and 1000 bindings present, hook ``reconnect``, ``nft flush ruleset`` until
+   repaired, ``reapply`` and ``define`` of 1000, with the CPU of the service's process tree;
+6. libvirt's engine (``virsh nwfilter-binding-create`` against a private libvirtd started in its
    own namespace by tests/libvirtd.py) on the same kernel in the same run, when libvirtd is
-   installed: at 0 bindings present (and 100 with ``--full``).
+   installed: at 0 bindings present (and 100 with ``--full``); then the hot-plug window with
+   the service connected to that libvirtd.
 
 The run directory is on tmpfs as ``/run`` is on Debian. Namespaces and the libvirtd it started
 are always removed (:meth:`Bench.cleanup`, SIGTERM/SIGHUP handlers, and netlab's atexit net).
@@ -39,6 +43,7 @@ from .measure import (CLI, TESTS, VENV_PY, BenchError, Measurement, Results, Run
                       fmt_time, is_tmpfs, lock_busy, machine_info, sh, spawn)
 from .ours import Ours
 from .profiling import profile_cli, profile_state
+from .service import ServiceScenario, hotplug
 
 BACKENDS = ("nftables", "ebiptables")
 
@@ -60,6 +65,7 @@ class Bench:
         shm = Path("/dev/shm") if is_tmpfs(Path("/dev/shm")) else Path("/run")
         self.shm = Path(tempfile.mkdtemp(prefix="nwfilter-bench-", dir=shm))
         self.profile_dir = self.out / "profile"
+        self.with_service = "nftables" in args.backends and not args.no_service
         self.started = time.time()
         self.t0 = time.monotonic()
 
@@ -137,6 +143,9 @@ class Bench:
         for backend in self.args.backends:
             self.guarded(f"{backend} scenario", None, lambda b=backend: self.scenario(b))
             self.guarded(f"{backend} redefinition", None, lambda b=backend: self.redefine_scenario(b))
+        if self.with_service:
+            self.log("== nftables through the resident service (libvirt-nwfilterd)")
+            self.guarded("service", None, lambda: ServiceScenario(self, self.max_present).run())
         self.log("deleting the lab")
         self.lab.close()
         self.lab = None
@@ -384,6 +393,8 @@ class Bench:
             self.repeat(create, self.args.libvirt_reps, once)
             self.log(f"libvirt @{size}: binding-create {fmt_time(create.median)} "
                      f"[{fmt_time(min(create.walls))}-{fmt_time(max(create.walls))}]")
+        if self.with_service:
+            self.guarded("hot-plug", None, lambda: hotplug(self, self.daemon, self.args.libvirt_reps))
         if not self.args.full:
             self.results.notes.append("libvirt's engine measured at 0 bindings present only (100 present: --full, "
                               "about 2 more minutes)")

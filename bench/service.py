@@ -1,363 +1,360 @@
-#!/usr/bin/env python3
-"""Benchmark of the resident service libvirt-nwfilterd: ``.venv/bin/python bench/service.py``
-(as root, after ``scripts/bootstrap``; ~5 minutes, ~8 with ``--libvirt``).
+"""The resident service in the benchmark: ``libvirt-nwfilterd`` running inside the lab namespace,
+the CPU time of its whole process tree (request processes, the watcher, every ``nft`` they run)
+counted by a cpuacct cgroup of its own, and what is measured through it (nftables backend):
 
-In a fresh network namespace (run directory on tmpfs), with ``libvirt-nwfilterd`` running
-there (self-healing on) and, for comparison, without it (``LIBVIRT_NWFILTER_NO_SERVICE=1``):
+* hook ``start``/``stopped`` through the wrapper ``install-hook`` writes and ``binding-create``/
+  ``binding-delete`` through the console script, fresh client processes, with 0 and N bindings
+  present;
+* hook ``reconnect`` of an intact one-interface guest with N present;
+* ``nft flush ruleset`` with N present: from the flush until the repair's transaction is
+  committed (the kernel's notification of it), then every dispatch entry is checked;
+* ``reapply`` of N and ``define`` of a filter the N use, through the service.
 
-* hook ``start`` (the wrapper's command: ``python -I -S -c ...``, one interface) and
-  ``binding-create`` (the ``libvirt-nwfilter`` console script), fresh client processes, wall
-  time, with 0 and 1000 bindings present;
-* hook ``reconnect`` of an intact one-interface guest with 1000 bindings present;
-* ``nft flush ruleset`` with 1000 bindings present: time from the flush until the last port's
-  dispatch entry is back;
-* ``reapply`` of 1000 bindings and ``define`` of a filter 1000 bindings use, through the service;
-* with ``--libvirt``: libvirt's own engine per binding (``virsh nwfilter-binding-create`` against
-  a private libvirtd, tests/libvirtd.py) and the hot-plug window: from ``virsh attach-device``
-  returning until the new tap's rules are in place (negative: in place before it returned).
-
-Every figure is the median (min-max) of fresh processes. Writes OUT/service.json and prints a
-table with the issue's targets. The package's .pyc files are compiled first (the machine's
-environment may set PYTHONDONTWRITEBYTECODE, which would otherwise make every start compile).
+A service run's CPU is the client's (``wait4``) plus what the service's tree used from the
+client's start until the service is idle again (its healer included). Without a cgroup (no
+cpuacct hierarchy) the service's share comes from ``/proc`` (10 ms ticks, reaped children only).
 """
 
 from __future__ import annotations
 
-import argparse
-import compileall
-import json
+import contextlib
 import os
 import signal
-import statistics
+import socket
 import subprocess
-import sys
-import tempfile
 import time
-import uuid as uuidlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from .documents import (CUSTOM_FILTER, FILTER, GUEST, HOOK_PORT, MEAS_PORTS, custom_filter_xml, domain_xml,
+                        meas_mac, meas_port)
+from .measure import VENV_PY, BenchError, Run, _netns, base_env, fmt_time, spawn
+from .ours import Ours
 
-PY = str(REPO / ".venv" / "bin" / "python")
-CLI = str(REPO / ".venv" / "bin" / "libvirt-nwfilter")
-NS_URI = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
-GUEST_UUID = "6f0c4f5e-6b1e-4d8a-9c51-0b3c1ae0b0ff"
-PRESENT = 1000
-TARGETS = {"hook-start-0": 0.040, "reconnect": 0.030, "flush": 2.0, "reapply": 1.5, "define": 1.5}
-HOOK_CODE = (f"import sys; sys.path.append({str(REPO)!r}); "
-             "from libvirt_nwfilter.client import hook_main; sys.exit(hook_main())")
-
-FILTER = """<filter name='bench-ct' chain='root'>
-  <uuid>6f0c4f5e-6b1e-4d8a-9c51-0b3c1ae0b001</uuid>
-  <filterref filter='clean-traffic'/>
-  <rule action='drop' direction='out' priority='500'><udp dstportstart='{port}'/></rule>
-</filter>
-"""
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpuacct")
+SETTLE = 0.3  # seconds after a request for the service's own reactions (healer, warm-up) to be done
+FLUSH_TIMEOUT = 120.0
 
 
-def binding_xml(port: str, mac: str, ip: str, filter_name: str = "clean-traffic") -> str:
-    return (f"<filterbinding><owner><name>bench</name><uuid>{uuidlib.uuid4()}</uuid></owner>"
-            f"<portdev name='{port}'/><mac address='{mac}'/><filterref filter='{filter_name}'>"
-            f"<parameter name='IP' value='{ip}'/></filterref></filterbinding>\n")
+class CpuGroup:
+    """A cpuacct cgroup counting the CPU time of the processes put into it and their descendants."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = CGROUP_ROOT / f"nwfilter-bench-{os.getpid()}"
+        try:
+            self.path.mkdir()
+        except OSError:
+            self.path = None
+
+    def add(self, pid: int) -> bool:
+        if self.path is None:
+            return False
+        try:
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
+            return True
+        except OSError:
+            return False
+
+    def usage(self) -> float:
+        assert self.path is not None
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def close(self) -> None:
+        if self.path is not None:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    break
+                except OSError:  # processes still leaving
+                    time.sleep(0.1)
+            self.path = None
 
 
-def domain_xml(port: str, mac: str, ip: str) -> str:
-    return (f"<domain type='kvm'><name>bench-guest</name><uuid>{GUEST_UUID}</uuid><metadata>"
-            f"<nwf:nwfilter xmlns:nwf='{NS_URI}'><nwf:interface mac='{mac}'><nwf:filterref filter='clean-traffic'>"
-            f"<nwf:parameter name='IP' value='{ip}'/></nwf:filterref></nwf:interface></nwf:nwfilter></metadata>"
-            f"<devices><interface type='bridge'><mac address='{mac}'/><target dev='{port}'/></interface>"
-            "</devices></domain>\n")
+class Daemon:
+    """``libvirt-nwfilterd`` for one configuration of ours, inside its namespace (connected to
+    the libvirtd there with ``libvirt``)."""
 
+    def __init__(self, ours: Ours, log: Path, libvirt: bool = False):
+        self.ours, self.log, self.libvirt = ours, log, libvirt
+        self.proc: subprocess.Popen | None = None
+        self.group = CpuGroup()
+        self.counted = False
 
-class Inner:
-    """Runs inside the namespace."""
-
-    def __init__(self, args):
-        self.args = args
-        self.work = Path(tempfile.mkdtemp(prefix="nwf-bench-", dir="/run"))
-        self.conf, self.run = self.work / "conf", self.work / "run"
-        self.conf.mkdir()
-        self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LIBVIRT_NWFILTER_CONFDIR": str(self.conf),
-                    "LIBVIRT_NWFILTER_RUNDIR": str(self.run), "LIBVIRT_NWFILTER_BACKEND": "nftables"}
-        self.results: dict[str, dict] = {}
-        self.daemon: subprocess.Popen | None = None
-
-    # -- helpers ----------------------------------------------------------------------------
-    def timed(self, argv: list[str], stdin: str = "", service: bool = True) -> float:
-        env = dict(self.env, **({} if service else {"LIBVIRT_NWFILTER_NO_SERVICE": "1"}))
-        began = time.perf_counter()
-        done = subprocess.run(argv, input=stdin.encode(), capture_output=True, env=env, cwd=self.work)
-        took = time.perf_counter() - began
-        if done.returncode != 0:
-            raise RuntimeError(f"{argv[-4:]} failed: {done.stderr.decode()}")
-        return took
-
-    def record(self, key: str, label: str, samples: list[float]) -> None:
-        self.results[key] = {"label": label, "median": statistics.median(samples), "min": min(samples),
-                             "max": max(samples), "n": len(samples)}
-        print(f"{label:<68} {statistics.median(samples) * 1000:8.1f} ms  ({min(samples) * 1000:.1f}-"
-              f"{max(samples) * 1000:.1f}, n={len(samples)})", flush=True)
-
-    def ports(self, names: list[str]) -> None:
-        lines = [f"link add {n} type veth peer name {n}x" for n in names]
-        subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
-
-    def start_daemon(self) -> None:
-        log = open(self.work / "service.log", "ab")
-        self.daemon = subprocess.Popen([PY, "-m", "libvirt_nwfilter.daemon", "--no-libvirt"], env=self.env,
-                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        socket_path = self.run / "libvirt-nwfilterd.sock"
-        for _ in range(600):
-            if socket_path.exists():
-                break
+    def start(self) -> "Daemon":
+        (self.ours.rundir / "kernel-intact.json").unlink(missing_ok=True)
+        with open(self.log, "ab") as log, _netns().entered(self.ours.ns):
+            self.proc = subprocess.Popen([VENV_PY, "-m", "libvirt_nwfilter.daemon",
+                                          *(() if self.libvirt else ("--no-libvirt",))],
+                                         env=self.ours.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        self.counted = self.group.add(self.proc.pid)
+        deadline = time.monotonic() + 300
+        while not self.answers() or not (self.ours.rundir / "kernel-intact.json").exists() or \
+                (self.libvirt and "libvirt: connected" not in self.log.read_text(errors="replace")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"libvirt-nwfilterd did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
-        time.sleep(0.5)
+        return self
 
-    def stop_daemon(self) -> None:
-        if self.daemon is not None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.daemon.wait(timeout=60)
-            self.daemon = None
-
-    def dispatch_count(self) -> int:
-        done = subprocess.run(["nft", "-j", "list", "map", "bridge", "libvirt_nwfilter", "l2_from_vm"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            return 0
-        for item in json.loads(done.stdout)["nftables"]:
-            if "map" in item:
-                return len(item["map"].get("elem", []))
-        return 0
-
-    def wait_intact_knowledge(self, port: str | None = None) -> None:
-        """Until the service has checked the rules since the last change (and knows ``port``)."""
-        path = self.run / "kernel-intact.json"
-        for _ in range(1200):
+    def answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             try:
-                if port is None or port in json.loads(path.read_text())["ports"]:
+                sock.connect(str(self.ours.rundir / "libvirt-nwfilterd.sock"))
+                return True
+            except OSError:
+                return False
+
+    def cpu(self) -> float:
+        """CPU seconds its tree used so far."""
+        if self.counted:
+            return self.group.usage()
+        assert self.proc is not None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            with contextlib.suppress(OSError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(int(x) for x in fields[11:15]) / ticks
+        return total
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=30)
+            self.proc = None
+        self.group.close()
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+class ServiceScenario:
+    """The service's figures, with their own configuration in the lab (see the module docstring)."""
+
+    def __init__(self, bench, size: int):
+        self.bench, self.results, self.size = bench, bench.results, size
+        self.ours = Ours(bench.lab.host_ns, bench.work, bench.shm, "nftables", "service")
+        self.daemon: Daemon | None = None
+        self.hook_wrapper: Path | None = None
+
+    # -- running through the service ----------------------------------------------------------
+    def timed(self, run: "callable") -> Run:
+        """``run()`` (a client process), its CPU being the client's plus the service tree's."""
+        assert self.daemon is not None
+        before = self.daemon.cpu()
+        result = run()
+        time.sleep(SETTLE)
+        result.cpu += self.daemon.cpu() - before
+        return result
+
+    def cli(self, *args: object, what: str) -> Run:
+        return self.timed(lambda: self.ours.cli(*args).check(what))
+
+    def hook(self, operation: str, stdin: bytes, what: str) -> Run:
+        assert self.hook_wrapper is not None
+        return self.timed(lambda: spawn([self.hook_wrapper, GUEST, operation, "begin", "-"], base_env(),
+                                        self.ours.ns, stdin).check(what))
+
+    # -- the scenario -------------------------------------------------------------------------
+    def run(self) -> None:
+        bench = self.bench
+        self.ours.cli("status").check("status (warm-up, kernel probe)")
+        hooks_dir = self.ours.files / "hooks"
+        self.ours.cli("install-hook", "--no-service", "--hooks-dir", hooks_dir).check("install-hook")
+        self.hook_wrapper = hooks_dir / "qemu.d" / "libvirt-nwfilter"
+        for variant in (0, 1, 2):
+            (self.ours.files / f"{CUSTOM_FILTER}-{variant}.xml").write_text(custom_filter_xml(variant))
+        self.ours.cli("define", self.ours.files / f"{CUSTOM_FILTER}-0.xml").check("define (initial)")
+        self.daemon = Daemon(self.ours, bench.work / "service.log").start()
+        if not self.daemon.counted:
+            self.results.notes.append("no cpuacct cgroup: the service's CPU comes from /proc (10 ms ticks)")
+        try:
+            bench.guarded("service at 0", None, lambda: self.per_request(0))
+            m = self.results.new("populate", f"set-up: bulk bind of {self.size} to {CUSTOM_FILTER} (one batch, "
+                                 "in-process, the service running)", "service", "nftables", self.size)
+            m.add(self.ours.populate(0, self.size, CUSTOM_FILTER))
+            self._wait_known(self.size)
+            bench.guarded(f"service at {self.size}", None, lambda: self.per_request(self.size))
+            bench.guarded("service reconnect", None, self.reconnect)
+            bench.guarded("service flush", None, self.flush)
+            bench.guarded("service bulk", None, self.bulk)
+        finally:
+            self.daemon.stop()
+            self.daemon = None
+            bench.flush_firewall()
+
+    def _wait_known(self, ports: int, timeout: float = 120.0) -> None:
+        """Until the service knows ``ports`` ports intact (it has read their records), then a
+        moment for the request server to compile them (its idle work)."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if len(json.loads((self.ours.rundir / "kernel-intact.json").read_text())["ports"]) >= ports:
+                    time.sleep(3.0)
                     return
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
+            time.sleep(0.1)
+        raise BenchError(f"the service did not account for {ports} ports within {timeout:.0f} s")
 
-    # -- scenarios --------------------------------------------------------------------------
     def per_request(self, present: int) -> None:
-        reps = self.args.reps
-        hook = [PY, "-I", "-S", "-c", HOOK_CODE]
-        start = domain_xml("bh0", "52:54:00:03:00:01", "10.3.0.1")
-        for service in (True, False):
-            tag = "service" if service else "in-process"
-            starts, creates = [], []
-            for k in range(reps):
-                starts.append(self.timed([*hook, "bench-guest", "start", "begin", "-"], start, service))
-                self.timed([*hook, "bench-guest", "stopped", "end", "-"], start, service)
-                port = f"bm{k}"
-                creates.append(self.timed([CLI, "binding-create", "-"],
-                                          binding_xml(port, f"52:54:00:02:00:{k:02x}", f"10.2.0.{k + 1}"), service))
-                self.timed([CLI, "binding-delete", port], "", service)
-            self.record(f"hook-start-{present}-{tag}", f"hook start, 1 interface ({tag}, {present} present)", starts)
-            self.record(f"binding-create-{present}-{tag}", f"binding-create ({tag}, {present} present)", creates)
+        new = lambda key, label: self.results.new(key, label, "service", "nftables", present)  # noqa: E731
+        start = new("hook-start", "hook start through the service (install-hook wrapper, 1 interface)")
+        stop = new("hook-stopped", "hook stopped through the service (install-hook wrapper)")
+        create = new("binding-create", "binding-create clean-traffic through the service (console script)")
+        delete = new("binding-delete", "binding-delete through the service (console script)")
+        files = [self.ours.binding_file(meas_port(k), meas_mac(k), f"10.2.0.{k + 1}") for k in range(MEAS_PORTS)]
+        start_xml, stop_xml = domain_xml(HOOK_PORT), domain_xml(None)
+        self.hook("start", start_xml, "hook start (warm-up)")
+        self.hook("stopped", stop_xml, "hook stopped (warm-up)")
 
-    def populate(self) -> None:
-        subprocess.run([PY, "-c", "import sys; from libvirt_nwfilter import cli; sys.exit(cli.main(['define', '-']))"],
-                       input=FILTER.format(port=7001), text=True, env=self.env, check=True)
-        code = ("import sys; from libvirt_nwfilter.config import Config; from libvirt_nwfilter.service import Service\n"
-                "from libvirt_nwfilter.model import Binding, FilterRef, make_params\n"
-                f"n = {PRESENT}\n"
-                "bs = [Binding('bench', '6f0c4f5e-6b1e-4d8a-9c51-0b3c1ae0b0aa', f'bp{i}', f'52:54:00:01:{i >> 8:02x}:{i & 255:02x}',"
-                " FilterRef('bench-ct', make_params({'IP': [f'10.1.{i >> 8}.{i & 255}']}))) for i in range(n)]\n"
-                "Service(Config.load()).bind_owner(bs)\n")
-        began = time.perf_counter()
-        subprocess.run([PY, "-c", code], env=self.env, check=True)
-        print(f"(set-up: {PRESENT} bindings in one batch in {time.perf_counter() - began:.1f} s)", flush=True)
+        def once(k: int) -> Run:
+            run = self.hook("start", start_xml, "hook start")
+            if not self.ours.state_has(HOOK_PORT):
+                raise BenchError("hook start through the service exited 0 but the port has no binding")
+            stop.add(self.hook("stopped", stop_xml, "hook stopped"))
+            port = meas_port(k % MEAS_PORTS)
+            create.add(self.cli("binding-create", files[k % MEAS_PORTS], what="binding-create"))
+            if not self.ours.state_has(port):
+                raise BenchError(f"binding-create through the service exited 0 but no state for {port}")
+            delete.add(self.cli("binding-delete", port, what="binding-delete"))
+            return run
+
+        self.bench.repeat(start, self.bench.reps, once)
+        self.bench.log(f"service @{present}: hook start {fmt_time(start.median)}, binding-create "
+                       f"{fmt_time(create.median)} (CPU {fmt_time(min(create.cpu))}-)")
 
     def reconnect(self) -> None:
-        hook = [PY, "-I", "-S", "-c", HOOK_CODE, "bench-guest"]
-        xml = domain_xml("bh0", "52:54:00:03:00:01", "10.3.0.1")
-        self.timed([*hook, "start", "begin", "-"], xml)
-        for service in (True, False):
-            samples = []
-            for _ in range(self.args.reps if service else 3):
-                self.wait_intact_knowledge("bh0")
-                samples.append(self.timed([*hook, "reconnect", "begin", "-"], xml, service))
-            tag = "service" if service else "in-process"
-            self.record(f"reconnect-{tag}", f"hook reconnect of an intact guest ({tag}, {PRESENT} present)", samples)
+        m = self.results.new("hook-reconnect", "hook reconnect of an intact guest through the service", "service",
+                             "nftables", self.size)
+        xml = domain_xml(HOOK_PORT)
+        self.hook("start", xml, "hook start")
+        self.hook("reconnect", xml, "hook reconnect (warm-up)")
+        self.bench.repeat(m, self.bench.reps, lambda k: self.hook("reconnect", xml, "hook reconnect"))
+        self.hook("stopped", domain_xml(None), "hook stopped")
+        self.bench.log(f"service @{self.size}: reconnect {fmt_time(m.median)}")
 
     def flush(self) -> None:
-        expected = self.dispatch_count()
-        samples = []
-        for _ in range(3):
-            self.wait_intact_knowledge()
-            began = time.perf_counter()
-            subprocess.run(["nft", "flush", "ruleset"], check=True)
-            while self.dispatch_count() < expected:
-                if time.perf_counter() - began > 120:
-                    raise RuntimeError("the rules were not restored within 120 s")
-                time.sleep(0.01)
-            samples.append(time.perf_counter() - began)
-        self.record("flush", f"nft flush ruleset -> last of {expected} ports restored", samples)
+        """``nft flush ruleset``: until the repair's transaction is in the kernel."""
+        from libvirt_nwfilter import executor
+
+        m = self.results.new("flush-restored", "nft flush ruleset -> every port's rules back (one repair)", "service",
+                             "nftables", self.size)
+        expected = self._dispatched()
+        for _ in range(self.bench.slow_reps):
+            time.sleep(1.0)  # the service is idle again
+            with _netns().entered(self.ours.ns):
+                notices = executor.nft_notifications()
+            with notices:
+                notices.settimeout(1.0)
+                before = self.daemon.cpu()
+                began = time.perf_counter()
+                flushed = spawn(["nft", "flush", "ruleset"], base_env(), self.ours.ns).check("nft flush ruleset")
+                wall = _repaired(notices, self.size, began)
+            time.sleep(SETTLE)
+            if self._dispatched() != expected:
+                raise BenchError(f"after the repair {self._dispatched()} ports are dispatched, not {expected}")
+            m.add(Run(["nft", "flush", "ruleset"], wall, 0, 0, flushed.cpu + self.daemon.cpu() - before, "", ""),
+                  rss=False)
+        self.bench.log(f"service @{self.size}: flush -> restored {fmt_time(m.median)}")
+
+    def _dispatched(self) -> int:
+        import json
+
+        listing = spawn(["nft", "-j", "list", "map", "bridge", "libvirt_nwfilter", "l2_from_vm"], base_env(),
+                        self.ours.ns)
+        if listing.rc != 0:
+            return 0
+        return sum(len(item["map"].get("elem", [])) for item in json.loads(listing.stdout)["nftables"] if "map" in item)
 
     def bulk(self) -> None:
-        reapply, define = [], []
-        for k in range(3):
-            reapply.append(self.timed([CLI, "reapply"]))
-            (self.work / "f.xml").write_text(FILTER.format(port=7002 + k % 2))
-            define.append(self.timed([CLI, "define", "f.xml"]))
-        self.record("reapply", f"reapply of {PRESENT + 1} bindings (service)", reapply)
-        self.record("define", f"define of a filter {PRESENT} bindings use (service)", define)
+        reapply = self.results.new("reapply", f"reapply of {self.size} bindings through the service", "service",
+                                   "nftables", self.size)
+        define = self.results.new("redefine", f"define: one rule changed in a filter {self.size} bindings use, "
+                                  "through the service", "service", "nftables", self.size)
+        self.cli("reapply", what="reapply (warm-up)")
+        self.bench.repeat(reapply, self.bench.slow_reps, lambda k: self.cli("reapply", what="reapply"),
+                          budget=self.bench.args.slow_budget)
+        variants = [self.ours.files / f"{CUSTOM_FILTER}-{v}.xml" for v in (1, 2)]
+        self.cli("define", variants[0], what="define (warm-up)")
+        self.bench.repeat(define, self.bench.slow_reps,
+                          lambda k: self.cli("define", variants[(k + 1) % 2], what="define"),
+                          budget=self.bench.args.slow_budget)
+        self.bench.log(f"service @{self.size}: reapply {fmt_time(reapply.median)}, define {fmt_time(define.median)}")
 
-    def main(self) -> dict:
-        self.ports(["bh0", *(f"bm{k}" for k in range(self.args.reps))] + [f"bp{i}" for i in range(PRESENT)])
+
+def _repaired(notices: socket.socket, ports: int, began: float) -> float:
+    """Seconds from ``began`` until the transaction after the flush (the first one to touch our
+    tables) that touched at least ``ports`` ports: the repair, whichever process committed it
+    (so that any version of the service is measured alike)."""
+    seen = []
+
+    def after_flush(txn) -> bool:
+        seen.append(txn)
+        return len(seen) > 1 and len(txn.ports) >= ports
+
+    return _committed(notices, after_flush) - began
+
+
+def _committed(notices: socket.socket, wanted, timeout: float = FLUSH_TIMEOUT) -> float:
+    """When (``time.perf_counter()``) a transaction touching our tables that is ``wanted`` was
+    received."""
+    from libvirt_nwfilter.backends.nftables.notices import Transactions
+
+    grouping = Transactions()
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
         try:
-            self.start_daemon()
-            self.per_request(0)
-            self.stop_daemon()
-            self.populate()
-            self.start_daemon()
-            self.per_request(PRESENT)
-            self.reconnect()
-            self.flush()
-            self.bulk()
-        finally:
-            self.stop_daemon()
-            subprocess.run(["rm", "-rf", str(self.work)])
-        return self.results
+            data = notices.recv(1 << 20)
+        except TimeoutError:
+            continue
+        for txn in grouping.feed(data):
+            if txn.ours and wanted(txn):
+                return time.perf_counter()
+    raise BenchError(f"no such change of our tables within {timeout:.0f} s")
 
 
-def libvirt_phase(reps: int) -> dict:
-    """libvirt's engine per binding, and the hot-plug window, against a private libvirtd."""
-    import libvirtd as lv
+def hotplug(bench, libvirtd, reps: int) -> None:
+    """From ``virsh attach-device`` returning until the new tap's rules are committed (the
+    kernel's notification), with the service connected to the private libvirtd: a guest whose
+    metadata names the MACs of the NICs attached one by one."""
+    from libvirt_nwfilter import executor
 
-    results: dict[str, dict] = {}
-    daemon = lv.start_libvirtd()
-    work = Path(tempfile.mkdtemp(prefix="nwf-bench-lv-", dir="/run"))
-    service = None
-    try:
-        ns = daemon.lab.host_ns
-        lines = [f"link add lb{k} type veth peer name lb{k}x" for k in range(reps)]
-        subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True)
-        samples = [daemon.create_binding(f"lb{k}", f"52:54:00:04:00:{k:02x}", "clean-traffic",
-                                         {"IP": f"10.4.0.{k + 1}"}) for k in range(reps)]
-        for k in range(reps):
-            daemon.delete_binding(f"lb{k}")
-        results["libvirt-binding-create"] = _summary("virsh nwfilter-binding-create clean-traffic (libvirt)", samples)
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LIBVIRT_NWFILTER_CONFDIR": str(work / "conf"),
-               "LIBVIRT_NWFILTER_RUNDIR": str(work / "run")}
-        (work / "conf").mkdir()
-        log = open(work / "service.log", "ab")
-        service = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "libvirt_nwfilter.daemon"], env=env,
-                                   stdout=log, stderr=log)
-        time.sleep(3)
-        results["hotplug"] = _hotplug(daemon, ns, reps)
-    finally:
-        if service is not None:
-            service.send_signal(signal.SIGTERM)
-            service.wait(timeout=60)
-        daemon.stop()
-        subprocess.run(["rm", "-rf", str(work)])
-    return results
+    import libvirtd as lvd  # tests/libvirtd.py
+    from .documents import NWF_NS
 
-
-def _hotplug(daemon, ns: str, reps: int) -> dict:
-    import libvirtd as lv
-
+    ns = libvirtd.lab.host_ns
+    ours = Ours(ns, bench.work, bench.shm, "nftables", "hotplug")
+    daemon = Daemon(ours, bench.work / "service-hotplug.log", libvirt=True).start()
     name, base = "nwft-bench-hotplug", "52:54:00:05:00:01"
     macs = [f"52:54:00:05:01:{k:02x}" for k in range(reps)]
-    entries = "".join(f"<nwf:interface mac='{m}'><nwf:filterref filter='clean-traffic'><nwf:parameter name='IP' "
-                      f"value='10.5.1.{k + 1}'/></nwf:filterref></nwf:interface>" for k, m in enumerate(macs))
-    meta = f"<nwf:nwfilter xmlns:nwf='{NS_URI}'>{entries}</nwf:nwfilter>"
-    daemon.define_guest(name, base, xml=daemon.guest_xml(name, base, metadata=meta))
-    lv.virsh("start", name)
-    samples = []
-    for mac in macs:
-        nic = (f"<interface type='bridge'><mac address='{mac}'/><source bridge='br0'/>"
-               "<model type='usb-net'/></interface>")
-        lv.virsh("attach-device", name, "/dev/stdin", "--live", input=nic)
-        returned = time.perf_counter()
-        tap = None
-        while time.perf_counter() - returned < 30:
-            xml = lv.virsh("dumpxml", name).stdout
-            part = xml.split(f"<mac address='{mac}'/>", 1)
-            if tap is None and len(part) == 2 and "<target dev='" in part[1]:
-                tap = part[1].split("<target dev='", 1)[1].split("'", 1)[0]
-            listing = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "map", "bridge", "libvirt_nwfilter",
-                                      "l2_from_vm"], capture_output=True, text=True).stdout
-            if tap and f'"{tap}"' in listing:
-                break
-            time.sleep(0.005)
-        samples.append(time.perf_counter() - returned)
-    daemon.remove_guest(name)
-    return _summary("hot-plug: attach-device returned -> rules in place (polled, includes virsh dumpxml)", samples)
-
-
-def _summary(label: str, samples: list[float]) -> dict:
-    print(f"{label:<68} {statistics.median(samples) * 1000:8.1f} ms  ({min(samples) * 1000:.1f}-"
-          f"{max(samples) * 1000:.1f}, n={len(samples)})", flush=True)
-    return {"label": label, "median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "n": len(samples)}
-
-
-def goals(results: dict) -> list[str]:
-    lines = []
-
-    def goal(ok: bool, text: str) -> None:
-        lines.append(f"  {'MET   ' if ok else 'MISSED'} {text}")
-
-    get = lambda key: results.get(key, {}).get("median")  # noqa: E731
-    start0, start1000 = get("hook-start-0-service"), get(f"hook-start-{PRESENT}-service")
-    create0, create1000 = get("binding-create-0-service"), get(f"binding-create-{PRESENT}-service")
-    for what, zero, full in (("hook start", start0, start1000), ("binding-create", create0, create1000)):
-        if zero is not None:
-            goal(zero <= 0.040, f"{what} through the service, 0 present: <= 40 ms, measured {zero * 1000:.0f} ms")
-        if zero and full is not None:
-            goal(full <= 1.3 * zero, f"{what} through the service, {PRESENT} present: <= 1.3x the 0 figure, "
-                 f"measured {full / zero:.2f}x ({full * 1000:.0f} ms)")
-    engine = get("libvirt-binding-create")
-    if engine and create0:
-        goal(engine / create0 >= 25, f"per binding vs libvirt's engine: >= 25x faster, measured {engine / create0:.1f}x")
-    for key, target, text in (("reconnect-service", 0.030, "hook reconnect of an intact guest"),
-                              ("flush", 2.0, "nft flush ruleset -> last port restored"),
-                              ("reapply", 1.5, f"reapply of {PRESENT}"), ("define", 1.5, f"define of a filter {PRESENT} use")):
-        if get(key) is not None:
-            goal(get(key) <= target, f"{text}: <= {target * 1000:.0f} ms, measured {get(key) * 1000:.0f} ms")
-    return lines
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
-    parser.add_argument("--reps", type=int, default=9, help="fresh processes per figure (default 9)")
-    parser.add_argument("--libvirt", action="store_true", help="also libvirt's engine and the hot-plug window")
-    parser.add_argument("--inner", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.inner:
-        Path(args.inner).write_text(json.dumps(Inner(args).main()))
-        return 0
-    compileall.compile_dir(str(REPO / "libvirt_nwfilter"), quiet=1)
-    ns = f"nwf-bench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    inner_out = Path(tempfile.mkstemp(prefix="nwf-bench-", suffix=".json")[1])
+    entries = "".join(f"<nwf:interface mac='{mac}'><nwf:filterref filter='{FILTER}'><nwf:parameter name='IP' "
+                      f"value='10.5.1.{k + 1}'/></nwf:filterref></nwf:interface>" for k, mac in enumerate(macs))
+    m = bench.results.new("hotplug", "hot-plug: virsh attach-device returned -> the tap's rules committed", "service",
+                          "nftables", 0)
     try:
-        subprocess.run(["ip", "netns", "exec", ns, PY, __file__, "--inner", str(inner_out), "--reps", str(args.reps)],
-                       check=True)
-        results = json.loads(inner_out.read_text())
+        libvirtd.define_guest(name, base, metadata=f"<nwf:nwfilter xmlns:nwf='{NWF_NS}'>{entries}</nwf:nwfilter>")
+        lvd.virsh("start", name)
+        for mac in macs:
+            nic = (f"<interface type='bridge'><mac address='{mac}'/><source bridge='br0'/>"
+                   "<model type='usb-net'/></interface>")
+            with _netns().entered(ns):
+                notices = executor.nft_notifications()
+            with notices:
+                notices.settimeout(0.5)
+                lvd.virsh("attach-device", name, "/dev/stdin", "--live", input=nic)
+                returned = time.perf_counter()
+                committed = _committed(notices, lambda txn: bool(txn.ports), timeout=30.0)
+            m.add(Run(["virsh", "attach-device"], max(committed - returned, 0.0), 0, 0, 0.0, "", ""), rss=False)
+        bench.log(f"hot-plug window: median {fmt_time(m.median)}, max {fmt_time(max(m.walls))}")
     finally:
-        subprocess.run(["ip", "netns", "delete", ns])
-        inner_out.unlink(missing_ok=True)
-    if args.libvirt:
-        results.update(libvirt_phase(min(args.reps, 7)))
-    text = "\n".join(["Goals (resident service, nftables):", *goals(results)])
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "service.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    table = "\n".join(f"{r['label']:<80} {r['median'] * 1000:9.1f} ms  ({r['min'] * 1000:.1f}-{r['max'] * 1000:.1f}, "
-                      f"n={r['n']})" for r in results.values())
-    (out / "service-table.txt").write_text(table + "\n\n" + text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        libvirtd.remove_guest(name)
+        daemon.stop()

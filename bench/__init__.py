@@ -12,6 +12,7 @@ module           what it holds
 ``documents``    the ports, addresses and XML documents the scenarios use
 ``populate``     the child that binds hundreds of ports in one batch (set-up)
 ``profiling``    ``--profile``: import times, cProfile, strace phases
+``service``      the resident service in the lab: requests through it, flush repair, hot-plug
 ``report``       goals, the table, the plot, results.json (and ``--replot``)
 ================ =====================================================================
 """

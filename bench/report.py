@@ -95,8 +95,8 @@ def service_goals(results: Results, goal) -> None:
         m = results.find(key, "service", nft, top)
         goal(what, f"<= {fmt_time(target)}", _figure(m), m.median <= target if m else None)
     m = results.find("hotplug", "service", nft, 0)
-    goal("hot-plug: attach-device returned -> rules in place", "measured (median, max)",
-         f"{fmt_time(m.median)}, max {fmt_time(max(m.walls))}" if m else None, None)
+    goal("hot-plug: the new tap appeared -> its rules in place (unfiltered window)", "measured (median, max)",
+         f"{fmt_time(m.median)}, max {fmt_time(max(m.walls))}; {m.note}" if m else None, None)
 
 
 def ratio_text(results: Results, m: Measurement) -> str:

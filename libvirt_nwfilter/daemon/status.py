@@ -6,13 +6,17 @@ The file is a report, never state: ``status`` shows it only while the PID it nam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import NwfilterError
 from ..files import write_atomically
+
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "libvirt-nwfilterd.json"
 
@@ -29,9 +33,13 @@ class Report:
                                       "last_learned": None}
 
     def update(self, **values: Any) -> None:
+        """A report that cannot be written is logged: the work it reports goes on."""
         with self._lock:
             self._data.update(values)
-            write_atomically(self.path, json.dumps(self._data, sort_keys=True) + "\n", mode=0o644)
+            try:
+                write_atomically(self.path, json.dumps(self._data, sort_keys=True) + "\n", mode=0o644)
+            except NwfilterError as error:
+                log.warning("status not reported: %s", error)
 
     def count(self, key: str, **values: Any) -> None:
         with self._lock:

@@ -468,3 +468,29 @@ def test_reading_commands_work_while_an_interrupted_change_cannot_be_completed(t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Chain nwf-I-vp1 already exists" in err
     assert (tmp_path / "run" / "journal.json").exists()
+
+
+def test_taking_the_lock_removes_partial_writes_of_locked_files_only(tmp_path):
+    """Temporary files of records, the index and the journal are a killed writer's; those of the
+    service's reports (written without the lock, maybe right now) are left alone."""
+    from libvirt_nwfilter import journal
+    from libvirt_nwfilter.daemon import knowledge, status
+
+    st = State(tmp_path)
+    st.bindings_dir.mkdir(parents=True)
+    ours = [tmp_path / ".index.json.x1", tmp_path / f".{journal.JOURNAL}.x2", st.bindings_dir / ".vnet0.json.x3"]
+    reports = [tmp_path / f".{status.STATUS_FILE}.x4", tmp_path / f".{knowledge.KNOWLEDGE_FILE}.x5"]
+    for path in ours + reports:
+        path.write_text("partial")
+    with st.locked(timeout=5):
+        pass
+    assert [p for p in ours if p.exists()] == [] and all(p.exists() for p in reports)
+
+
+def test_a_status_report_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
+    from libvirt_nwfilter.daemon.status import Report
+
+    report = Report(tmp_path / "missing" / "file-not-dir", os.getpid(), time.time())
+    (tmp_path / "missing").write_text("a file where the run directory should be")
+    report.count("events", last_event={"what": "x"})
+    assert "status not reported" in caplog.text

@@ -10,6 +10,7 @@ filters changed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -47,6 +48,9 @@ class Warmer:
             if time.monotonic() > deadline:
                 return True
         self._work = None
+        # What was compiled lives on in the caches: frozen, a forked request's garbage collections
+        # neither walk it nor copy its pages (the server froze what it had before serving).
+        gc.freeze()
         return False
 
     def run(self) -> None:

@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--libvirt-reps", type=int, help="virsh binding-creates per point (default 7; --quick 5)")
     p.add_argument("--libvirt-lock-wait", type=float, default=600.0,
                    help="seconds to wait for the test-libvirtd lock held by a test run (default 600)")
-    p.add_argument("--no-libvirt", action="store_true", help="skip libvirt's engine")
+    p.add_argument("--no-libvirt", action="store_true", help="skip libvirt's engine (and the hot-plug window)")
     p.add_argument("--no-service", action="store_true", help="skip the resident service's figures")
     p.add_argument("--replot", action="store_true",
                    help="measure nothing: print the table and redraw the plot from OUT/results.json")

@@ -54,7 +54,8 @@ def script(work: Path) -> list[tuple[str, list[str], str | None]]:
     (work / "bad.xml").write_text("<filter name='x'><rule action='drop'")
     (work / "b1.xml").write_text(binding_xml("fp2", "52:54:00:0f:00:02", "clean-traffic", {"IP": "10.0.0.6"},
                                              owner_uuid=OWNER))
-    (work / "nov.xml").write_text(binding_xml("fp3", "52:54:00:0f:00:03", "clean-traffic", owner_uuid=OWNER))
+    (work / "nov.xml").write_text(binding_xml("fp3", "52:54:00:0f:00:03", "clean-traffic", {"CTRL_IP_LEARNING": "none"},
+                                              owner_uuid=OWNER))  # refused alike (a learning binding needs the service)
     b3 = binding_xml("fp3", "52:54:00:0f:00:03", "nwft-fast", owner_uuid=OWNER)
     cli = [
         ["list"], ["-q", "list"], ["define", "f.xml"], ["define", str(work / "f.xml")], ["define", "-"],

@@ -3,7 +3,7 @@ metadata edits and self-healing.
 
 The hook wrapper is the one ``install-hook`` writes; ``libvirt-nwfilterd`` runs as a process in
 libvirtd's namespace, connected to it. The guest's metadata names its own MAC, a MAC it does
-not have yet (filter complete) and another one whose filter lacks a variable.
+not have yet (filter complete) and another one whose filter lacks a variable (IP, learning off).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from service_helpers import Daemon, client_argv, env_for
 
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 MAC, HOTPLUG, BROKEN = "52:54:00:b1:00:01", "52:54:00:b1:00:02", "52:54:00:b1:00:03"
+NO_IP = {"CTRL_IP_LEARNING": "none"}  # IP missing and not to be learned: the filter cannot be instantiated
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def taps(name: str) -> dict[str, str]:
 def test_hotplug_unplug_live_metadata_and_flush(libvirt_lab, libvirtd, service, nwf):
     name = "nwft-svc-hotplug"
     meta = metadata(entry(MAC, "clean-traffic", {"IP": "10.0.5.1"}), entry(HOTPLUG, "clean-traffic", {"IP": "10.0.5.2"}),
-                    entry(BROKEN, "clean-traffic", {}))
+                    entry(BROKEN, "clean-traffic", NO_IP))
     xml = libvirtd.guest_xml(name, MAC, metadata=meta).replace("</os>", "</os>\n  <features><acpi/></features>")
     libvirtd.define_guest(name, MAC, xml=xml)
     lv.virsh("start", name)  # the entries for absent MACs (one broken) do not refuse the start
@@ -131,7 +132,7 @@ def test_hotplug_unplug_live_metadata_and_flush(libvirt_lab, libvirtd, service, 
     ruleset = libvirt_lab.host_run(["nft", "list", "ruleset"]).stdout
     assert "10.0.5.9" in ruleset and "10.0.5.1" not in ruleset
     offset = len(service.log_text())
-    refused = metadata(entry(MAC, "clean-traffic", {})).replace("nwf:", "").replace(' xmlns:nwf="' + NS + '"', "")
+    refused = metadata(entry(MAC, "clean-traffic", NO_IP)).replace("nwf:", "").replace(' xmlns:nwf="' + NS + '"', "")
     lv.virsh("metadata", name, "--uri", NS, "--key", "nwf", "--live", "--set", refused.strip())
     service.wait_log("metadata change refused, the rules stay as they were", start=offset)
     assert "value='10.0.5.9'" in nwf("binding-dumpxml", first).stdout

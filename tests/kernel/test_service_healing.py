@@ -4,7 +4,9 @@ Two VMs (a, b) behind the lab bridge; ``a``'s port runs ``clean-traffic`` (IP 10
 Probes: ``a`` sending with its own MAC and IP reaches ``b`` (the positive twin); ``a`` spoofing
 its source MAC, or its source IP, is dropped. After ``nft flush ruleset`` (or the deletion of
 one of our port chains' rules) the service rebuilds the rules and the same probes give the
-same verdicts again; meanwhile ``status`` reports the repair.
+same verdicts again; meanwhile ``status`` reports the repair. With the ebiptables backend the
+service finds ``ebtables -t nat -F`` and ``iptables -F`` by its periodic check and repairs them
+the same way.
 """
 
 from __future__ import annotations
@@ -27,19 +29,23 @@ def probes(a, b) -> list[Probe]:
 
 
 @pytest.fixture
-def healed(lab, tmp_path):
+def healed(lab, tmp_path, request):
+    """The nftables service (watching notifications), or with ``indirect`` parametrization
+    ``"ebiptables"``: the ebiptables service checking every second."""
+    backend = getattr(request, "param", "nftables")
+    interval = "1" if backend == "ebiptables" else "3600"
     a = lab.add_vm("a", MAC_A, ipv4=f"{IP_A}/24")
     b = lab.add_vm("b", MAC_B, ipv4=f"{IP_B}/24")
     conf, run = tmp_path / "conf", tmp_path / "run"
     conf.mkdir()
-    daemon = Daemon(lab.host_ns, conf, run, options=("--no-libvirt", "--heal-interval", "3600"),
+    daemon = Daemon(lab.host_ns, conf, run, backend=backend, options=("--no-libvirt", "--heal-interval", interval),
                     log=tmp_path / "service.log").start()
 
     def cli(*args: str, input: str = ""):
         import subprocess
 
         return subprocess.run(client_argv(lab.host_ns, *args), input=input, capture_output=True, text=True,
-                              env=env_for(conf, run), timeout=120)
+                              env=env_for(conf, run, backend), timeout=120)
     try:
         assert cli("binding-create", "-", input=binding_xml(a.port, MAC_A, "clean-traffic", {"IP": IP_A})).returncode == 0
         yield lab, a, b, daemon, cli
@@ -85,3 +91,34 @@ def test_changes_through_the_tool_are_not_repairs(healed):
     assert "repaired" not in daemon.log_text()[offset:]
     got = check_frames(lab, probes(a, b)[:2])
     assert got == {"own MAC and IP": True, "spoofed MAC": False}
+
+
+L3_FILTER = """<filter name='nwft-heal-l3' chain='root'>
+  <filterref filter='clean-traffic'/>
+  <rule action='drop' direction='out' priority='500'><udp dstportstart='9'/></rule>
+</filter>
+"""
+
+
+def l3_probes(a, b) -> list[Probe]:
+    return [Probe("UDP to port 7", a, ip_frame(MAC_A, MAC_B, IP_A, IP_B, "udp", dport=7), b, True),
+            Probe("UDP to port 9", a, ip_frame(MAC_A, MAC_B, IP_A, IP_B, "udp", dport=9), b, False)]
+
+
+@pytest.mark.parametrize("healed", ["ebiptables"], indirect=True)
+def test_ebiptables_flushes_are_found_by_the_periodic_check_and_repaired(healed):
+    """``ebtables -t nat -F`` takes the MAC/IP checks (ebtables), ``iptables -F`` the UDP rule
+    (iptables): each is found by the next check and repaired, verdicts checked with frames."""
+    lab, a, b, daemon, cli = healed
+    assert cli("define", "-", input=L3_FILTER).returncode == 0
+    assert cli("binding-delete", a.port).returncode == 0
+    created = cli("binding-create", "-", input=binding_xml(a.port, MAC_A, "nwft-heal-l3", {"IP": IP_A}))
+    assert created.returncode == 0, created.stderr
+    for flush, frames in ((["ebtables", "-t", "nat", "-F"], probes), (["iptables", "-F"], l3_probes)):
+        check_frames(lab, frames(a, b), context=f"before {' '.join(flush)}")
+        offset = len(daemon.log_text())
+        lab.host_run(flush)
+        daemon.wait_log("repaired: 1 binding(s) rebuilt in one transaction", start=offset)
+        assert f"rules of 1 port(s) changed behind our back ({a.port})" in daemon.log_text()[offset:]
+        check_frames(lab, frames(a, b), context=f"after {' '.join(flush)} was repaired")
+        assert cli("verify").returncode == 0

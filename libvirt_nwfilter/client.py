@@ -68,7 +68,8 @@ def ask_service(kind: str, argv: list[str], rundir: str) -> int | None:
     try:
         sock.settimeout(min(timeout, TAKE_TIMEOUT))
         try:
-            sock.connect(path)
+            with protocol.UnixAddress(path) as address:
+                sock.connect(address)
         except OSError:
             return None  # nobody listens
         relays = _Relays(copy_stdin=kind == "hook")

@@ -52,6 +52,30 @@ def socket_path(rundir: str) -> str:
     return os.path.join(rundir, SOCKET_NAME)
 
 
+class UnixAddress:
+    """A Unix socket's path usable as its address however long it is: ``with
+    UnixAddress(path) as address: sock.bind(address)``. A socket address holds 107 bytes; a
+    longer path is reached through ``/proc/self/fd`` and a descriptor of its directory, kept
+    open while the address is in use."""
+
+    MAX = 107
+
+    def __init__(self, path: str):
+        self.path, self.directory = path, None
+
+    def __enter__(self) -> str:
+        if len(os.fsencode(self.path)) <= self.MAX:
+            return self.path
+        parent, name = os.path.split(self.path)
+        self.directory = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self.directory}/{name}"
+
+    def __exit__(self, *exc_info) -> None:
+        if self.directory is not None:
+            os.close(self.directory)
+            self.directory = None
+
+
 def carried(name: str) -> bool:
     """Whether a request carries the environment variable ``name``."""
     return name.startswith(ENV_PREFIX) or name in ENV_NAMES

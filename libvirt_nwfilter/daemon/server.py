@@ -88,7 +88,8 @@ def listen(rundir: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
-        sock.bind(path)
+        with protocol.UnixAddress(path) as address:
+            sock.bind(address)
     except OSError as error:
         sock.close()
         raise ServiceError(f"cannot listen on {path}: {error.strerror or error}") from None

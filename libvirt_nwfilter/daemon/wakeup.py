@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 from typing import Iterable
 
+from .protocol import UnixAddress
+
 SOCKET = "libvirt-nwfilterd-learning.sock"
 EVERYTHING = b"*"  # read every record
 MAX_DATAGRAM = 8192
@@ -33,7 +35,8 @@ def notify(rundir: Path | str, ports: Iterable[str]) -> None:
         data = EVERYTHING
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                                         | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(data, target)
+        with UnixAddress(target) as address:
+            sock.sendto(data, address)
 
 
 def listen(rundir: Path | str) -> socket.socket:
@@ -44,7 +47,8 @@ def listen(rundir: Path | str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
-        sock.bind(target)
+        with UnixAddress(target) as address:
+            sock.bind(address)
     except OSError:
         sock.close()
         raise

@@ -123,20 +123,28 @@ def _refused_line(step: Step, stderr: str) -> str:
 
 
 def execute(plan: Plan, netns: str | None = None) -> None:
-    """Run a plan: apply (rolled back on failure), then commit. FirewallError on failure:
-    PartialChange when a commit step after the first failed (part of the change is in)."""
+    """Run a plan: apply, then commit; when an apply step or the first commit step fails
+    (each step is one transaction, so nothing of the commit is in), the apply is rolled back
+    and FirewallError raised. PartialChange when a commit step after the first failed (part of
+    the change is in)."""
     for step in plan.apply:
         result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
-            error = _failure(step, result)
-            for undo in plan.rollback:
-                run(undo, netns)
-            raise error
+            _roll_back(plan, netns)
+            raise _failure(step, result)
     for number, step in enumerate(plan.commit):
         result = run(step, netns)
         if result.returncode != 0 and not step.ignore_errors:
             error = _failure(step, result)
-            raise PartialChange(str(error)) if number or plan.apply else error
+            if number:
+                raise PartialChange(str(error))
+            _roll_back(plan, netns)
+            raise error
+
+
+def _roll_back(plan: Plan, netns: str | None) -> None:
+    for undo in plan.rollback:
+        run(undo, netns)
 
 
 def survey(steps: tuple[Step, ...], netns: str | None = None) -> list[str]:

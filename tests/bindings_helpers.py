@@ -359,6 +359,15 @@ def raw(src_mac: str, dst_mac: str, ethertype: int, tag: bytes | None = None) ->
 # Filters and waiting
 
 
+def run_directory_files(rundir: Path) -> dict[str, str]:
+    """The state in a run directory, by relative path: bindings, ids, journal, reports — not
+    the lock, the kernel probe cache, temporary (dot) files or the link through which our nft
+    runs are told apart."""
+    return {str(path.relative_to(rundir)): path.read_text() for path in sorted(rundir.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.name not in ("lock", "probe.json")
+            and not path.name.startswith(".")}
+
+
 def wait_until(predicate, timeout: float = 3.0, interval: float = 0.05) -> bool:
     """True as soon as ``predicate()`` is; False after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -66,7 +66,7 @@ import pytest
 
 import netlab
 from bindings_helpers import (  # noqa: F401  (fixtures)
-    backend, cli, filter_xml, ip_frame, kernel_snapshot,
+    backend, cli, filter_xml, ip_frame, kernel_snapshot, run_directory_files,
 )
 from traffic import Conn, Probe, check_connections, check_frames, frames, run_frames
 
@@ -184,14 +184,7 @@ def expect_tcp(lab, vms, peer, variant: str, context: str) -> None:
 
 
 def state_files(cli) -> dict[str, str]:
-    """Every file of the run directory (bindings, ids, journal; not the lock, the kernel probe
-    cache or temporary files), by relative path."""
-    found = {}
-    for path in sorted(cli.rundir.rglob("*")):
-        rel = str(path.relative_to(cli.rundir))
-        if path.is_file() and rel not in ("lock", "probe.json") and not path.name.startswith("."):
-            found[rel] = path.read_text()
-    return found
+    return run_directory_files(cli.rundir)
 
 
 def binding_state(cli, port: str) -> dict:

@@ -100,7 +100,8 @@ def test_guest_without_metadata_is_not_touched(clean, libvirtd, nwf):
 
 
 @pytest.mark.parametrize("meta, expected", [
-    (metadata("52:54:00:a1:00:03", params={}), r"missing variables: IP"),
+    # without learning (a missing IP is learned otherwise: tests/libvirt/test_learning.py)
+    (metadata("52:54:00:a1:00:03", params={"CTRL_IP_LEARNING": "none"}), r"missing variables: IP"),
     (metadata("52:54:00:a1:00:03", filter="nwft-no-such-filter"), r"'nwft-no-such-filter' is missing"),
     (metadata("52:54:00:a1:00:03", params={"IP": "10.0.0.5;"}), r"parameter 'IP': value '10.0.0.5;' is invalid"),
 ], ids=["missing-parameter", "unknown-filter", "bad-parameter"])
@@ -121,7 +122,8 @@ def test_entries_for_absent_macs_never_refuse_a_start(clean, libvirtd, nwf, dirs
     """Entries naming MACs the guest has no interface with prepare hot-plugs: even broken ones
     (missing variable, invalid value) are only logged; the present interface is filtered."""
     mac = "52:54:00:a1:00:04"
-    absent = {"52:54:00:a1:00:98": ("clean-traffic", {}), "52:54:00:a1:00:99": ("allow-arp", {"X": "1;"})}
+    absent = {"52:54:00:a1:00:98": ("clean-traffic", {"CTRL_IP_LEARNING": "none"}),
+              "52:54:00:a1:00:99": ("allow-arp", {"X": "1;"})}
     meta = metadata(mac).replace("</nwf:nwfilter>", "".join(
         f'<nwf:interface mac="{m}"><nwf:filterref filter="{f}">'
         + "".join(f'<nwf:parameter name="{n}" value="{v}"/>' for n, v in p.items())
@@ -288,7 +290,7 @@ def test_attach_and_detach_filter_live_and_persistent(clean, libvirtd, nwf):
     assert f'xmlns:nwf="{NS}"' in lv.virsh("dumpxml", "--inactive", guest.name).stdout
 
     # Refusals change nothing.
-    refused = nwf("attach-filter", guest.name, mac, "clean-traffic", check=False)
+    refused = nwf("attach-filter", guest.name, mac, "clean-traffic", "--param", "CTRL_IP_LEARNING=none", check=False)
     assert refused.returncode == 1 and "missing variables: IP" in refused.stderr
     refused = nwf("attach-filter", guest.name, "52:54:00:a5:00:99", "nwft-in-b5", check=False)
     assert refused.returncode == 1 and "no bridge/network/ethernet interface with MAC" in refused.stderr

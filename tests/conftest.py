@@ -37,10 +37,10 @@ import netlab
 TESTS_DIR = Path(__file__).resolve().parent
 SKIP_KERNEL = os.environ.get("LIBVIRT_NWFILTER_SKIP_KERNEL") == "1"
 SKIP_LIBVIRT = os.environ.get("LIBVIRT_NWFILTER_SKIP_LIBVIRT") == "1"
-# Under pytest-xdist (scripts/test runs ``-n N --dist loadgroup``) the tests of these
-# directories stay on one worker each: only one libvirtd can run per host (its tests share
-# module-scoped daemons), and the package tests share one Debian root.
-SERIAL_GROUPS = {("libvirt",), ("package",)}
+# Under pytest-xdist (scripts/test runs ``-n N``) the tests of each of these directories stay on
+# one worker: only one libvirtd can run per host (its tests share module-scoped daemons), and
+# the package tests share one Debian root. Every other test goes wherever a worker is free.
+SERIAL_DIRECTORIES = ("libvirt", "package")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,12 +52,23 @@ def pytest_collection_modifyitems(config, items):
         if parts[:1] == ("libvirt",):
             item.add_marker(pytest.mark.libvirt)
             item.add_marker(pytest.mark.kernel)
-        if parts[:1] in SERIAL_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(parts[0]))
         if SKIP_KERNEL and item.get_closest_marker("kernel"):
             item.add_marker(pytest.mark.skip(reason="LIBVIRT_NWFILTER_SKIP_KERNEL=1"))
         elif SKIP_LIBVIRT and item.get_closest_marker("libvirt"):
             item.add_marker(pytest.mark.skip(reason="LIBVIRT_NWFILTER_SKIP_LIBVIRT=1"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler by scope, a scope being one of :data:`SERIAL_DIRECTORIES` or
+    else the test itself (its ``xdist_group`` markers do not work with this pytest)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialDirectories(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.split("/", 2)
+            return parts[1] if len(parts) == 3 and parts[0] == "tests" and parts[1] in SERIAL_DIRECTORIES else nodeid
+
+    return SerialDirectories(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -21,7 +21,7 @@ from .config import BACKENDS, Config
 from .errors import NwfilterError
 from .service import Service
 from .simulate import cli as simulate_cli
-from .xml import format_binding, parse_binding
+from .bindingxml import format_binding, parse_binding
 
 log = logging.getLogger("libvirt_nwfilter")
 

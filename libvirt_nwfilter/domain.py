@@ -38,7 +38,7 @@ from .errors import BindingError, ValidationError
 from .model import Binding, FilterRef
 from .schema import PROTOCOLS, parse_literal
 from .syntax import NAMESPACE, PORT_NAME_RE, normalise_uuid
-from .xml import _children, _parse_document, _Problems, escape, format_filterref, parse_filterref
+from .xml import element_children, parse_document, Problems, escape, format_filterref, parse_filterref
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool =
     ``metadata`` False our metadata is not read (every ``filterref`` is None)."""
     root = _outline(data, source)
     name, uuid = _identity(root, source)
-    problems = _Problems(f"domain '{name}'")
+    problems = Problems(f"domain '{name}'")
     devices = _devices(root, name)
     by_mac: dict[str, list[_Device]] = {}
     for device in devices:
@@ -146,9 +146,9 @@ def parse_domain(data: bytes | str, source: str = "domain XML", metadata: bool =
 def metadata_entry(data: bytes | str, mac: str, source: str = "domain XML") -> tuple[FilterRef | None, tuple[str, ...]]:
     """The metadata entry for ``mac`` alone, whatever the other entries hold: (its filter
     reference, None without a valid one; its problems and those of the metadata as a whole)."""
-    root = _parse_document(data, source, "domain")
+    root = parse_document(data, source, "domain")
     name, _ = _identity(root, source)
-    problems = _Problems(f"domain '{name}'")
+    problems = Problems(f"domain '{name}'")
     deferred: dict[str, list[str]] = {}
     entries = _metadata_entries(root, problems, set(), deferred)
     found = tuple(problems.items) + tuple(deferred.get(mac, ()))
@@ -158,7 +158,7 @@ def metadata_entry(data: bytes | str, mac: str, source: str = "domain XML") -> t
 
 def device_xml(data: bytes | str, alias: str, source: str = "domain XML") -> str | None:
     """The ``<interface>`` element whose alias is ``alias``, as text (None when there is none)."""
-    root = _parse_document(data, source, "domain")
+    root = parse_document(data, source, "domain")
     for node in root.findall("devices/interface"):
         alias_node = node.find("alias")
         if alias_node is not None and alias_node.get("name") == alias:
@@ -267,10 +267,10 @@ def _ours(root) -> list[etree._Element]:
     metadata = root.find("metadata")
     if metadata is None:
         return []
-    return [child for child in _children(metadata) if etree.QName(child).namespace == NAMESPACE]
+    return [child for child in element_children(metadata) if etree.QName(child).namespace == NAMESPACE]
 
 
-def _metadata_entries(root, problems: _Problems, present: set[str] | None = None,
+def _metadata_entries(root, problems: Problems, present: set[str] | None = None,
                       deferred: dict[str, list[str]] | None = None) -> dict[str, tuple[FilterRef, etree._Element]]:
     """Our entries in the domain's ``<metadata>`` (empty when there is none). With ``present``
     (the domain's MACs), the problems of entries for other MACs go to ``deferred`` instead."""
@@ -282,7 +282,7 @@ def _metadata_entries(root, problems: _Problems, present: set[str] | None = None
     return _parse_root(_local_copy(ours[0], problems), problems, present, deferred)
 
 
-def _local_copy(node, problems: _Problems) -> etree._Element:
+def _local_copy(node, problems: Problems) -> etree._Element:
     """A copy of ``node`` with our namespace (and no namespace) reduced to local names, so
     messages name ``<parameter>`` rather than ``<{uri}parameter>``; line numbers are kept."""
     local = copy.deepcopy(node)
@@ -297,7 +297,7 @@ def _local_copy(node, problems: _Problems) -> etree._Element:
     return local
 
 
-def _parse_root(root, problems: _Problems, present: set[str] | None = None,
+def _parse_root(root, problems: Problems, present: set[str] | None = None,
                 deferred: dict[str, list[str]] | None = None) -> dict[str, tuple[FilterRef, etree._Element]]:
     if root.tag != METADATA_ROOT:
         problems.add(root, f"unknown element in the namespace {NAMESPACE} (expected <{METADATA_ROOT}>)")
@@ -305,7 +305,7 @@ def _parse_root(root, problems: _Problems, present: set[str] | None = None,
     for name in root.attrib:
         problems.add(root, f"unknown attribute '{name}'")
     entries: dict[str, tuple[FilterRef, etree._Element]] = {}
-    for node in _children(root):
+    for node in element_children(root):
         problems.context = ""
         if node.tag != "interface":
             problems.add(node, "unknown element (expected <interface mac=...>)")
@@ -325,7 +325,7 @@ def _parse_root(root, problems: _Problems, present: set[str] | None = None,
         before = len(problems.items)
         if node.text and node.text.strip():
             problems.add(node, f"unexpected text '{node.text.strip()}'")
-        refs = _children(node)
+        refs = element_children(node)
         if len(refs) != 1 or refs[0].tag != "filterref":
             problems.add(node, "expected exactly one <filterref filter=...> inside <interface>")
         else:
@@ -343,10 +343,10 @@ def parse_metadata(data: bytes | str, source: str = "metadata") -> dict[str, Fil
     are not checked against any domain."""
     raw = data.encode() if isinstance(data, str) else data
     try:
-        root = _parse_document(raw, source, METADATA_ROOT)
+        root = parse_document(raw, source, METADATA_ROOT)
     except ValidationError:
-        root = _parse_document(raw, source, f"{{{NAMESPACE}}}{METADATA_ROOT}")
-    problems = _Problems(source)
+        root = parse_document(raw, source, f"{{{NAMESPACE}}}{METADATA_ROOT}")
+    problems = Problems(source)
     entries = _parse_root(_local_copy(root, problems), problems)
     problems.raise_if_any()
     return {mac: ref for mac, (ref, _) in entries.items()}
@@ -424,9 +424,9 @@ def convert_native(data: bytes | str, source: str = "domain XML") -> Conversion:
     Returns the rewritten domain XML (for ``defineXML``); everything outside the interfaces'
     ``<filterref>`` and our metadata element is kept as it was. Refused (ValidationError) when
     a native reference is invalid or the interface already has an entry of ours."""
-    root = _parse_document(data, source, "domain", max_bytes=None)
+    root = parse_document(data, source, "domain", max_bytes=None)
     name, _ = _identity(root, source)
-    problems = _Problems(f"domain '{name}'")
+    problems = Problems(f"domain '{name}'")
     entries = {mac: ref for mac, (ref, _) in _metadata_entries(root, problems).items()}
     converted, left = [], []
     for node in root.findall("devices/interface"):

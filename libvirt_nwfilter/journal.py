@@ -29,7 +29,8 @@ from .files import FileProblem, exists, read_json, write_atomically
 from .lock import describe_holder, holder_text
 from .model import Binding
 from .state import valid_port
-from .xml import format_binding, parse_binding, parse_filter
+from .bindingxml import format_binding, parse_binding
+from .xml import parse_filter
 
 log = logging.getLogger(__name__)
 

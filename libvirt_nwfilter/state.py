@@ -34,7 +34,7 @@ from .files import FileProblem, read_json, write_atomically
 from .lock import host_lock
 from .model import Binding
 from .syntax import PORT_NAME_RE
-from .xml import format_binding, parse_binding
+from .bindingxml import format_binding, parse_binding
 
 log = logging.getLogger(__name__)
 

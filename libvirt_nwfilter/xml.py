@@ -1,4 +1,5 @@
-"""Safe parsing and canonical formatting of ``<filter>`` and ``<filterbinding>`` documents.
+"""Safe parsing and canonical formatting of ``<filter>`` documents (``<filterbinding>``:
+:mod:`.bindingxml`), and the document helpers both use.
 
 Parsing collects every problem of a document and raises one :class:`ValidationError`; each
 problem names the source, line, filter, element, attribute and value. Formatting produces the
@@ -15,11 +16,11 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from .errors import ValidationError
-from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Binding, Direction,
+from .model import (DEFAULT_RULE_PRIORITY, LIBVIRT_CHAIN_DEFAULTS, Action, Attr, Direction,
                     Filter, FilterRef, Match, Rule, chain_prefix, make_params)
 from .schema import (EXTENSION_PREFIX, ICMPV6_GROUP, NWF_NAMESPACE, PROTOCOLS, Negation, ValueType, decimal,
                      parse_literal)
-from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE, PORT_NAME_RE,
+from .syntax import (FILTER_NAME_RE, PARAM_NAME_RE, PARAM_VALUE_RE,
                      chain_name_problem, match_problems, normalise_uuid, parse_varref)
 from .schema import ATTR_ORDER
 
@@ -32,7 +33,7 @@ _SPELLING_HINTS = {"port_hi": "port-hi", "msg-age": "age", "msg-age-hi": "age-hi
 
 
 @dataclass
-class _Problems:
+class Problems:
     """Collects located problems for one document."""
 
     source: str
@@ -59,7 +60,7 @@ def _shown_tag(node: etree._Element) -> str:
     return f"{node.prefix}:{name}" if node.prefix else name
 
 
-def _parse_document(data: bytes | str, source: str, root_tag: str,
+def parse_document(data: bytes | str, source: str, root_tag: str,
                     max_bytes: int | None = MAX_DOCUMENT_BYTES) -> etree._Element:
     """The document's root element (ValidationError naming the source). ``max_bytes`` None: a
     document of any size (libvirt's domain XML), read without libxml2's size limits."""
@@ -81,7 +82,7 @@ def _parse_document(data: bytes | str, source: str, root_tag: str,
     return tree
 
 
-def _children(node: etree._Element) -> list[etree._Element]:
+def element_children(node: etree._Element) -> list[etree._Element]:
     return [child for child in node if isinstance(child.tag, str)]
 
 
@@ -96,7 +97,7 @@ def _attribute_name(qualified: str) -> str:
 _NWF_CLARK = "{" + NWF_NAMESPACE + "}"
 
 
-def _check_attributes(node: etree._Element, allowed: tuple[str, ...], problems: _Problems) -> None:
+def check_attributes(node: etree._Element, allowed: tuple[str, ...], problems: Problems) -> None:
     for name in map(_attribute_name, node.attrib):
         if name not in allowed:
             problems.add(node, f"unknown attribute '{name}'{_hint(name, allowed)}")
@@ -108,7 +109,7 @@ def _hint(name: str, known) -> str:
     return f" (did you mean '{close}'?)" if close else ""
 
 
-def _check_text(node: etree._Element, problems: _Problems) -> None:
+def _check_text(node: etree._Element, problems: Problems) -> None:
     """Non-whitespace text inside ``node`` (before or between its children) is an error."""
     texts = [child.tail for child in node] + ([] if node.tag == "uuid" else [node.text])
     for text in texts:
@@ -116,14 +117,14 @@ def _check_text(node: etree._Element, problems: _Problems) -> None:
             problems.add(node, f"unexpected text '{text.strip()}'")
 
 
-def _check_leaf(node: etree._Element, problems: _Problems) -> None:
+def _check_leaf(node: etree._Element, problems: Problems) -> None:
     """An element that may hold neither child elements nor text (except <uuid>'s value)."""
     _check_text(node, problems)
-    for child in _children(node):
+    for child in element_children(node):
         problems.add(child, f"unexpected child element inside <{node.tag}>")
 
 
-def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int | None:
+def _int_attr(node, name: str, problems: Problems, default: int | None) -> int | None:
     text = node.get(name)
     if text is None:
         return default
@@ -141,8 +142,8 @@ def _int_attr(node, name: str, problems: _Problems, default: int | None) -> int 
 
 def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
     """Parse and validate a ``<filter>`` document (ValidationError listing every problem)."""
-    root = _parse_document(data, source, "filter")
-    problems = _Problems(source)
+    root = parse_document(data, source, "filter")
+    problems = Problems(source)
     name = root.get("name")
     if not name:
         problems.add(root, "attribute 'name' is required")
@@ -151,7 +152,7 @@ def parse_filter(data: bytes | str, source: str = "<input>") -> Filter:
         problems.add(root, f"attribute 'name': '{name}' is not a valid filter name "
                      "(letters, digits, _ . -; not starting with a digit, '.' or '-'; at most 200)")
     problems.context = f"filter '{name}'"
-    _check_attributes(root, ("name", "chain", "priority"), problems)
+    check_attributes(root, ("name", "chain", "priority"), problems)
     chain_given = root.get("chain") is not None
     chain = root.get("chain", "root")
     chain_problem = chain_name_problem(chain)
@@ -177,12 +178,12 @@ def _chain_priority(chain: str, priority: int | None) -> int | None:
     return priority
 
 
-def _parse_filter_children(root, problems: _Problems):
+def _parse_filter_children(root, problems: Problems):
     uuid, entries, rules = None, [], 0
     _check_text(root, problems)
-    for child in _children(root):
+    for child in element_children(root):
         if child.tag == "uuid":
-            _check_attributes(child, (), problems)
+            check_attributes(child, (), problems)
             _check_leaf(child, problems)
             if uuid is not None:
                 problems.add(child, "more than one <uuid>")
@@ -200,7 +201,7 @@ def _parse_filter_children(root, problems: _Problems):
     return uuid, entries
 
 
-def _enum_attr(node, name: str, enum_type, problems: _Problems):
+def _enum_attr(node, name: str, enum_type, problems: Problems):
     text = node.get(name)
     if text is None:
         problems.add(node, f"attribute '{name}' is required")
@@ -213,7 +214,7 @@ def _enum_attr(node, name: str, enum_type, problems: _Problems):
         return None
 
 
-def _parse_statematch(node, problems: _Problems) -> bool:
+def _parse_statematch(node, problems: Problems) -> bool:
     text = node.get("statematch")
     if text is None or text.lower() in ("true", "1"):
         return True
@@ -223,14 +224,14 @@ def _parse_statematch(node, problems: _Problems) -> bool:
     return True
 
 
-def _parse_rule(node, problems: _Problems, number: int) -> Rule:
-    _check_attributes(node, ("action", "direction", "priority", "statematch"), problems)
+def _parse_rule(node, problems: Problems, number: int) -> Rule:
+    check_attributes(node, ("action", "direction", "priority", "statematch"), problems)
     _check_text(node, problems)
     action = _enum_attr(node, "action", Action, problems)
     direction = _enum_attr(node, "direction", Direction, problems)
     priority = _int_attr(node, "priority", problems, DEFAULT_RULE_PRIORITY)
     statematch = _parse_statematch(node, problems)
-    elements = _children(node)
+    elements = element_children(node)
     match = None
     if elements:
         match = _parse_match(elements, problems)
@@ -240,7 +241,7 @@ def _parse_rule(node, problems: _Problems, number: int) -> Rule:
     return Rule(action or Action.DROP, direction or Direction.INOUT, priority, statematch, match)
 
 
-def _parse_match(elements, problems: _Problems) -> Match | None:
+def _parse_match(elements, problems: Problems) -> Match | None:
     protocol = elements[0].tag
     if protocol not in PROTOCOLS:
         problems.add(elements[0], f"unknown protocol element{_hint(protocol, PROTOCOLS)}")
@@ -259,7 +260,7 @@ def _parse_match(elements, problems: _Problems) -> Match | None:
     return _normalise_negation(Match(protocol, attrs), elements[0], problems)
 
 
-def _parse_element(element, merged: dict[str, Attr], problems: _Problems) -> None:
+def _parse_element(element, merged: dict[str, Attr], problems: Problems) -> None:
     spec = PROTOCOLS[element.tag]
     _check_leaf(element, problems)
     match_text = element.get("match", "yes")
@@ -284,7 +285,7 @@ def _parse_element(element, merged: dict[str, Attr], problems: _Problems) -> Non
             merged[name] = Attr(name, value, negated)
 
 
-def _parse_value(attr_spec, text: str, element, problems: _Problems):
+def _parse_value(attr_spec, text: str, element, problems: Problems):
     if text.startswith("$") and attr_spec.vtype is not ValueType.COMMENT:
         if not attr_spec.variables:
             problems.add(element, f"attribute '{attr_spec.name}': variables are not allowed here ('{text}')")
@@ -301,7 +302,7 @@ def _parse_value(attr_spec, text: str, element, problems: _Problems):
         return None
 
 
-def _normalise_negation(match: Match, element, problems: _Problems) -> Match:
+def _normalise_negation(match: Match, element, problems: Problems) -> Match:
     """Companions take their base's negation; the ipv6 ICMPv6 group shares one negation."""
     spec = match.spec
     by_name = {attr.name: attr for attr in match.attrs}
@@ -325,9 +326,9 @@ def _normalise_negation(match: Match, element, problems: _Problems) -> Match:
     return Match(match.protocol, tuple(attrs))
 
 
-def parse_filterref(node, problems: _Problems) -> FilterRef:
+def parse_filterref(node, problems: Problems) -> FilterRef:
     """Parse a ``<filterref>`` with its ``<parameter>`` children (shared with bindings/metadata)."""
-    _check_attributes(node, ("filter",), problems)
+    check_attributes(node, ("filter",), problems)
     _check_text(node, problems)
     name = node.get("filter")
     if not name:
@@ -336,11 +337,11 @@ def parse_filterref(node, problems: _Problems) -> FilterRef:
     elif not FILTER_NAME_RE.match(name):
         problems.add(node, f"attribute 'filter': '{name}' is not a valid filter name")
     params: dict[str, list[str]] = {}
-    for child in _children(node):
+    for child in element_children(node):
         if child.tag != "parameter":  # a namespaced <x:parameter> is another element
             problems.add(child, "unknown element (expected <parameter>)")
             continue
-        _check_attributes(child, ("name", "value"), problems)
+        check_attributes(child, ("name", "value"), problems)
         _check_leaf(child, problems)
         pname, pvalue = child.get("name"), child.get("value")
         if not pname or not PARAM_NAME_RE.match(pname):
@@ -429,104 +430,3 @@ def format_filter(flt: Filter) -> str:
     lines.append("</filter>")
     return "\n".join(lines) + "\n"
 
-
-# ------------------------------------------------------------------------------------------
-# <filterbinding>
-
-
-def _single(root, tag: str, problems: _Problems):
-    found = [child for child in _children(root) if child.tag == tag]
-    if len(found) > 1:
-        problems.add(found[1], f"more than one <{tag}>")
-    return found[0] if found else None
-
-
-def parse_binding(data: bytes | str, source: str = "<input>", stored: bool = False) -> Binding:
-    """Parse and validate a ``<filterbinding>`` document. Its learned state
-    (``<nwf:learning>``, :mod:`.learning.record`) is read from our records and journal
-    (``stored``); in a user's input it is left out with a warning (the port learns anew)."""
-    from .learning.record import TAG as LEARNING_TAG, parse_learning
-
-    root = _parse_document(data, source, "filterbinding")
-    problems = _Problems(source)
-    _check_attributes(root, (), problems)
-    learning = None
-    for child in _children(root):
-        if child.tag == LEARNING_TAG:
-            if stored:
-                learning = parse_learning(child, problems)
-            else:
-                log.warning("%s: the learned addresses it lists are left out: the port learns its address anew",
-                            source)
-        elif child.tag not in ("owner", "portdev", "linkdev", "mac", "filterref"):
-            problems.add(child, "unknown element (expected owner, portdev, linkdev, mac, filterref)")
-    owner_name, owner_uuid = _parse_owner(_single(root, "owner", problems), root, problems)
-    portdev = _named_device(_single(root, "portdev", problems), "portdev", root, problems, required=True)
-    linkdev = _named_device(_single(root, "linkdev", problems), "linkdev", root, problems, required=False)
-    mac = _parse_binding_mac(_single(root, "mac", problems), root, problems)
-    ref_node = _single(root, "filterref", problems)
-    if ref_node is None:
-        problems.add(root, "filter binding has no <filterref>")
-        ref = FilterRef("")
-    else:
-        ref = parse_filterref(ref_node, problems)
-    problems.raise_if_any()
-    return Binding(owner_name, owner_uuid, portdev, mac, ref, linkdev, learning)
-
-
-def _parse_owner(owner, root, problems: _Problems) -> tuple[str, str]:
-    if owner is None:
-        problems.add(root, "filter binding has no <owner>")
-        return "", ""
-    name_node, uuid_node = _single(owner, "name", problems), _single(owner, "uuid", problems)
-    name = (name_node.text or "").strip() if name_node is not None else ""
-    if not name:
-        problems.add(owner, "filter binding has no owner name")
-    uuid = ""
-    if uuid_node is None:
-        problems.add(owner, "filter binding has no owner UUID")
-    else:
-        try:
-            uuid = normalise_uuid(uuid_node.text or "")
-        except ValueError as error:
-            problems.add(uuid_node, str(error))
-    return name, uuid
-
-
-def _named_device(node, tag: str, root, problems: _Problems, required: bool) -> str | None:
-    if node is None:
-        if required:
-            problems.add(root, f"filter binding has no <{tag}>")
-        return None
-    name = node.get("name")
-    if not name or not PORT_NAME_RE.match(name) or name in (".", ".."):
-        problems.add(node, f"attribute 'name': '{name or ''}' is not a valid interface name "
-                     "(1..15 characters from A-Z a-z 0-9 _ . : -)")
-    return name
-
-
-def _parse_binding_mac(node, root, problems: _Problems) -> str:
-    if node is None or not node.get("address"):
-        problems.add(node if node is not None else root, "filter binding has no MAC address")
-        return ""
-    try:
-        return parse_literal(PROTOCOLS["mac"].attr("srcmacaddr"), node.get("address"))
-    except ValueError as error:
-        problems.add(node, f"attribute 'address': '{node.get('address')}': {error}")
-        return ""
-
-
-def format_binding(binding: Binding) -> str:
-    """The binding XML as libvirt's ``nwfilter-binding-dumpxml`` prints it."""
-    lines = ["<filterbinding>", "  <owner>", f"    <name>{escape(binding.owner_name)}</name>",
-             f"    <uuid>{binding.owner_uuid}</uuid>", "  </owner>",
-             f"  <portdev name='{binding.portdev}'/>"]
-    if binding.linkdev:
-        lines.append(f"  <linkdev name='{binding.linkdev}'/>")
-    lines.append(f"  <mac address='{binding.mac}'/>")
-    lines += format_filterref(binding.filterref)
-    if binding.learning is not None:
-        from .learning.record import format_learning
-
-        lines += format_learning(binding.learning)
-    return "\n".join(lines + ["</filterbinding>"]) + "\n"

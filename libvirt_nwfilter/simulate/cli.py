@@ -95,7 +95,7 @@ def _binding(service: "Service", args: argparse.Namespace, target: str | None) -
         raise _UsageError("a TARGET (port or binding file) or --domain and --mac is needed")
     if target == "-" or "/" in target or target.endswith(".xml") or Path(target).is_file():
         from ..cli import _read_input
-        from ..xml import parse_binding
+        from ..bindingxml import parse_binding
 
         return parse_binding(_read_input(target), target)
     return service.binding(target).binding

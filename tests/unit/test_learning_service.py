@@ -21,7 +21,7 @@ from libvirt_nwfilter.learning.rules import learning_ruleset
 from libvirt_nwfilter.model import Binding, FilterRef, Learning, Lease, make_params
 from libvirt_nwfilter.service import Service
 from libvirt_nwfilter.state import AppliedBinding, RecordError, State
-from libvirt_nwfilter.xml import format_binding, parse_binding
+from libvirt_nwfilter.bindingxml import format_binding, parse_binding
 
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 MAC = "52:54:00:00:00:01"

@@ -25,7 +25,8 @@ from libvirt_nwfilter.model import FilterRef
 from libvirt_nwfilter.resolve import resolve
 from libvirt_nwfilter.service import Service
 from libvirt_nwfilter.state import AppliedBinding, RecordError, State
-from libvirt_nwfilter.xml import parse_binding, parse_filter
+from libvirt_nwfilter.bindingxml import parse_binding
+from libvirt_nwfilter.xml import parse_filter
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"

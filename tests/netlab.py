@@ -158,6 +158,18 @@ def kill_ns_processes(name: str, grace: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+def kill_in_namespace(name: str, command: str) -> None:
+    """SIGTERM the processes named ``command`` whose network namespace is ``name`` (``pkill``
+    run in a namespace would see, and kill, every namespace's processes)."""
+    for pid in ns_pids(name):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == command:
+            _kill(pid, signal.SIGTERM)
+
+
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)

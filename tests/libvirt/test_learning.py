@@ -271,7 +271,7 @@ def _run(engine, lab, vms, case: str, workdir: Path) -> dict:
     finally:
         engine.unbind(vms["a"])
         for vm in vms.values():
-            vm.run(["pkill", "-x", "dhclient"], check=False)  # only inside this VM's namespace
+            netlab.kill_in_namespace(vm.ns, "dhclient")
             vm.run(["ip", "-4", "addr", "flush", "dev", "eth0"], check=False) if vm.name == "a" else None
     return run.steps
 

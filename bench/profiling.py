@@ -94,7 +94,7 @@ def pstats_summary(prof: Path) -> str:
     stats.sort_stats("cumulative").print_stats(45)
     buf.write("\n=== by own time ===\n")
     stats.sort_stats("tottime").print_stats(30)
-    return buf.getvalue()
+    return buf.getvalue().replace(str(prof), prof.name)  # no path of the measuring machine
 
 
 def strace_phases(ours: Ours, out: Path, name: str, argv: list, stdin: bytes) -> None:

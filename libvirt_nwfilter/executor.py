@@ -92,18 +92,6 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
         raise PartialChange(f"{argv[0]} did not finish in {TIMEOUT_SECONDS} s; the outcome is unknown") from None
 
 
-def stream(argv: tuple[str, ...]) -> subprocess.Popen:
-    """Start a long-running reader (``nft monitor``, ``ip monitor``): its stdout, line by line
-    (text), is the caller's to read; the caller terminates it."""
-    full = [tool(argv[0]), *argv[1:]]
-    log.debug("starting %s", " ".join(full))
-    try:
-        return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, env=_ENV, bufsize=1)
-    except OSError as error:
-        raise FirewallError(f"could not run {full[0]}: {error}") from None
-
-
 def _failure(step: Step, result: subprocess.CompletedProcess) -> FirewallError:
     """The tool's first lines of complaint, after the input line it names and that line's port."""
     lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]

@@ -6,6 +6,10 @@ called :func:`mark_changes`, it runs ``nft`` under the name :data:`MARKED_NFT` (
 in the run directory): the kernel names the committing process in its notifications, and the
 resident service tells our changes from anyone else's by that name. It also reads those
 notifications (:func:`nft_notifications`) and the ruleset's generation (:func:`nft_generation`).
+
+In the resident service (:func:`use_nft_library`), ``nft`` commands run in the process itself,
+through libnftables (Debian's python3-nftables), with the same input, output and exit status as
+the ``nft`` process; the process bears the marked name while it commits.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ def _marked_tool(path: str) -> str:
 def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
     """Run one step (in network namespace ``netns`` if given) and return the finished process
     (no exception on a non-zero exit)."""
+    if netns is None and _library is not None:
+        done = _run_in_library(step)
+        if done is not None:
+            return done
     argv = [_marked_tool(tool(step.argv[0])), *step.argv[1:]]
     if netns is not None:
         argv = [tool("ip"), "netns", "exec", netns, *argv]
@@ -90,6 +98,95 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
         raise FirewallError(f"could not run {argv[0]}: {error}") from None
     except subprocess.TimeoutExpired:  # killed: its transaction may or may not have happened
         raise PartialChange(f"{argv[0]} did not finish in {TIMEOUT_SECONDS} s; the outcome is unknown") from None
+
+
+# ------------------------------------------------------------------------------------------
+# nft through libnftables (the resident service)
+
+_library = None  # the python3-nftables module, once use_nft_library() loaded it
+_contexts: dict[int, object] = {}  # process id -> its libnftables context (never shared by a fork)
+_LIBRARY_FLAGS = {"-j": "set_json_output", "-a": "set_handle_output", "-c": "set_dry_run"}
+_PR_SET_NAME, _PR_GET_NAME = 15, 16
+
+
+def use_nft_library() -> bool:
+    """Run ``nft`` commands through libnftables from now on, in this process and those it forks
+    (no process start, no dynamic linking: 15-25 ms less per transaction). False, and ``nft``
+    processes as before, when python3-nftables is not installed."""
+    global _library
+    try:
+        import nftables
+    except ImportError as error:
+        log.info("python3-nftables is not importable (%s): nft runs as a process", error)
+        return False
+    _library = nftables
+    return True
+
+
+def _run_in_library(step: Step) -> subprocess.CompletedProcess | None:
+    """``step`` run through libnftables, or None when it is not an ``nft`` command the library
+    runs alike (another program, options other than ``-j``, ``-a``, ``-c`` and ``-f -``)."""
+    path = tool(step.argv[0])
+    if os.path.basename(path) != "nft" or os.path.realpath(path) != os.path.realpath(tool("nft")):
+        return None
+    args = list(step.argv[1:])
+    flags = []
+    while args and args[0] in _LIBRARY_FLAGS:
+        flags.append(_LIBRARY_FLAGS[args.pop(0)])
+    from_stdin = args == ["-f", "-"]
+    if not from_stdin and (not args or any(arg.startswith("-") for arg in args)):
+        return None
+    context = _context()
+    for setter in _LIBRARY_FLAGS.values():
+        getattr(context, setter)(setter in flags)
+    log.debug("running nft %s in libnftables (%d bytes of input)", " ".join(step.argv[1:]), len(step.stdin))
+    with _named(MARKED_NFT if _mark_dir is not None else None):
+        if from_stdin:
+            status, output, error = _library_batch(context, step.stdin)
+        else:
+            status, output, error = context.cmd(" ".join(args))
+    return subprocess.CompletedProcess(step.argv, 0 if status == 0 else 1, output, error)
+
+
+def _context():
+    context = _contexts.get(os.getpid())
+    if context is None:
+        _contexts.clear()
+        context = _contexts[os.getpid()] = _library.Nftables()
+    return context
+
+
+def _library_batch(context, text: str) -> tuple[int, str, str]:
+    """``nft -f -`` of ``text``: read from a memory file, so that errors name the input line
+    (the library names no line of a command buffer); named /dev/stdin in errors, as by nft."""
+    fd = os.memfd_create("nft-batch", os.MFD_CLOEXEC)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+        name = f"/proc/self/fd/{fd}"
+        status, output, error = context.cmd_from_file(name)
+        return status, output, error.replace(f"{name}:", "/dev/stdin:")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _named(name: str | None) -> Iterator[None]:
+    """This process (its ``comm``) called ``name`` meanwhile; unchanged for None."""
+    if name is None:
+        yield
+        return
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    old = ctypes.create_string_buffer(16)
+    prctl(_PR_GET_NAME, old, 0, 0, 0)
+    prctl(_PR_SET_NAME, name.encode(), 0, 0, 0)
+    try:
+        yield
+    finally:
+        prctl(_PR_SET_NAME, old.value, 0, 0, 0)
 
 
 def _failure(step: Step, result: subprocess.CompletedProcess) -> FirewallError:

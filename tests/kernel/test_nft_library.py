@@ -1,0 +1,90 @@
+"""``nft`` through libnftables (executor.use_nft_library, what the resident service does) against
+the ``nft`` process, in a throw-away namespace: the same plans give the same ruleset, a refused
+batch the same error (naming the input line and its port), listings the same JSON, and with
+changes marked, the kernel names the marked process as the committer while the process keeps
+its own name otherwise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import netlab
+from bindings_helpers import REPO
+from nft_listener import Listener
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from libvirt_nwfilter import executor
+from libvirt_nwfilter.backends.base import PortChange
+from libvirt_nwfilter.backends.nftables import NftablesBackend
+from libvirt_nwfilter.errors import FirewallError
+sys.path.insert(0, sys.argv[1])
+from golden.nftables import cases
+
+library, rundir = sys.argv[2] == "library", sys.argv[3]
+if library:
+    assert executor.use_nft_library()
+if rundir:
+    executor.mark_changes(Path(rundir))
+backend = NftablesBackend(conntrack="inet")
+plan, records = backend.plan([PortChange("vp1", None, cases.clean_traffic()), PortChange("vp2", None, cases.root_only())])
+executor.execute(plan)
+out = {"ruleset": executor.run(executor.Step(("nft", "list", "ruleset"))).stdout}
+out["listing"] = executor.survey(backend.survey_steps())
+stale = dict(records["vp1"], gen=7, chains=[["bridge", "I-7/vp1"]])
+refused, _ = backend.plan([PortChange("vp1", stale, cases.root_only())])
+try:
+    executor.execute(refused)
+    out["refused"] = None
+except FirewallError as error:
+    out["refused"] = str(error)
+out["after_refusal"] = executor.run(executor.Step(("nft", "list", "ruleset"))).stdout
+out["comm"] = Path("/proc/self/comm").read_text().strip()
+executor.execute(backend.teardown_plan([]))
+print(json.dumps(out))
+"""
+
+
+def run(ns: str, mode: str, rundir: str = "") -> dict:
+    proc = subprocess.run(netlab.ns_argv(ns, [sys.executable, "-c", SCRIPT, str(REPO / "tests"), mode, rundir]),
+                          capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                               "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_library_and_process_give_the_same_rules_errors_and_listings(lab):
+    by_process = run(lab.host_ns, "process")
+    by_library = run(lab.host_ns, "library")
+    assert "chain I-1/vp1" in by_library["ruleset"]
+    assert by_library["ruleset"] == by_process["ruleset"]
+    assert by_library["after_refusal"] == by_library["ruleset"]
+    assert by_library["refused"] is not None and "of port vp1 (input line" in by_library["refused"]
+    assert by_library["refused"] == by_process["refused"]
+    for ours, theirs in zip(by_library["listing"], by_process["listing"], strict=True):
+        assert without_handles(json.loads(ours)["nftables"][1:]) == without_handles(json.loads(theirs)["nftables"][1:])
+
+
+def without_handles(value):
+    """A JSON listing without the kernel's handles (each run made the tables anew); [0] was the
+    metainfo."""
+    if isinstance(value, dict):
+        return {key: without_handles(item) for key, item in value.items() if key != "handle"}
+    if isinstance(value, list):
+        return [without_handles(item) for item in value]
+    return value
+
+
+def test_library_commits_under_the_marked_name(lab, tmp_path):
+    listener = Listener(lab.host_ns)
+    try:
+        result = run(lab.host_ns, "library", str(tmp_path))
+        committed, _ = listener.transactions()
+    finally:
+        listener.close()
+    assert result["comm"] == "python3" or result["comm"].startswith("python")
+    assert committed and {t[1] for t in committed} == {"nwfilter-nft"}, committed
+    assert not (tmp_path / "nwfilter-nft").exists()  # no nft process, no marked link

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -105,11 +106,15 @@ class State:
         """Temporary files of writes a killed process left: of the files written under the lock
         only (nobody else writes those now); the service's report and knowledge files are
         written without it, at any time."""
-        patterns = {self.rundir: (f".{INDEX}.*", ".journal.json.*"), self.bindings_dir: (".*.json.*",)}
-        for directory, globs in patterns.items():
-            for pattern in globs if directory.is_dir() else ():
-                for leftover in directory.glob(pattern):
-                    leftover.unlink(missing_ok=True)
+        for directory, partial in ((self.rundir, _partial_run_file), (self.bindings_dir, _partial_record)):
+            try:
+                with os.scandir(directory) as entries:
+                    leftovers = [entry.path for entry in entries if partial(entry.name)]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for leftover in leftovers:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
 
     # -- records --------------------------------------------------------------------------
     def path(self, port: str) -> Path:
@@ -212,14 +217,24 @@ class State:
         return index
 
     def _index_problem(self) -> dict[str, dict[str, Any]] | str | None:
-        """The valid index, or what is wrong with it (None: absent with no bindings)."""
+        """The valid index, or what is wrong with it (None: absent with no bindings). A valid
+        index is kept per process with the identity of its file (replaced on every write): read
+        again only when the file changed."""
+        identity = _file_identity(self.index_path)
+        cached = _valid_indexes.get(str(self.index_path))
+        if identity is not None and cached is not None and cached[0] == identity:
+            return cached[1]
         try:
             data = read_json(self.index_path, MAX_INDEX_BYTES)
         except FileProblem as problem:
             return str(problem)
         if data is None:
             return "is missing" if self.files() else None
-        return data if _valid_index(data) else "does not have the expected shape"
+        if not _valid_index(data):
+            return "does not have the expected shape"
+        if identity is not None:
+            _valid_indexes[str(self.index_path)] = (identity, data)
+        return data
 
     def rebuild_index(self) -> dict[str, dict[str, Any]]:
         """The index made anew from the files (entries of unreadable records are kept)."""
@@ -292,6 +307,28 @@ def _parsed_binding(text: str, source: str) -> Binding:
     """A record's binding (records are read more than once by one command; XML parsing is what
     reading one costs)."""
     return parse_binding(text, source, stored=True)
+
+
+_valid_indexes: dict[str, tuple[tuple[int, ...], dict]] = {}  # index path -> (file identity, valid content)
+
+
+def _file_identity(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever a file is replaced or written: inode, size, times; None when absent."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _partial_run_file(name: str) -> bool:
+    """A temporary file of an index or journal write (``.index.json.XXXX``)."""
+    return name.startswith((f".{INDEX}.", ".journal.json."))
+
+
+def _partial_record(name: str) -> bool:
+    """A temporary file of a binding record write (``.PORT.json.XXXX``)."""
+    return name.startswith(".") and ".json." in name
 
 
 def _valid_index(data: object) -> bool:

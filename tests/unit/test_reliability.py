@@ -345,6 +345,37 @@ def test_index_is_a_superset_of_the_records_at_every_instant(tmp_path, monkeypat
     assert writes == ["index.json", "vp2.json", "vp3.json", "index.json"]
 
 
+def test_the_index_is_read_again_whenever_its_file_changed(tmp_path):
+    """Kept per process with its file's identity: a write by anyone (another process, an editor
+    writing in place, a damage) is seen by the next read."""
+    records = State(tmp_path / "run")
+    records.write([_applied("vp1")])
+    assert set(State(tmp_path / "run").index()) == {"vp1"}
+    State(tmp_path / "run").write([_applied("vp2")])  # as another process would: a new file
+    assert set(records.index()) == {"vp1", "vp2"}
+    index = tmp_path / "run" / "index.json"
+    entries = json.loads(index.read_text())
+    with open(index, "r+", encoding="utf-8") as handle:  # in place: same inode, other size and times
+        handle.write(json.dumps({"vp1": entries["vp1"]}))
+        handle.truncate()
+    assert set(State(tmp_path / "run").index()) == {"vp1"}
+    index.write_text("[]")
+    fresh = State(tmp_path / "run")
+    assert set(fresh.index()) == {"vp1", "vp2"} and fresh.index_problem == "does not have the expected shape"
+
+
+def test_partial_writes_of_a_killed_writer_are_removed_under_the_lock(tmp_path):
+    run = tmp_path / "run"
+    (run / "bindings").mkdir(parents=True)
+    leftovers = [run / ".index.json.abc123", run / ".journal.json.x", run / "bindings" / ".vp1.json.q1"]
+    kept = [run / "probe.json", run / ".status.json.k", run / "bindings" / "vp1.json"]
+    for path in leftovers + kept:
+        path.write_text("{}")
+    with State(run).locked(timeout=5):
+        pass
+    assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
+
+
 @pytest.mark.parametrize("content, problem", [
     (None, "is not a regular file"),
     (b"x" * (state_mod.MAX_RECORD_BYTES + 1), "is larger than"),

@@ -186,7 +186,7 @@ class _Exchange:
             open_copies[source] = target
         deadline = time.monotonic() + min(self.timeout, TAKE_TIMEOUT)
         socket_open = True
-        while socket_open or open_copies:
+        while (socket_open and self.status is None) or open_copies:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._gave_up()

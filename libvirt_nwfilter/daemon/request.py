@@ -38,6 +38,7 @@ def handle(conn: socket.socket, max_request: int) -> int:
     if uid != 0:
         log.warning("connection from uid %d refused: only root may use the service", uid)
         _try_answer(conn, "error permission denied: only root may use the libvirt-nwfilter service")
+        _drain(conn)
         return 1
     try:
         request, fds = protocol.receive_request(conn, max_request)
@@ -68,6 +69,20 @@ def handle(conn: socket.socket, max_request: int) -> int:
     status = run(request, streams)
     _try_answer(conn, f"exit {status}")
     return status
+
+
+def serve_handed(channel: socket.socket, max_request: int) -> int:
+    """The spare request process: wait for the connection the server hands over ``channel``,
+    then serve it; nothing when the channel closes first (the server dropped the spare)."""
+    try:
+        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+    except OSError:
+        fds = []
+    finally:
+        channel.close()
+    if not fds:
+        return 0
+    return handle(socket.socket(fileno=fds[0]), max_request)
 
 
 def _drain(conn: socket.socket, limit: int = 1 << 20) -> None:
@@ -111,12 +126,22 @@ def run(request: dict, fds: list[int]) -> int:
         if done.code is not None and not isinstance(done.code, int):
             print(done.code, file=sys.stderr)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _release_streams()
     return status
+
+
+def _release_streams() -> None:
+    """Flush and let go of the client's streams (``/dev/null`` in their place): its copies of
+    our output end now, so that it need not wait for this process to exit."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _enter_namespace(fd: int) -> None:
@@ -147,11 +172,12 @@ def _reset_process(env: dict[str, str]) -> None:
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.set_wakeup_fd(-1)
-    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
+    for logger in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
             for handler in list(logger.handlers):
                 logger.removeHandler(handler)
-            logger.setLevel(logging.NOTSET)
+            if logger.level != logging.NOTSET:  # setting a level clears every logger's cache
+                logger.setLevel(logging.NOTSET)
             logger.propagate = True
     logging.getLogger().setLevel(logging.WARNING)
 

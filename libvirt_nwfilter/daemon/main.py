@@ -101,9 +101,11 @@ def _preload(config: Config) -> "Warmer":
     the warmer keeps them so (the server runs it when idle)."""
     from .. import cli, hook  # noqa: F401 - the entry points requests run
     from .. import domain, install, resolve, compiler  # noqa: F401 - what they import lazily
+    from .. import executor
     from ..service import Service
     from .warm import Warmer
 
+    executor.use_nft_library()
     Service(config).backend  # noqa: B018 - imports the backend and probes the kernel (cached per boot)
     cli.build_parser()
     warmer = Warmer(config)
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             watcher = Watcher(config, args, started=time.time())
             sock = server.listen(rundir)
             log.info("listening on %s (backend %s)", protocol.socket_path(str(rundir)), config.backend)
-            server.Server(sock, args.max_request, watcher.run, warmer.step).serve()
+            server.Server(sock, args.max_request, watcher.run, warmer.step, lambda: warmer.passes).serve()
             log.info("stopped")
             return 0
     except (server.ServiceError, NwfilterError) as error:

@@ -5,6 +5,11 @@ run in a separate process, :mod:`.watcher`, forked before any thread exists).
 It only accepts, forks and reaps: reading, checking and running a request happen in the forked
 process (:mod:`.request`), so a slow or malformed client never blocks the service. Requests that
 change state serialise on the host lock, exactly as processes of the in-process path do.
+
+When idle, it forks the process of the next request ahead (the spare), once its idle work is
+done (a spare forked before the warm-up would start colder): a connection is handed to the spare
+and the fork is not in the request's time. Without a spare (it died, or requests come faster
+than spares), the connection's process is forked then.
 """
 
 from __future__ import annotations
@@ -105,12 +110,16 @@ class Server:
     """Accept, fork, reap; restart the watcher process when it exits."""
 
     def __init__(self, sock: socket.socket, max_request: int, watcher: Callable[[], None] | None = None,
-                 idle: Callable[[], bool] | None = None):
-        """``idle``: a slice of work done when no request runs (True: there is more)."""
+                 idle: Callable[[], bool] | None = None, idle_passes: Callable[[], int] = lambda: 0):
+        """``idle``: a slice of work done when no request runs (True: there is more);
+        ``idle_passes``: how many passes of idle work began so far (a spare forked before the
+        last one began is replaced)."""
         self.sock = sock
         self.max_request = max_request
         self.children: set[int] = set()
+        self.spare: _Spare | None = None
         self._idle = idle
+        self._idle_passes = idle_passes
         self._watcher_body = watcher
         self.watcher_pid: int | None = None
         self._watcher_started = 0.0
@@ -125,6 +134,8 @@ class Server:
         try:
             die_with_parent()
             self.sock.close()
+            if self.spare is not None:
+                self.spare.channel.close()
             status = body()
         except BaseException:  # noqa: BLE001 - a forked process must never return into the loop
             log.exception("internal error")
@@ -145,9 +156,29 @@ class Server:
                 protocol.answer(conn, f"error busy: {MAX_CHILDREN} requests running")
             conn.close()
             return
-        pid = self._fork(lambda: request.handle(conn, self.max_request))
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.hand(conn):
+            pid = spare.pid
+        else:
+            if spare is not None:
+                spare.drop()
+            pid = self._fork(lambda: request.handle(conn, self.max_request))
         conn.close()
         self.children.add(pid)
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def spare() -> int:
+            ours.close()
+            return request.serve_handed(theirs, self.max_request)
+
+        passes = self._idle_passes()
+        try:
+            pid = self._fork(spare)
+        finally:
+            theirs.close()
+        self.spare = _Spare(pid, ours, passes)
 
     def _reap(self) -> None:
         while True:
@@ -161,6 +192,10 @@ class Server:
                 self.watcher_pid = None
                 if not self._stopping:
                     log.error("the watcher process exited (%s); restarting it", _describe(status))
+            elif self.spare is not None and pid == self.spare.pid:
+                log.warning("the spare request process exited (%s)", _describe(status))
+                self.spare.channel.close()
+                self.spare = None
             elif pid in self.children:
                 self.children.discard(pid)
                 if os.WIFSIGNALED(status):
@@ -202,14 +237,21 @@ class Server:
 
     def _idle_work(self) -> bool:
         """A slice of the idle work when no request runs; True when there is more."""
-        if self._idle is None or self.children:
+        if self.children:
             return False
-        try:
-            return self._idle()
-        except Exception:  # noqa: BLE001 - idle work is never worth stopping the service
-            log.exception("idle work failed; not done any more")
-            self._idle = None
-            return False
+        more = False
+        if self._idle is not None:
+            try:
+                more = self._idle()
+            except Exception:  # noqa: BLE001 - idle work is never worth stopping the service
+                log.exception("idle work failed; not done any more")
+                self._idle = None
+        if self.spare is not None and self.spare.passes != self._idle_passes():
+            self.spare.drop()
+            self.spare = None
+        if not more and self.spare is None and not self._stopping:
+            self._fork_spare()
+        return more
 
     def _accept_all(self) -> None:
         while True:
@@ -231,7 +273,11 @@ class Server:
         self._stopping = True
 
     def _finish(self) -> None:
-        """Stop the watcher; wait for running requests (at most STOP_GRACE seconds)."""
+        """Stop the watcher and the spare; wait for running requests (at most STOP_GRACE seconds)."""
+        if self.spare is not None:
+            self.children.add(self.spare.pid)
+            self.spare.drop()
+            self.spare = None
         if self.watcher_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.watcher_pid, signal.SIGTERM)
@@ -243,6 +289,26 @@ class Server:
             log.warning("process %d still running after %g s: killed", pid, STOP_GRACE)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+class _Spare:
+    """A forked request process waiting for its connection (see :func:`.request.serve_handed`)."""
+
+    def __init__(self, pid: int, channel: socket.socket, passes: int):
+        self.pid, self.channel, self.passes = pid, channel, passes
+
+    def hand(self, conn: socket.socket) -> bool:
+        """Give it ``conn``; False when it cannot take it (it died)."""
+        try:
+            socket.send_fds(self.channel, [b"c"], [conn.fileno()])
+        except OSError:
+            return False
+        self.channel.close()
+        return True
+
+    def drop(self) -> None:
+        """End it without a connection (it exits when its channel closes; the server reaps it)."""
+        self.channel.close()
 
 
 def _drain(fd: int) -> None:

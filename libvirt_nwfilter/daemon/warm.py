@@ -1,5 +1,5 @@
-"""What the request server keeps warm for the processes it forks: every recorded binding
-compiled and rendered once, so that a request (a ``reapply`` or ``define`` of many bindings
+"""What the request server keeps warm for the processes it forks: the state index read and
+every recorded binding compiled and rendered once, so that a request (a ``reapply`` or ``define`` of many bindings
 above all) finds the filter trees walked, the rules compiled and their nft text rendered.
 
 Only caches of pure functions are filled (keyed by what they are computed from: a changed
@@ -35,6 +35,7 @@ class Warmer:
         self._seen: tuple | None = None  # the two directories as last looked at
         self._records: dict[str, tuple[int, int]] = {}  # record file -> (inode, mtime) compiled
         self._work: Iterator[None] | None = None
+        self.passes = 0  # passes of work begun (each found something changed)
 
     def step(self) -> bool:
         """One slice of work; True while there is more."""
@@ -43,6 +44,7 @@ class Warmer:
             if not todo:
                 return False
             self._work = self._compile(todo)
+            self.passes += 1
         deadline = time.monotonic() + SLICE
         for _ in self._work:
             if time.monotonic() > deadline:
@@ -79,6 +81,7 @@ class Warmer:
         try:
             service = Service(self.config)
             backend = service.backend
+            service.state.index()  # kept per process while its file is unchanged
         except Exception as error:  # noqa: BLE001 - warming up is never required
             log.debug("nothing warmed up: %s", error)
             return

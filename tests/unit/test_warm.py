@@ -22,7 +22,7 @@ class FakeService:
 
     def __init__(self, config):
         self.backend = SimpleNamespace(name="nftables", plan=self._plan)
-        self.state = SimpleNamespace(get=self._get)
+        self.state = SimpleNamespace(get=self._get, index=dict)
 
     def _get(self, port):
         return SimpleNamespace(binding=SimpleNamespace(portdev=port), backend="nftables")

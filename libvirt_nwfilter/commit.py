@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import zlib
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -33,10 +32,11 @@ from . import executor
 from .daemon import wakeup
 from .backends.base import Backend, Plan, PortChange, PortRecord
 from .errors import FirewallError, NwfilterError, PartialChange
-from .ir import PortRuleset, ruleset_text
+from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, PortIntent
 from .model import Binding, FilterRef, make_params
 from .resolve import port_variables
+from .rulesets import ruleset_hash
 from .state import AppliedBinding, State, valid_port
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ def with_mac_parameter(binding: Binding) -> Binding:
     """The binding as libvirt stores it after instantiation: with a ``MAC`` parameter."""
     params = port_variables(binding.filterref.param_dict(), binding.mac)
     return replace(binding, filterref=FilterRef(binding.filterref.filter, make_params(params)))
-
-
-def ruleset_hash(ruleset: PortRuleset) -> str:
-    """A 64-bit fingerprint of a compiled ruleset (zlib: hashlib costs start-up time)."""
-    data = ruleset_text(ruleset).encode()
-    return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
 
 
 class Committer:

@@ -164,6 +164,13 @@ def _tree(top: str, lookup: Lookup) -> tuple[_TreeRule, ...]:
     return tree
 
 
+def tree_filters(top: str, lookup: Lookup) -> tuple[Filter, ...]:
+    """The filters the tree under ``top`` is made of (the same objects while none of them
+    changed); UnknownFilterError and the like as :func:`resolve`."""
+    _tree(top, lookup)
+    return tuple(flt for _, flt in _TREES[top][0])
+
+
 def _has_variables(rule: Rule) -> bool:
     return rule.match is not None and any(True for _ in rule.match.variables())
 

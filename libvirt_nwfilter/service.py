@@ -15,8 +15,7 @@ from typing import Iterable, Iterator, Sequence
 
 from . import recovery
 from .backends.base import Backend, PortChange
-from .commit import Change, Committer, ruleset_hash, with_mac_parameter
-from .compiler import compile_port
+from .commit import Change, Committer, with_mac_parameter
 from .config import BACKENDS, Config
 from .drift import Drift, kernel_check, kernel_drift
 from .errors import BindingError, InUseError, NwfilterError
@@ -24,7 +23,8 @@ from .ir import PortRuleset
 from .journal import FilterUpdate, Intent, Journal, JournalDamaged
 from .learning.spec import compiled, same_learning
 from .model import Binding, Filter, Lease
-from .resolve import Lookup, resolve
+from .resolve import Lookup
+from .rulesets import port_ruleset, ruleset_hash
 from .state import AppliedBinding, RecordError, State, valid_port
 from .store import FilterStore, Origin, referencing
 from .xml import format_filter, parse_filter
@@ -199,8 +199,7 @@ class Service:
         """``binding`` with its learning state as its filters give it (IP learning, see
         :mod:`.learning`), and its ruleset (pure)."""
         lookup = lookup or self.store.source
-        ruleset, learning = compiled(binding, lambda ref: compile_port(resolve(ref, binding.mac, lookup,
-                                                                               max_rules=self.config.max_rules)))
+        ruleset, learning = compiled(binding, lambda ref: port_ruleset(ref, binding.mac, lookup, self.config.max_rules))
         return (binding if learning == binding.learning else replace(binding, learning=learning)), ruleset
 
     def render(self, binding: Binding) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..backends.base import PortChange
-from ..commit import ruleset_hash
+from ..rulesets import ruleset_hash
 from ..config import Config
 from ..service import Service
 

@@ -173,7 +173,8 @@ def test_a_new_learning_binding_needs_the_service(service):
 
 def _record(service: Service, learned: Binding) -> AppliedBinding:
     full, ruleset = service.prepared(learned)
-    from libvirt_nwfilter.commit import ruleset_hash, with_mac_parameter
+    from libvirt_nwfilter.commit import with_mac_parameter
+    from libvirt_nwfilter.rulesets import ruleset_hash
 
     applied = AppliedBinding(with_mac_parameter(full), "nftables", {"id": 1}, ruleset_hash(ruleset))
     service.state.write([applied])

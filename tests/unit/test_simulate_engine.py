@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from libvirt_nwfilter.errors import NwfilterError
 from libvirt_nwfilter.ir import PortRuleset
-from libvirt_nwfilter.service import ruleset_hash
+from libvirt_nwfilter.rulesets import ruleset_hash
 from libvirt_nwfilter.simulate.evaluate import END, ROOT_RETURN, RULE, SUB_END, Simulator
 from libvirt_nwfilter.simulate.explain import json_report, text_report
 from libvirt_nwfilter.simulate.packet import parse_packets

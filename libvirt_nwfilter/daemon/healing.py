@@ -127,9 +127,14 @@ class PeriodicHealer(Healer):
             self.stopping.wait(min(3 * (time.monotonic() - began), MAX_PAUSE))
 
     def check_fully(self, service: Service) -> None:
-        """Against a reference kernel built from the records (at start)."""
+        """Against a reference kernel built from the records (at start); when a port looks
+        broken, once more under the host lock (a change of ours may have been half way)."""
         recorded = self._mine(service)
         live, intact = service.kernel_check(recorded)
+        if len(intact) < len(recorded):
+            with service.state.locked(service.config.lock_timeout):
+                recorded = self._mine(service)
+                live, intact = service.kernel_check(recorded)
         self.expected = {a.binding.portdev: (a.ruleset_hash, live[a.binding.portdev])
                          for a in recorded if a.binding.portdev in intact}
         broken = sorted(a.binding.portdev for a in recorded if a.binding.portdev not in intact)

@@ -163,10 +163,20 @@ class NftablesHealer(Healer):
         self._settle(service)
 
     def _check_fully(self, service: Service) -> None:
-        """Against a reference kernel built from the records; a broken port is repaired."""
-        generation = executor.nft_generation()  # read before the listing: later changes come as notifications
-        recorded = self._mine(service)
-        _, intact = service.kernel_check(recorded)
+        """Against a reference kernel built from the records; a broken port is repaired. A check
+        that a change of ours overlapped (its journal on disk, or the generation moved while
+        checking: records and kernel may be of different moments) is made again, up to
+        ``len(RETRY)`` times, after a pause."""
+        for pause in (*RETRY, None):
+            generation = executor.nft_generation()  # read before the listing: later changes come as notifications
+            busy = service.journal.exists()
+            recorded = self._mine(service)
+            _, intact = service.kernel_check(recorded)
+            overlapped = executor.nft_generation() != generation or busy or service.journal.exists()
+            if pause is None or not overlapped:
+                break
+            log.debug("the ruleset changed while it was checked: checking again")
+            self.stopping.wait(pause)
         self.generation = max(self.generation or 0, generation or 0)
         self.intact = {a.binding.portdev: a.ruleset_hash for a in recorded if a.binding.portdev in intact}
         self.pending = set()

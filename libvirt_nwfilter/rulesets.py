@@ -10,12 +10,12 @@ import zlib
 
 from .compiler import compile_port
 from .ir import PortRuleset, ruleset_text
-from .model import Filter, FilterRef
-from .resolve import Lookup, resolve, tree_filters
+from .model import Filter, FilterRef, make_params
+from .resolve import Lookup, port_variables, resolve, tree_filters
 
 MAX_KEPT = 1 << 14  # entries of each memory before it starts anew
 
-# (filter reference, MAC, rule limit, ids of the tree's filters) -> (those filters, the ruleset)
+# (filter, its variables, MAC, rule limit, ids of the tree's filters) -> (those filters, the ruleset)
 _rulesets: dict[tuple, tuple[tuple[Filter, ...], PortRuleset]] = {}
 # id of a ruleset -> (the ruleset, its fingerprint)
 _fingerprints: dict[int, tuple[PortRuleset, str]] = {}
@@ -24,7 +24,8 @@ _fingerprints: dict[int, tuple[PortRuleset, str]] = {}
 def port_ruleset(ref: FilterRef, mac: str, lookup: Lookup, max_rules: int | None = None) -> PortRuleset:
     """The compiled ruleset of ``ref`` on a port with ``mac`` (see :func:`.resolve.resolve`)."""
     filters = tree_filters(ref.filter, lookup)
-    key = (ref, mac, max_rules, tuple(map(id, filters)))
+    variables = make_params(port_variables(ref.param_dict(), mac))  # with and without MAC=mac alike
+    key = (ref.filter, variables, mac, max_rules, tuple(map(id, filters)))
     kept = _rulesets.get(key)
     if kept is not None and all(a is b for a, b in zip(kept[0], filters)):
         return kept[1]

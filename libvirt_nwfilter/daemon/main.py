@@ -101,6 +101,8 @@ def _preload(config: Config) -> "Warmer":
     the warmer keeps them so (the server runs it when idle)."""
     from .. import cli, hook  # noqa: F401 - the entry points requests run
     from .. import domain, install, resolve, compiler  # noqa: F401 - what they import lazily
+    from ..backends.nftables import notices  # noqa: F401 - read by the hook's reconnect
+    from . import knowledge  # noqa: F401 - read by the hook's reconnect
     from .. import executor
     from ..service import Service
     from .warm import Warmer

@@ -30,6 +30,8 @@ def test_unchanged_inputs_give_the_ruleset_compiled_before():
     assert rulesets.port_ruleset(ref("10.0.0.2"), MAC, lookup) is not first
     assert rulesets.port_ruleset(ref("10.0.0.1"), "52:54:00:00:00:02", lookup) is not first
     assert rulesets.port_ruleset(ref("10.0.0.1"), MAC, lookup, max_rules=10) is not first
+    with_mac = FilterRef("top", make_params({"IP": ["10.0.0.1"], "MAC": [MAC]}))  # as a record holds it
+    assert rulesets.port_ruleset(with_mac, MAC, lookup) is first
 
 
 def test_a_changed_filter_is_compiled_anew():

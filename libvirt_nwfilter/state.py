@@ -127,19 +127,32 @@ class State:
         return self._read(self.path(port), port)
 
     def _read(self, path: Path, port: str) -> AppliedBinding | None:
+        """A usable record is kept per process with the identity of its file (replaced on every
+        write): read again only when the file changed; callers do not change what they get."""
+        identity = _file_identity(path)
+        kept = _usable_records.get(str(path))
+        if identity is not None and kept is not None and kept[0] == identity:
+            return kept[1]
         try:
             data = read_json(path, MAX_RECORD_BYTES)
         except FileProblem as problem:
             raise RecordError(path, port, str(problem)) from None
         if data is None:
             return None
-        return _applied_from(data, path, port)
+        applied = _applied_from(data, path, port)
+        if identity is not None:
+            if len(_usable_records) >= MAX_KEPT_RECORDS:
+                _usable_records.clear()
+            _usable_records[str(path)] = (identity, applied)
+        return applied
 
     def files(self) -> list[Path]:
-        if not self.bindings_dir.is_dir():
+        try:
+            with os.scandir(self.bindings_dir) as entries:
+                names = [e.name for e in entries if e.name.endswith(".json") and not e.name.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted((p for p in self.bindings_dir.glob("*.json") if not p.name.startswith(".")),
-                      key=lambda p: (p.stem.lower(), p.stem))
+        return [self.bindings_dir / name for name in sorted(names, key=lambda n: (n[:-5].lower(), n[:-5]))]
 
     def scan(self) -> tuple[list[AppliedBinding], list[RecordError]]:
         """Every record: the usable ones, and one RecordError per file that is not."""
@@ -310,6 +323,8 @@ def _parsed_binding(text: str, source: str) -> Binding:
 
 
 _valid_indexes: dict[str, tuple[tuple[int, ...], dict]] = {}  # index path -> (file identity, valid content)
+_usable_records: dict[str, tuple[tuple[int, ...], AppliedBinding]] = {}  # record path -> (file identity, record)
+MAX_KEPT_RECORDS = 1 << 16
 
 
 def _file_identity(path: Path) -> tuple[int, ...] | None:

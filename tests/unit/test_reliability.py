@@ -364,6 +364,19 @@ def test_the_index_is_read_again_whenever_its_file_changed(tmp_path):
     assert set(fresh.index()) == {"vp1", "vp2"} and fresh.index_problem == "does not have the expected shape"
 
 
+def test_a_record_is_read_again_whenever_its_file_changed(tmp_path):
+    records = State(tmp_path / "run")
+    records.write([_applied("vp1")])
+    first = records.get("vp1")
+    assert State(tmp_path / "run").get("vp1") is first  # kept while the file is the same
+    changed = AppliedBinding(first.binding, "nftables", {"id": 8}, "1" * 16)
+    State(tmp_path / "run").write([changed])
+    assert records.get("vp1") == changed
+    (tmp_path / "run" / "bindings" / "vp1.json").write_text("{")
+    with pytest.raises(RecordError, match="not valid JSON"):
+        records.get("vp1")
+
+
 def test_partial_writes_of_a_killed_writer_are_removed_under_the_lock(tmp_path):
     run = tmp_path / "run"
     (run / "bindings").mkdir(parents=True)

@@ -170,7 +170,10 @@ class Service:
 
     def _users_of(self, name: str) -> list[AppliedBinding]:
         filters = self.store.all()
-        return [a for a in self.state.all() if referencing(filters, [a.binding.filterref.filter], name)]
+        records = self.state.all()
+        reaches = {top: referencing(filters, [top], name)  # per top filter, not per binding
+                   for top in {a.binding.filterref.filter for a in records}}
+        return [a for a in records if reaches[a.binding.filterref.filter]]
 
     def _update_filter(self, flt: Filter, current: Filter | None, affected: list[AppliedBinding]) -> None:
         lookup = self._overlay(flt)

@@ -1,11 +1,9 @@
 """Measuring: processes spawned directly inside a namespace, timed, with their rusage; the
 measurements they make up, and how figures are written.
 
-Every figure is the median of several fresh processes, with min-max. Peak memory is the
-``ru_maxrss`` GNU ``time`` reports of the measured process (the largest process of its tree:
-Python or the firewall tool it ran): measured by a process of ours, the peak would be at least the
-benchmark's own size (a child spawned by ``vfork``, or forked, starts out with its parent's
-memory as its high-water mark). Processes run with a minimal environment like the one
+Every figure is the median of several fresh processes, with min-max. Peak memory is
+``ru_maxrss`` of the measured child as ``wait4`` reports it (the largest process of its tree:
+Python or the firewall tool it ran). Processes run with a minimal environment like the one
 libvirtd gives hooks (no ``PYTHON*`` variables) directly inside the namespace (``setns``; no
 ``ip netns exec`` in the timed path).
 """
@@ -38,7 +36,6 @@ CLI = SUBJECT / ".venv" / "bin" / "libvirt-nwfilter"
 HOOK = SUBJECT / "hooks" / "qemu"
 TESTS = REPO / "tests"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-GNU_TIME = "/usr/bin/time"  # Debian's package time: measures the peak memory of what it runs
 CLONE_NEWNET = 0x40000000
 
 
@@ -100,18 +97,15 @@ class BenchError(RuntimeError):
 
 def spawn(argv: Sequence[object], env: dict[str, str], ns: str | None = None, stdin: bytes = b"",
           timeout: float = 900.0) -> Run:
-    """Run ``argv`` to completion in namespace ``ns`` under GNU ``time``: wall time from spawn to
-    exit, CPU of the whole tree from ``wait4``, the peak memory ``time`` reports."""
+    """Run ``argv`` to completion in namespace ``ns``: wall time from spawn to exit, and the
+    child's rusage from wait4 (maxrss of its tree's largest process, CPU of the whole tree)."""
     argv = [str(a) for a in argv]
     if not os.path.isabs(argv[0]):
         found = shutil.which(argv[0], path=env.get("PATH", BASE_PATH))
         if found is None:
             raise BenchError(f"{argv[0]} not found")
         argv[0] = found
-    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr, \
-            tempfile.NamedTemporaryFile() as report:
-        measured = argv
-        argv = [GNU_TIME, "-q", "-f", "%M", "-o", report.name, *measured]
+    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         fin.write(stdin)
         fin.flush()
         fin.seek(0)
@@ -119,7 +113,7 @@ def spawn(argv: Sequence[object], env: dict[str, str], ns: str | None = None, st
                    (os.POSIX_SPAWN_DUP2, ferr.fileno(), 2)]
         with _netns().entered(ns):
             start = time.perf_counter()
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setpgroup=0)  # killed as a group
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
         reaped = False
         try:
             pidfd = os.pidfd_open(pid)
@@ -129,30 +123,22 @@ def spawn(argv: Sequence[object], env: dict[str, str], ns: str | None = None, st
             finally:
                 os.close(pidfd)
             if not ready:
-                os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 os.wait4(pid, 0)
                 reaped = True
-                raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(measured)}")
+                raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(argv)}")
             _, status, usage = os.wait4(pid, 0)
             reaped = True
         finally:
             if not reaped:
                 with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                     os.wait4(pid, 0)
         fout.seek(0)
         ferr.seek(0)
-        return Run(measured, end - start, os.waitstatus_to_exitcode(status), _peak_kb(report.name),
+        return Run(argv, end - start, os.waitstatus_to_exitcode(status), usage.ru_maxrss,
                    usage.ru_utime + usage.ru_stime, fout.read().decode(errors="replace"),
                    ferr.read().decode(errors="replace"))
-
-
-def _peak_kb(report: str) -> int:
-    """The maximum resident set size (KiB) GNU time wrote as the last line of ``report``."""
-    lines = Path(report).read_text().split()
-    if not lines or not lines[-1].isdigit():
-        raise BenchError(f"GNU time reported no peak memory: {lines}")
-    return int(lines[-1])
 
 
 def sh(argv: Sequence[object], check: bool = True, input: str | None = None,

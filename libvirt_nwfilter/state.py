@@ -127,12 +127,10 @@ class State:
         return self._read(self.path(port), port)
 
     def _read(self, path: Path, port: str) -> AppliedBinding | None:
-        """A usable record is kept per process with the identity of its file (replaced on every
-        write): read again only when the file changed; callers do not change what they get."""
-        identity = _file_identity(path)
-        kept = _usable_records.get(str(path))
-        if identity is not None and kept is not None and kept[0] == identity:
-            return kept[1]
+        """A usable record is kept per process (:class:`_KeptFiles`)."""
+        identity, kept = _kept_files.get(path)
+        if kept is not None:
+            return kept
         try:
             data = read_json(path, MAX_RECORD_BYTES)
         except FileProblem as problem:
@@ -140,10 +138,7 @@ class State:
         if data is None:
             return None
         applied = _applied_from(data, path, port)
-        if identity is not None:
-            if len(_usable_records) >= MAX_KEPT_RECORDS:
-                _usable_records.clear()
-            _usable_records[str(path)] = (identity, applied)
+        _kept_files.keep(path, identity, applied)
         return applied
 
     def files(self) -> list[Path]:
@@ -231,12 +226,10 @@ class State:
 
     def _index_problem(self) -> dict[str, dict[str, Any]] | str | None:
         """The valid index, or what is wrong with it (None: absent with no bindings). A valid
-        index is kept per process with the identity of its file (replaced on every write): read
-        again only when the file changed."""
-        identity = _file_identity(self.index_path)
-        cached = _valid_indexes.get(str(self.index_path))
-        if identity is not None and cached is not None and cached[0] == identity:
-            return cached[1]
+        index is kept per process (:class:`_KeptFiles`)."""
+        identity, kept = _kept_files.get(self.index_path)
+        if kept is not None:
+            return kept
         try:
             data = read_json(self.index_path, MAX_INDEX_BYTES)
         except FileProblem as problem:
@@ -245,8 +238,7 @@ class State:
             return "is missing" if self.files() else None
         if not _valid_index(data):
             return "does not have the expected shape"
-        if identity is not None:
-            _valid_indexes[str(self.index_path)] = (identity, data)
+        _kept_files.keep(self.index_path, identity, data)
         return data
 
     def rebuild_index(self) -> dict[str, dict[str, Any]]:
@@ -322,18 +314,36 @@ def _parsed_binding(text: str, source: str) -> Binding:
     return parse_binding(text, source, stored=True)
 
 
-_valid_indexes: dict[str, tuple[tuple[int, ...], dict]] = {}  # index path -> (file identity, valid content)
-_usable_records: dict[str, tuple[tuple[int, ...], AppliedBinding]] = {}  # record path -> (file identity, record)
-MAX_KEPT_RECORDS = 1 << 16
+class _KeptFiles:
+    """What valid files of the run directory hold (the index, records), kept per process with
+    the identity of each file (inode, size, times: they change whenever it is replaced or
+    written) and read again only when the file changed; callers do not change what they get."""
+
+    MOST = 1 << 16  # files kept before the memory starts anew
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple[int, ...], Any]] = {}
+
+    def get(self, path: Path) -> tuple[tuple[int, ...] | None, Any]:
+        """The file's identity now (None: absent), and what it held if kept with that identity."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None, None
+        identity = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        kept = self._kept.get(str(path))
+        return identity, kept[1] if kept is not None and kept[0] == identity else None
+
+    def keep(self, path: Path, identity: tuple[int, ...] | None, content: Any) -> None:
+        """Keep ``content``, read from ``path`` after :meth:`get` gave ``identity``."""
+        if identity is None:
+            return
+        if len(self._kept) >= self.MOST:
+            self._kept.clear()
+        self._kept[str(path)] = (identity, content)
 
 
-def _file_identity(path: Path) -> tuple[int, ...] | None:
-    """What changes whenever a file is replaced or written: inode, size, times; None when absent."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+_kept_files = _KeptFiles()
 
 
 def _partial_run_file(name: str) -> bool:

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..backends.base import PortChange
+from .. import executor
+from ..backends.base import PortChange, Step
 from ..rulesets import ruleset_hash
 from ..config import Config
 from ..service import Service
+from ..state import INDEX
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,14 @@ SLICE = 0.02  # seconds of work per step: a request arriving meanwhile waits at 
 
 
 class Warmer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, spare_steps: tuple[Step, ...] = ()):
+        """``spare_steps``: the backend's warm-up steps, run in each spare request process."""
         self.config = config
+        self.spare_steps = spare_steps
         self.bindings = Path(config.rundir) / "bindings"
         self.filters = Path(config.confdir) / "filters"
-        self._seen: tuple | None = None  # the two directories as last looked at
+        self.index = Path(config.rundir) / INDEX
+        self._seen: tuple | None = None  # the two directories and the index as last looked at
         self._records: dict[str, tuple[int, int]] = {}  # record file -> (inode, mtime) compiled
         self._work: Iterator[None] | None = None
         self.passes = 0  # passes of work begun (each found something changed)
@@ -41,7 +46,7 @@ class Warmer:
         """One slice of work; True while there is more."""
         if self._work is None:
             todo = self._changed()
-            if not todo:
+            if todo is None:
                 return False
             self._work = self._compile(todo)
             self.passes += 1
@@ -55,16 +60,22 @@ class Warmer:
         gc.freeze()
         return False
 
+    def ready_spare(self) -> None:
+        """In a spare request process: the backend's warm-up steps begin in the background (the
+        kernel's ruleset read into libnftables' cache while the request is still on its way)."""
+        executor.warm_nft_cache(self.spare_steps)
+
     def run(self) -> None:
         """Everything at once (at start, before the socket listens)."""
         while self.step():
             pass
 
-    def _changed(self) -> list[str]:
-        """Record files written since they were last compiled (every one when a filter changed)."""
-        seen = (_signature(self.bindings), _signature(self.filters))
+    def _changed(self) -> list[str] | None:
+        """Record files written since they were last compiled (every one when a filter changed);
+        None when nothing changed (a pass over no record reads the index again)."""
+        seen = (_signature(self.bindings), _signature(self.filters), _signature(self.index))
         if seen == self._seen:
-            return []
+            return None
         filters_changed = self._seen is None or seen[1] != self._seen[1]
         self._seen = seen
         try:
@@ -99,7 +110,8 @@ class Warmer:
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
-    """Changes whenever a file in the directory ``path`` is written (renamed into place) or removed."""
+    """Changes whenever a file in the directory ``path`` is written (renamed into place) or
+    removed, or the file ``path`` is replaced."""
     try:
         info = os.stat(path)
     except OSError:

@@ -1,6 +1,7 @@
 """What the request server keeps warm (daemon/warm.py): every recorded binding compiled once at
-start, then only what changed since (a record written, or every one when a filter changed); a
-record that cannot be compiled is left to the request that needs it."""
+start, then only what changed since (a record written, or every one when a filter changed), the
+index read again whenever it changed; a record that cannot be compiled is left to the request
+that needs it."""
 
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ class FakeService:
     compiled: list[str] = []
     planned: list[str] = []
     broken: set[str] = set()
+    index_reads = 0
 
     def __init__(self, config):
         self.backend = SimpleNamespace(name="nftables", plan=self._plan)
-        self.state = SimpleNamespace(get=self._get, index=dict)
+        self.state = SimpleNamespace(get=self._get, index=self._index)
+
+    @classmethod
+    def _index(cls):
+        cls.index_reads += 1
+        return {}
 
     def _get(self, port):
         return SimpleNamespace(binding=SimpleNamespace(portdev=port), backend="nftables")
@@ -39,7 +46,7 @@ class FakeService:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    FakeService.compiled, FakeService.planned, FakeService.broken = [], [], set()
+    FakeService.compiled, FakeService.planned, FakeService.broken, FakeService.index_reads = [], [], set(), 0
     monkeypatch.setattr(warm, "Service", FakeService)
     monkeypatch.setattr(warm, "ruleset_hash", lambda ruleset: "h")
     config = Config(tmp_path / "conf", tmp_path / "run")
@@ -70,6 +77,20 @@ def test_every_record_is_compiled_at_start_then_only_what_changed(setup):
     write(bindings, "vnet1.json", '{"changed": 1}')
     warmer.run()
     assert FakeService.compiled == ["vnet1"]
+
+
+def test_an_index_written_after_its_records_is_read_again(setup):
+    """A removal writes the index after deleting the record: a pass that began between the two
+    kept the old index, which the next pass replaces (no record to compile then)."""
+    config, warmer = setup
+    write(config.rundir / "bindings", "vnet0.json")
+    warmer.run()
+    reads, passes = FakeService.index_reads, warmer.passes
+    write(config.rundir, "index.json", '{"vnet0": {}}')
+    warmer.run()
+    assert FakeService.index_reads == reads + 1 and warmer.passes == passes + 1
+    assert FakeService.compiled == ["vnet0"]  # compiled once, at start
+    assert warmer.step() is False and warmer.passes == passes + 1
 
 
 def test_a_changed_filter_compiles_every_record_again(setup):

@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -105,6 +106,7 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
 
 _library = None  # the python3-nftables module, once use_nft_library() loaded it
 _contexts: dict[int, object] = {}  # process id -> its libnftables context (never shared by a fork)
+_warming: threading.Thread | None = None  # filling this process's libnftables cache ahead (warm_nft_cache)
 _LIBRARY_FLAGS = {"-j": "set_json_output", "-a": "set_handle_output", "-c": "set_dry_run"}
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
 
@@ -123,9 +125,46 @@ def use_nft_library() -> bool:
     return True
 
 
+def warm_nft_cache(steps: tuple[Step, ...]) -> None:
+    """Run ``steps`` (dry runs, ``nft -c``) through this process's libnftables context in a
+    background thread, errors ignored; the next ``nft`` command of the process waits for them.
+    libnftables reads every chain of the ruleset (9000 with 1000 ports) into its cache before a
+    batch that adds rules or map elements, and keeps that cache while the ruleset's generation
+    stays the same: read ahead, a request's batch does not read it again. No effect without the
+    library (:func:`use_nft_library`)."""
+    global _warming
+    if _library is None or _warming is not None or not steps:
+        return
+    commands = [_library_command(step) for step in steps]
+    if any(command is None or "set_dry_run" not in command[0] for command in commands):
+        raise ValueError("warm_nft_cache runs dry runs of nft only (nft -c)")
+    context = _context()
+
+    def warm() -> None:
+        for command, step in zip(commands, steps):
+            status, _, error = _library_run(context, *command, step)
+            if status != 0:
+                log.debug("warming the nft cache: %s", error.strip())
+
+    _warming = threading.Thread(target=warm, name="nft-cache", daemon=True)
+    _warming.start()
+
+
 def _run_in_library(step: Step) -> subprocess.CompletedProcess | None:
     """``step`` run through libnftables, or None when it is not an ``nft`` command the library
     runs alike (another program, options other than ``-j``, ``-a``, ``-c`` and ``-f -``)."""
+    command = _library_command(step)
+    if command is None:
+        return None
+    log.debug("running nft %s in libnftables (%d bytes of input)", " ".join(step.argv[1:]), len(step.stdin))
+    with _named(MARKED_NFT if _mark_dir is not None else None):
+        status, output, error = _library_run(_context(), *command, step)
+    return subprocess.CompletedProcess(step.argv, 0 if status == 0 else 1, output, error)
+
+
+def _library_command(step: Step) -> tuple[list[str], list[str] | None] | None:
+    """(the context's flag setters, the command's words or None for ``-f -``) of an ``nft``
+    step the library runs alike; None for any other step."""
     path = tool(step.argv[0])
     if os.path.basename(path) != "nft" or os.path.realpath(path) != os.path.realpath(tool("nft")):
         return None
@@ -133,22 +172,27 @@ def _run_in_library(step: Step) -> subprocess.CompletedProcess | None:
     flags = []
     while args and args[0] in _LIBRARY_FLAGS:
         flags.append(_LIBRARY_FLAGS[args.pop(0)])
-    from_stdin = args == ["-f", "-"]
-    if not from_stdin and (not args or any(arg.startswith("-") for arg in args)):
+    if args == ["-f", "-"]:
+        return flags, None
+    if not args or any(arg.startswith("-") for arg in args):
         return None
-    context = _context()
+    return flags, args
+
+
+def _library_run(context, flags: list[str], words: list[str] | None, step: Step) -> tuple[int, str, str]:
     for setter in _LIBRARY_FLAGS.values():
         getattr(context, setter)(setter in flags)
-    log.debug("running nft %s in libnftables (%d bytes of input)", " ".join(step.argv[1:]), len(step.stdin))
-    with _named(MARKED_NFT if _mark_dir is not None else None):
-        if from_stdin:
-            status, output, error = _library_batch(context, step.stdin)
-        else:
-            status, output, error = context.cmd(" ".join(args))
-    return subprocess.CompletedProcess(step.argv, 0 if status == 0 else 1, output, error)
+    if words is None:
+        return _library_batch(context, step.stdin)
+    return context.cmd(" ".join(words))
 
 
 def _context():
+    """This process's libnftables context, once the cache warming of the process is over."""
+    global _warming
+    if _warming is not None:
+        _warming.join()
+        _warming = None
     context = _contexts.get(os.getpid())
     if context is None:
         _contexts.clear()

@@ -143,6 +143,11 @@ class Backend(Protocol):
         in order, to :meth:`kernel_digests`, :meth:`kernel_ports` or :meth:`rebuild_plan`."""
         ...
 
+    def warm_up_steps(self) -> tuple[Step, ...]:
+        """Read-only steps (dry runs) that make the next change of the process running them
+        cheaper, for ``executor.warm_nft_cache``; none where nothing is gained."""
+        ...
+
     def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
                        ) -> dict[str, str | None]:
         """Pure: for every port of ``records`` (None records are skipped), a digest of what the

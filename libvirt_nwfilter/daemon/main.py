@@ -108,9 +108,9 @@ def _preload(config: Config) -> "Warmer":
     from .warm import Warmer
 
     executor.use_nft_library()
-    Service(config).backend  # noqa: B018 - imports the backend and probes the kernel (cached per boot)
+    warm_up = Service(config).backend.warm_up_steps()  # imports the backend, probes the kernel (cached per boot)
     cli.build_parser()
-    warmer = Warmer(config)
+    warmer = Warmer(config, warm_up)
     warmer.run()
     return warmer
 
@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             watcher = Watcher(config, args, started=time.time())
             sock = server.listen(rundir)
             log.info("listening on %s (backend %s)", protocol.socket_path(str(rundir)), config.backend)
-            server.Server(sock, args.max_request, watcher.run, warmer.step, lambda: warmer.passes).serve()
+            server.Server(sock, args.max_request, watcher.run, warmer.step, lambda: warmer.passes,
+                          warmer.ready_spare).serve()
             log.info("stopped")
             return 0
     except (server.ServiceError, NwfilterError) as error:

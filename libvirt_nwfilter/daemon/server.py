@@ -110,16 +110,19 @@ class Server:
     """Accept, fork, reap; restart the watcher process when it exits."""
 
     def __init__(self, sock: socket.socket, max_request: int, watcher: Callable[[], None] | None = None,
-                 idle: Callable[[], bool] | None = None, idle_passes: Callable[[], int] = lambda: 0):
+                 idle: Callable[[], bool] | None = None, idle_passes: Callable[[], int] = lambda: 0,
+                 ready_spare: Callable[[], None] = lambda: None):
         """``idle``: a slice of work done when no request runs (True: there is more);
         ``idle_passes``: how many passes of idle work began so far (a spare forked before the
-        last one began is replaced)."""
+        last one began is replaced); ``ready_spare``: run in the spare as it starts (work ahead
+        of its request, in the background)."""
         self.sock = sock
         self.max_request = max_request
         self.children: set[int] = set()
         self.spare: _Spare | None = None
         self._idle = idle
         self._idle_passes = idle_passes
+        self._ready_spare = ready_spare
         self._watcher_body = watcher
         self.watcher_pid: int | None = None
         self._watcher_started = 0.0
@@ -171,6 +174,7 @@ class Server:
 
         def spare() -> int:
             ours.close()
+            self._ready_spare()
             return request.serve_handed(theirs, self.max_request)
 
         passes = self._idle_passes()

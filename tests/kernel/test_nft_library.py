@@ -1,6 +1,7 @@
 """``nft`` through libnftables (executor.use_nft_library, what the resident service does) against
 the ``nft`` process, in a throw-away namespace: the same plans give the same ruleset, a refused
-batch the same error (naming the input line and its port), listings the same JSON, and with
+batch the same error (naming the input line and its port), listings the same JSON (the library's
+cache warmed ahead, as in the service's spare request process, without committing), and with
 changes marked, the kernel names the marked process as the committer while the process keeps
 its own name otherwise."""
 
@@ -30,9 +31,16 @@ if library:
 if rundir:
     executor.mark_changes(Path(rundir))
 backend = NftablesBackend(conntrack="inet")
+warm = lambda: executor.warm_nft_cache(backend.warm_up_steps())  # noqa: E731 - nothing without the library
+warm()  # before our tables exist: refused, harmlessly
 plan, records = backend.plan([PortChange("vp1", None, cases.clean_traffic()), PortChange("vp2", None, cases.root_only())])
 executor.execute(plan)
 out = {"ruleset": executor.run(executor.Step(("nft", "list", "ruleset"))).stdout}
+generation = executor.nft_generation()
+warm()
+out["warming_committed"] = executor.run(executor.Step(("nft", "list", "ruleset"))).stdout != out["ruleset"] or \
+    executor.nft_generation() != generation
+warm()
 out["listing"] = executor.survey(backend.survey_steps())
 stale = dict(records["vp1"], gen=7, chains=[["bridge", "I-7/vp1"]])
 refused, _ = backend.plan([PortChange("vp1", stale, cases.root_only())])
@@ -61,6 +69,7 @@ def test_library_and_process_give_the_same_rules_errors_and_listings(lab):
     by_library = run(lab.host_ns, "library")
     assert "chain I-1/vp1" in by_library["ruleset"]
     assert by_library["ruleset"] == by_process["ruleset"]
+    assert not by_library["warming_committed"]  # the cache warming is a dry run
     assert by_library["after_refusal"] == by_library["ruleset"]
     assert by_library["refused"] is not None and "of port vp1 (input line" in by_library["refused"]
     assert by_library["refused"] == by_process["refused"]

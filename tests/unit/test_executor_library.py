@@ -7,6 +7,7 @@ runs the real one against the nft process."""
 from __future__ import annotations
 
 import subprocess
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -46,6 +47,7 @@ def library(monkeypatch):
     FakeNftables.instances = []
     monkeypatch.setattr(executor, "_library", SimpleNamespace(Nftables=FakeNftables))
     monkeypatch.setattr(executor, "_contexts", {})
+    monkeypatch.setattr(executor, "_warming", None)
     monkeypatch.setattr(executor, "tool", lambda name: name if name.startswith("/") else f"/usr/sbin/{name}")
     monkeypatch.setattr(executor.subprocess, "run", lambda *a, **k: pytest.fail(f"a process was started: {a}"))
     return FakeNftables
@@ -77,3 +79,31 @@ def test_anything_else_runs_as_a_process(library, monkeypatch, argv):
                         lambda args, **kwargs: started.append(args) or subprocess.CompletedProcess(args, 0, "", ""))
     executor.run(Step(argv, "x\n"))
     assert started and not any(context.calls for context in library.instances)
+
+
+def test_cache_warming_runs_its_dry_run_in_the_background_and_the_next_command_waits(library, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    original = FakeNftables.cmd_from_file
+
+    def slow(self, name):
+        started.set()
+        assert release.wait(10)
+        return original(self, name)
+
+    monkeypatch.setattr(FakeNftables, "cmd_from_file", slow)
+    executor.warm_nft_cache((Step(("nft", "-c", "-f", "-"), "add rule bridge t c accept\n"),))
+    assert started.wait(10)
+    context, = library.instances
+    assert context.settings["dry_run"] is True and context.calls == []  # still running
+    threading.Timer(0.2, release.set).start()
+    executor.run(Step(("nft", "list", "tables")))  # waits for the warming, then runs
+    assert context.calls == [("file", "add rule bridge t c accept\n"), ("cmd", "list tables")]
+    assert context.settings["dry_run"] is False and executor._warming is None
+
+
+def test_cache_warming_refuses_anything_but_a_dry_run_and_needs_the_library(library, monkeypatch):
+    with pytest.raises(ValueError, match="dry runs"):
+        executor.warm_nft_cache((Step(("nft", "-f", "-"), "add table bridge t\n"),))
+    monkeypatch.setattr(executor, "_library", None)
+    executor.warm_nft_cache((Step(("nft", "-c", "-f", "-"), "add table bridge t\n"),))
+    assert executor._warming is None and library.instances == []

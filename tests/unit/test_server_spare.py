@@ -1,6 +1,7 @@
 """The request server's spare (daemon/server.py): a request process forked ahead when the server
-is idle takes the next connection; it is replaced when the idle work began a new pass (it would
-start colder than a fresh fork); without a live spare the connection's process is forked then.
+is idle (and readied there: work ahead of its request) takes the next connection; it is replaced
+when the idle work began a new pass (it would start colder than a fresh fork); without a live
+spare the connection's process is forked then.
 
 Real forks and a real listening socket; the request itself is replaced by one that answers with
 the pid of the process serving it."""
@@ -20,7 +21,8 @@ from libvirt_nwfilter.daemon import protocol, request, server
 def serving(tmp_path, monkeypatch):
     monkeypatch.setattr(request, "handle", lambda conn, max_request: conn.sendall(f"{os.getpid()}\n".encode()) or 0)
     passes = [0]
-    srv = server.Server(server.listen(tmp_path), 1 << 16, idle=lambda: False, idle_passes=lambda: passes[0])
+    srv = server.Server(server.listen(tmp_path), 1 << 16, idle=lambda: False, idle_passes=lambda: passes[0],
+                        ready_spare=lambda: (tmp_path / f"ready-{os.getpid()}").touch())
     yield srv, protocol.socket_path(str(tmp_path)), passes
     srv._stopping = True
     srv._finish()
@@ -55,6 +57,9 @@ def test_the_spare_forked_when_idle_serves_the_next_connection(serving):
     assert srv.spare is not None and srv.spare.pid != spare
     following = srv.spare.pid
     assert served_by(srv, path) == following
+    ready = os.path.dirname(path)
+    assert os.path.exists(f"{ready}/ready-{spare}") and os.path.exists(f"{ready}/ready-{following}")
+    assert not os.path.exists(f"{ready}/ready-{os.getpid()}")  # readied in the spare, not the server
 
 
 def test_a_new_pass_of_idle_work_replaces_the_spare(serving):

@@ -63,6 +63,10 @@ class EbiptablesBackend:
         (errors ignored), in the order the other methods expect their outputs."""
         return tuple(Step(t.save, ignore_errors=True) for t in self.tools)
 
+    def warm_up_steps(self) -> tuple[Step, ...]:
+        """None: the restore tools keep nothing between runs."""
+        return ()
+
     def kernel_digests(self, outputs: Sequence[str] | Mapping[str, str], records: Mapping[str, PortRecord | None],
                        ) -> dict[str, str | None]:
         """Per recorded port, the digest of what the kernel has for it (:func:`.digest.port_structure`)

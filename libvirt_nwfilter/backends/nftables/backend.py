@@ -96,6 +96,10 @@ class NftablesBackend:
 
         return survey_steps(self.nft)
 
+    def warm_up_steps(self) -> tuple[Step, ...]:
+        """A dry run with a rule and a map element (see :func:`.plan.cache_warming_text`)."""
+        return (Step((self.nft, "-c", "-f", "-"), planning.cache_warming_text()),)
+
     def kernel_digests(self, outputs: Sequence[str], records: Mapping[str, PortRecord | None],
                        ) -> dict[str, str | None]:
         """Per recorded port, the digest of what the kernel has for it (see

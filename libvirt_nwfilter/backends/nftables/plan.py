@@ -377,6 +377,14 @@ def remove_all_text() -> str:
     return "".join(f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in FAMILIES)
 
 
+def cache_warming_text() -> str:
+    """For ``nft -c -f -``: a rule and a map element on our bridge table's dispatch, the kinds of
+    command every change holds: the dry run fills libnftables' cache to the level such a change
+    needs (refused, and harmless, where the table does not exist yet)."""
+    b = f"bridge {TABLE}"
+    return f"add rule {b} l2-from-vm accept\nadd element {b} l2_from_vm {{ \"-\" : accept }}\n"
+
+
 def probe_bridge_conntrack_text() -> str:
     """A throw-away bridge table using ``ct`` (state, direction, count), for ``nft -c -f -``:
     accepted only where the kernel has bridge-family conntrack (nf_conntrack_bridge)."""

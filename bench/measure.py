@@ -1,9 +1,12 @@
 """Measuring: processes spawned directly inside a namespace, timed, with their rusage; the
 measurements they make up, and how figures are written.
 
-Every figure is the median of several fresh processes, with min-max. Peak memory is
-``ru_maxrss`` of the measured child as ``wait4`` reports it (the largest process of its tree:
-Python or the firewall tool it ran). Processes run with a minimal environment like the one
+Every figure is the median of several fresh processes, with min-max. Peak memory comes from one
+more, untimed run under GNU ``time`` (:func:`memory_runs`): its ``%M``, the largest process of
+the tree (Python or the firewall tool it ran). ``ru_maxrss`` from ``wait4`` in the benchmark
+itself would be at least the benchmark's own size: a child spawned with ``vfork`` carries its
+parent's memory as its high-water mark into ``exec``, and GNU time in every timed run would add
+an exec (~1 ms) to each figure. Processes run with a minimal environment like the one
 libvirtd gives hooks (no ``PYTHON*`` variables) directly inside the namespace (``setns``; no
 ``ip netns exec`` in the timed path).
 """
@@ -37,6 +40,8 @@ HOOK = SUBJECT / "hooks" / "qemu"
 TESTS = REPO / "tests"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
+GNU_TIME = "/usr/bin/time"
+_memory_runs = False  # spawn() runs processes under GNU time for their peak memory (memory_runs)
 
 
 class Netns:
@@ -83,6 +88,7 @@ class Run:
     cpu: float
     stdout: str
     stderr: str
+    memory_only: bool = False  # run under GNU time: its peak memory counts, its time does not
 
     def check(self, what: str) -> "Run":
         if self.rc != 0:
@@ -95,16 +101,40 @@ class BenchError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def memory_runs() -> Iterator[None]:
+    """Meanwhile, :func:`spawn` runs each process under GNU time and gives its peak memory
+    (``Run.memory_only``: the time is not a figure)."""
+    global _memory_runs
+    _memory_runs = True
+    try:
+        yield
+    finally:
+        _memory_runs = False
+
+
 def spawn(argv: Sequence[object], env: dict[str, str], ns: str | None = None, stdin: bytes = b"",
           timeout: float = 900.0) -> Run:
     """Run ``argv`` to completion in namespace ``ns``: wall time from spawn to exit, and the
-    child's rusage from wait4 (maxrss of its tree's largest process, CPU of the whole tree)."""
+    child's rusage from wait4 (CPU of the whole tree); within :func:`memory_runs`, the peak
+    memory of the tree's largest process instead."""
     argv = [str(a) for a in argv]
     if not os.path.isabs(argv[0]):
         found = shutil.which(argv[0], path=env.get("PATH", BASE_PATH))
         if found is None:
             raise BenchError(f"{argv[0]} not found")
         argv[0] = found
+    if not _memory_runs:
+        return _spawn(argv, env, ns, stdin, timeout)
+    with tempfile.NamedTemporaryFile("r") as peak:
+        run = _spawn([GNU_TIME, "-f", "%M", "-o", peak.name, *argv], env, ns, stdin, timeout)
+        lines = peak.read().split()
+    run.argv, run.memory_only = argv, True
+    run.maxrss_kb = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+    return run
+
+
+def _spawn(argv: list[str], env: dict[str, str], ns: str | None, stdin: bytes, timeout: float) -> Run:
     with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         fin.write(stdin)
         fin.flush()
@@ -169,11 +199,13 @@ class Measurement:
     note: str = ""
     error: str | None = None
 
-    def add(self, run: Run, rss: bool = True) -> None:
-        self.walls.append(run.wall)
-        self.cpu.append(run.cpu)
-        if rss:
+    def add(self, run: Run) -> None:
+        """A timed run's wall time and CPU, or a memory run's peak memory."""
+        if run.memory_only:
             self.rss_kb.append(run.maxrss_kb)
+        else:
+            self.walls.append(run.wall)
+            self.cpu.append(run.cpu)
 
     @property
     def median(self) -> float | None:

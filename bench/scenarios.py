@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 from .documents import (CUSTOM_FILTER, FILTER, GUEST, HOOK_PORT, MEAS_PORTS, binding_xml, custom_filter_xml,
                         domain_xml, meas_mac, meas_port, prepop_port)
 from .measure import (CLI, TESTS, VENV_PY, BenchError, Measurement, Results, Run, base_env, fmt_rss,
-                      fmt_time, is_tmpfs, lock_busy, machine_info, sh, spawn)
+                      fmt_time, is_tmpfs, lock_busy, machine_info, memory_runs, sh, spawn)
 from .ours import Ours
 from .profiling import profile_cli, profile_state
 from .service import ServiceScenario, hotplug
@@ -93,17 +93,28 @@ class Bench:
             return False
 
     def repeat(self, m: Measurement, reps: int, once: Callable[[int], Run | None], min_reps: int = 3,
-               budget: float | None = None) -> None:
+               budget: float | None = None) -> int:
         """``reps`` timed runs (``once(i)`` returns the Run to record); when ``budget`` seconds
-        are used up, stop after ``min_reps``."""
+        are used up, stop after ``min_reps``. Then one more run (``once(n)`` after ``n`` timed
+        ones) for the peak memory of every process it spawns (:func:`memory_runs`; none for
+        libvirt's engine, whose memory is libvirtd's). Returns how many runs were made."""
         began = time.monotonic()
+        done = 0
         for i in range(reps):
             run = once(i)
+            done += 1
             if run is not None:
-                m.add(run, rss=m.engine != "libvirt")
+                m.add(run)
             if budget is not None and i + 1 >= min_reps and time.monotonic() - began > budget:
                 m.note = (m.note + "; " if m.note else "") + f"{i + 1} of {reps} runs (time budget)"
                 break
+        if m.engine != "libvirt":
+            with memory_runs():
+                run = once(done)
+            done += 1
+            if run is not None:
+                m.add(run)
+        return done
 
     # -- lab -----------------------------------------------------------------------------------
     def make_lab(self):
@@ -253,7 +264,7 @@ class Bench:
 
         self.repeat(start, self.reps, once)
         self.log(f"{ours.backend} @{present}: hook start {fmt_time(start.median)}, "
-                 f"stopped {fmt_time(stop.median)}, peak {fmt_rss(max(start.rss_kb + stop.rss_kb))}")
+                 f"stopped {fmt_time(stop.median)}, peak {fmt_rss(max(start.rss_kb + stop.rss_kb, default=0))}")
         if ours.backend == "nftables" and present in (0, self.max_present):
             self.guarded("hook via installed wrapper", None, lambda: self.measure_wrapper(ours, present))
 
@@ -331,7 +342,7 @@ class Bench:
                  f"peak {fmt_rss(max(m.rss_kb, default=0))}")
         if self.args.profile and backend == "nftables":
             # continue the alternation so that every profiled define changes the filter
-            done = len(m.walls) + 1  # the warm-up defined variant 1, then the timed runs alternated
+            done = len(m.walls) + len(m.rss_kb) + 1  # after the warm-up (variant 1), the timed and memory runs alternated
             self.guarded("profile define", None, lambda: profile_cli(
                 ours, self.profile_dir, f"define-{size}", lambda i: ["define", variants[1 + (done + i) % 2]]))
         self.flush_firewall()
@@ -376,7 +387,7 @@ class Bench:
                 began = time.monotonic()
                 for i in range(present, size):
                     m.add(spawn([*virsh, "nwfilter-binding-create", xml_file(fill[i], i, 5)], env)
-                          .check("virsh nwfilter-binding-create"), rss=False)
+                          .check("virsh nwfilter-binding-create"))
                 present = size
                 self.log(f"libvirt: {size} bindings present ({time.monotonic() - began:.0f} s)")
             create = self.results.new("binding-create", "virsh nwfilter-binding-create clean-traffic", "libvirt",
@@ -387,7 +398,7 @@ class Bench:
                 run = spawn([*virsh, "nwfilter-binding-create", xml_file(ports[k], k, 4)], env) \
                     .check("virsh nwfilter-binding-create")
                 delete.add(spawn([*virsh, "nwfilter-binding-delete", ports[k]], env)
-                           .check("virsh nwfilter-binding-delete"), rss=False)
+                           .check("virsh nwfilter-binding-delete"))
                 return run
 
             self.repeat(create, self.args.libvirt_reps, once)

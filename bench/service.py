@@ -268,8 +268,7 @@ class ServiceScenario:
             time.sleep(SETTLE)
             if self._dispatched() != expected:
                 raise BenchError(f"after the repair {self._dispatched()} ports are dispatched, not {expected}")
-            m.add(Run(["nft", "flush", "ruleset"], wall, 0, 0, flushed.cpu + self.daemon.cpu() - before, "", ""),
-                  rss=False)
+            m.add(Run(["nft", "flush", "ruleset"], wall, 0, 0, flushed.cpu + self.daemon.cpu() - before, "", ""))
         self.bench.log(f"service @{self.size}: flush -> restored {fmt_time(m.median)}")
 
     def _dispatched(self) -> int:
@@ -356,7 +355,7 @@ def hotplug(bench, libvirtd, reps: int) -> None:
             window, after_return = _attach(ns, ["virsh", "-c", lvd.URI, "attach-device", name, "/dev/stdin", "--live"],
                                            nic.encode())
             before_return += after_return <= 0
-            m.add(Run(["virsh", "attach-device"], window, 0, 0, 0.0, "", ""), rss=False)
+            m.add(Run(["virsh", "attach-device"], window, 0, 0, 0.0, "", ""))
         m.note = f"rules in place before virsh attach-device returned in {before_return} of {len(macs)}"
         bench.log(f"hot-plug window: median {fmt_time(m.median)}, max {fmt_time(max(m.walls))}; {m.note}")
     finally:

@@ -127,7 +127,8 @@ def use_nft_library() -> bool:
 
 def warm_nft_cache(steps: tuple[Step, ...]) -> None:
     """Run ``steps`` (dry runs, ``nft -c``) through this process's libnftables context in a
-    background thread, errors ignored; the next ``nft`` command of the process waits for them.
+    background thread at the lowest priority, errors ignored; the next ``nft`` command of the
+    process waits for them.
     libnftables reads every chain of the ruleset (9000 with 1000 ports) into its cache before a
     batch that adds rules or map elements, and keeps that cache while the ruleset's generation
     stays the same: read ahead, a request's batch does not read it again. No effect without the
@@ -141,6 +142,8 @@ def warm_nft_cache(steps: tuple[Step, ...]) -> None:
     context = _context()
 
     def warm() -> None:
+        with contextlib.suppress(OSError):  # the request's own work (and its client) go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for command, step in zip(commands, steps):
             status, _, error = _library_run(context, *command, step)
             if status != 0:

@@ -1,9 +1,9 @@
 """``nft`` through libnftables (executor.use_nft_library, what the resident service does) against
 the ``nft`` process, in a throw-away namespace: the same plans give the same ruleset, a refused
-batch the same error (naming the input line and its port), listings the same JSON (the library's
-cache warmed ahead, as in the service's spare request process, without committing), and with
+batch the same error (naming the input line and its port), listings the same JSON, and with
 changes marked, the kernel names the marked process as the committer while the process keeps
-its own name otherwise."""
+its own name otherwise. The library's cache warmed ahead (as in the service's spare request
+process) commits nothing and spares the next batch reading every chain."""
 
 from __future__ import annotations
 
@@ -56,12 +56,17 @@ print(json.dumps(out))
 """
 
 
-def run(ns: str, mode: str, rundir: str = "") -> dict:
-    proc = subprocess.run(netlab.ns_argv(ns, [sys.executable, "-c", SCRIPT, str(REPO / "tests"), mode, rundir]),
+def python_in(ns: str, script: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``script`` run to success in namespace ``ns`` (argv: the tests directory, then ``args``)."""
+    proc = subprocess.run(netlab.ns_argv(ns, [*prefix, sys.executable, "-c", script, str(REPO / "tests"), *args]),
                           capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                                                "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return proc
+
+
+def run(ns: str, mode: str, rundir: str = "") -> dict:
+    return json.loads(python_in(ns, SCRIPT, mode, rundir).stdout)
 
 
 def test_library_and_process_give_the_same_rules_errors_and_listings(lab):
@@ -97,3 +102,40 @@ def test_library_commits_under_the_marked_name(lab, tmp_path):
     assert result["comm"] == "python3" or result["comm"].startswith("python")
     assert committed and {t[1] for t in committed} == {"nwfilter-nft"}, committed
     assert not (tmp_path / "nwfilter-nft").exists()  # no nft process, no marked link
+
+
+READS = r"""
+import os, sys
+from libvirt_nwfilter import executor
+from libvirt_nwfilter.backends.base import PortChange
+from libvirt_nwfilter.backends.nftables import NftablesBackend
+sys.path.insert(0, sys.argv[1])
+from golden.nftables import cases
+
+assert executor.use_nft_library()
+backend = NftablesBackend(conntrack="inet")
+executor.execute(backend.plan([PortChange(f"vp{i}", None, cases.clean_traffic()) for i in range(20)])[0])
+if sys.argv[2] == "warm":
+    executor.warm_nft_cache(backend.warm_up_steps())
+    executor._context()  # the warming is over
+os.write(2, b"-- batch --\n")
+executor.execute(backend.plan([PortChange("vp99", None, cases.clean_traffic())], ids_in_use=[])[0])
+os.write(2, b"-- done --\n")
+executor.execute(backend.teardown_plan([]))
+"""
+
+
+def chain_reads_of_the_batch(ns: str, mode: str, tmp_path) -> int:
+    """How often the process read every chain (NFT_MSG_GETCHAIN) while running one batch."""
+    trace = tmp_path / f"{mode}.trace"
+    python_in(ns, READS, mode, prefix=("strace", "-e", "trace=sendto,write", "-o", str(trace)))
+    text = trace.read_text()
+    batch = text[text.index("-- batch --"):text.index("-- done --")]
+    return batch.count("NFT_MSG_GETCHAIN")
+
+
+def test_a_warmed_cache_spares_the_batch_reading_every_chain(lab, tmp_path):
+    """What the spare request process gains: libnftables 1.0.6 reads every chain before a batch
+    that adds rules and map elements, unless its cache of this generation was filled ahead."""
+    assert chain_reads_of_the_batch(lab.host_ns, "cold", tmp_path) >= 1
+    assert chain_reads_of_the_batch(lab.host_ns, "warm", tmp_path) == 0

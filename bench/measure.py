@@ -314,7 +314,8 @@ def machine_info(rundir: Path) -> dict:
     with contextlib.suppress(OSError):
         debian = Path("/etc/debian_version").read_text().strip()
     commit = first(["git", "-C", str(SUBJECT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(SUBJECT), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(SUBJECT), "status", "--porcelain", "--untracked-files=no", "--",
+                            ".", ":!bench/results"],  # the previous run's results are not the code measured
                            capture_output=True, text=True).stdout.strip()
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 1024 / 1024, 1),

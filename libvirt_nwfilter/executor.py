@@ -105,7 +105,7 @@ def run(step: Step, netns: str | None = None) -> subprocess.CompletedProcess:
 # nft through libnftables (the resident service)
 
 _library = None  # the python3-nftables module, once use_nft_library() loaded it
-_contexts: dict[int, object] = {}  # process id -> its libnftables context (never shared by a fork)
+_contexts: dict[tuple[int, int], object] = {}  # (process id, netns inode) -> libnftables context
 _warming: threading.Thread | None = None  # filling this process's libnftables cache ahead (warm_nft_cache)
 _LIBRARY_FLAGS = {"-j": "set_json_output", "-a": "set_handle_output", "-c": "set_dry_run"}
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
@@ -191,16 +191,23 @@ def _library_run(context, flags: list[str], words: list[str] | None, step: Step)
 
 
 def _context():
-    """This process's libnftables context, once the cache warming of the process is over."""
+    """This process's libnftables context for its network namespace now, once the cache warming
+    of the process is over. A context's netlink socket stays in the namespace it was opened in:
+    a process that moved to another one (a request entering its client's) needs a new one."""
     global _warming
     if _warming is not None:
         _warming.join()
         _warming = None
-    context = _contexts.get(os.getpid())
+    key = (os.getpid(), _netns_inode())
+    context = _contexts.get(key)
     if context is None:
         _contexts.clear()
-        context = _contexts[os.getpid()] = _library.Nftables()
+        context = _contexts[key] = _library.Nftables()
     return context
+
+
+def _netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
 
 
 def _library_batch(context, text: str) -> tuple[int, str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,27 @@ def test_every_verb_and_hook_operation_gives_the_same_output_through_the_service
     statuses = {tuple(r[1]): r[2] for r in through if r[0] == "cli"}
     assert statuses[("define", "f.xml")] == 0 and statuses[("define", "bad.xml")] == 1
     assert statuses[("bogus",)] == 2 and statuses[("--help",)] == 0  # the script exercises each outcome
+
+
+def test_a_request_acts_in_its_clients_namespace(two_labs, tmp_path):
+    """The service in one namespace, the client in another (the run directory shared): the
+    request acts in the client's, as the command would in-process, although the spare that
+    serves it read the nft cache ahead in the service's namespace."""
+    work, conf, run = tmp_path / "work", tmp_path / "conf", tmp_path / "run"
+    for path in (work, conf, run):
+        path.mkdir()
+    (work / "b.xml").write_text(binding_xml("fp2", "52:54:00:0f:00:02", "clean-traffic", {"IP": "10.0.0.6"},
+                                            owner_uuid=OWNER))
+    service_ns, client_ns = two_labs[0].host_ns, two_labs[1].host_ns
+    daemon = Daemon(service_ns, conf, run, options=("--no-libvirt", "--no-heal"), log=tmp_path / "service.log")
+    try:
+        daemon.start()
+        time.sleep(1.0)  # the spare is forked (and warmed) once the server is idle
+        done = subprocess.run(client_argv(client_ns, "binding-create", "b.xml"), capture_output=True, cwd=work,
+                              env=env_for(conf, run), timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "request: " in daemon.log_text()  # served by the service
+    finally:
+        daemon.stop()
+    assert dispatch_entries(client_ns, "nftables") == {"fp2"}
+    assert dispatch_entries(service_ns, "nftables") == set()

@@ -107,3 +107,16 @@ def test_cache_warming_refuses_anything_but_a_dry_run_and_needs_the_library(libr
     monkeypatch.setattr(executor, "_library", None)
     executor.warm_nft_cache((Step(("nft", "-c", "-f", "-"), "add table bridge t\n"),))
     assert executor._warming is None and library.instances == []
+
+
+def test_a_process_that_entered_another_network_namespace_gets_a_context_there(library, monkeypatch):
+    """A context's netlink socket stays in the namespace it was opened in (a spare warms its
+    cache in the service's namespace, then its request enters the client's)."""
+    namespace = [1]
+    monkeypatch.setattr(executor, "_netns_inode", lambda: namespace[0])
+    executor.run(Step(("nft", "list", "tables")))
+    executor.run(Step(("nft", "list", "tables")))
+    namespace[0] = 2
+    executor.run(Step(("nft", "list", "tables")))
+    first, second = library.instances
+    assert len(first.calls) == 2 and len(second.calls) == 1

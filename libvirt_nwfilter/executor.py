@@ -9,7 +9,9 @@ notifications (:func:`nft_notifications`) and the ruleset's generation (:func:`n
 
 In the resident service (:func:`use_nft_library`), ``nft`` commands run in the process itself,
 through libnftables (Debian's python3-nftables), with the same input, output and exit status as
-the ``nft`` process; the process bears the marked name while it commits.
+the ``nft`` process; the process bears the marked name while it commits. Its context (one per
+process and network namespace) can read the ruleset into its cache ahead, in the background
+(:func:`warm_nft_cache`).
 """
 
 from __future__ import annotations

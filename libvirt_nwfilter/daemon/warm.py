@@ -4,8 +4,10 @@ above all) finds the filter trees walked, the rules compiled and their nft text 
 
 Only caches of pure functions are filled (keyed by what they are computed from: a changed
 filter or binding is simply a miss); nothing here is ever the truth. The server calls
-:meth:`Warmer.step` when it is idle: a short slice of work at a time, once the records or the
-filters changed.
+:meth:`Warmer.step` when it is idle: a short slice of work at a time, once the records, the
+index or the filters changed. Each spare request process then runs the backend's warm-up steps
+(:meth:`Warmer.ready_spare`): libnftables' cache of the ruleset, kept while the ruleset's
+generation is unchanged.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def test_a_request_acts_in_its_clients_namespace(two_labs, tmp_path):
     daemon = Daemon(service_ns, conf, run, options=("--no-libvirt", "--no-heal"), log=tmp_path / "service.log")
     try:
         daemon.start()
-        time.sleep(1.0)  # the spare is forked (and warmed) once the server is idle
+        wait_for_spare(daemon.pid)
         done = subprocess.run(client_argv(client_ns, "binding-create", "b.xml"), capture_output=True, cwd=work,
                               env=env_for(conf, run), timeout=120)
         assert done.returncode == 0, done.stderr
@@ -172,3 +172,13 @@ def test_a_request_acts_in_its_clients_namespace(two_labs, tmp_path):
         daemon.stop()
     assert dispatch_entries(client_ns, "nftables") == {"fp2"}
     assert dispatch_entries(service_ns, "nftables") == set()
+
+
+def wait_for_spare(pid: int, timeout: float = 30.0) -> None:
+    """Until the service has forked its spare request process (its children: the watcher and
+    the spare), which warms its nft cache as it starts."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + timeout
+    while len(children.read_text().split()) < 2:
+        assert time.monotonic() < deadline, "the service forked no spare request process"
+        time.sleep(0.05)

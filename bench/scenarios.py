@@ -303,8 +303,8 @@ class Bench:
         if "-e" in argv or "--echo" in argv:
             variants.append(("nft-check-echo", "nft -c -e -f (the same with echo, as the backend runs it)",
                              [nft, "-c", "-e", "-f", batch]))
-        variants.append(("nft-list", "nft -j list table bridge libvirt_nwfilter (most of what verify reads)",
-                         [nft, "-j", "list", "table", "bridge", "libvirt_nwfilter"]))
+        variants.append(("nft-list", "nft -j list ruleset bridge (our bridge tables: most of what verify reads)",
+                         [nft, "-j", "list", "ruleset", "bridge"]))
         for key, label, cmd in variants:
             m = self.results.new(key, label, "tool", "nftables", present)
             spawn(cmd, base_env(), ours.ns).check(label)

@@ -274,11 +274,11 @@ class ServiceScenario:
     def _dispatched(self) -> int:
         import json
 
-        listing = spawn(["nft", "-j", "list", "map", "bridge", "libvirt_nwfilter", "l2_from_vm"], base_env(),
-                        self.ours.ns)
+        listing = spawn(["nft", "-j", "list", "ruleset", "bridge"], base_env(), self.ours.ns)
         if listing.rc != 0:
             return 0
-        return sum(len(item["map"].get("elem", [])) for item in json.loads(listing.stdout)["nftables"] if "map" in item)
+        return sum(len(item["map"].get("elem", [])) for item in json.loads(listing.stdout)["nftables"]
+                   if "map" in item and item["map"]["name"] == "l2_from_vm")
 
     def bulk(self) -> None:
         reapply = self.results.new("reapply", f"reapply of {self.size} bindings through the service", "service",

@@ -40,6 +40,7 @@ from xml.sax.saxutils import quoteattr
 import libvirtd
 import netlab
 from libvirt_nwfilter.simulate.frames import checksum
+from libvirt_nwfilter.backends.nftables.names import shard_of
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("nftables", "ebiptables")
@@ -191,16 +192,15 @@ def port_items(ns: str, port: str) -> list[str]:
 
 
 def dispatch_entries(ns: str, backend: str) -> set[str]:
-    """Ports that have a from-VM dispatch entry in the kernel: nftables: elements of the
-    ``bridge libvirt_nwfilter`` verdict map ``l2_from_vm``; ebiptables: ``-i PORT`` jumps in
-    ebtables ``nat PREROUTING`` to our ``nwf-I-``/``nwf-J-`` roots."""
+    """Ports that have a from-VM dispatch entry in the kernel: nftables: elements of the verdict
+    map ``l2_from_vm`` of their shard's bridge table; ebiptables: ``-i PORT`` jumps in ebtables
+    ``nat PREROUTING`` to our ``nwf-I-``/``nwf-J-`` roots."""
     ports: set[str] = set()
     if backend == "nftables":
         for item in nft_json(ns):
             m = item.get("map")
-            if m and m.get("family") == "bridge" and m.get("table") == "libvirt_nwfilter" \
-                    and m.get("name") == "l2_from_vm":
-                ports.update(elem[0] for elem in m.get("elem", []))
+            if m and m.get("family") == "bridge" and m.get("name") == "l2_from_vm":
+                ports.update(elem[0] for elem in m.get("elem", []) if m.get("table") == shard_of(elem[0]))
         return ports
     out = netlab.run_in(ns, ["ebtables", "-t", "nat", "-S", "PREROUTING"], check=False).stdout
     if not out:

@@ -35,9 +35,10 @@ from libvirt_nwfilter.backends.ebiptables.names import GLOBAL_CHAINS, is_temp_ch
 from libvirt_nwfilter.backends.ebiptables.tools import TOOLS
 from libvirt_nwfilter.backends.nftables import NftablesBackend, probe_bridge_conntrack_text
 from libvirt_nwfilter.backends.nftables.digest import port_digest as nft_empty_digest
-from libvirt_nwfilter.backends.nftables.names import TABLE, chain_name
+from libvirt_nwfilter.backends.nftables.names import IDS_TABLE, chain_name, parse_object, shard_of
+from libvirt_nwfilter.backends.nftables.plan import remove_all_text
 
-T = TABLE
+T1, T2, T3 = shard_of("vp1"), shard_of("vp2"), shard_of("vp3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def nft_handle(ports: Ports, family: str, chain: str, rule_text: str) -> str:
-    listing = ports.sh("nft", "-a", "list", "chain", family, T, chain)
+    listing = ports.sh("nft", "-a", "list", "chain", family, shard_of(parse_object(chain).port), chain)
     for line in listing.splitlines():
         text, _, handle = line.strip().rpartition(" # handle ")
         if text == rule_text:
@@ -198,46 +199,48 @@ def test_nft_kernel_equals_reference_and_survives_reapply(nft_ports):
 
 NFT_DAMAGE = {
     # name: (callable(ports) doing the damage, ports whose digest must change, ports that must be None)
-    "rule deleted": (lambda p: p.sh("nft", "delete", "rule", "bridge", T, chain_of(p, "vp1", "I", "mac"), "handle",
+    "rule deleted": (lambda p: p.sh("nft", "delete", "rule", "bridge", T1, chain_of(p, "vp1", "I", "mac"), "handle",
                                     nft_handle(p, "bridge", chain_of(p, "vp1", "I", "mac"), "drop")),
                      {"vp1"}, set()),
-    "L3 rule deleted": (lambda p: p.sh("nft", "delete", "rule", "inet", T, chain_of(p, "vp3", "FO"), "handle",
+    "L3 rule deleted": (lambda p: p.sh("nft", "delete", "rule", "inet", T3, chain_of(p, "vp3", "FO"), "handle",
                                        nft_handle(p, "inet", chain_of(p, "vp3", "FO"), "meta nfproto ipv4 drop")),
                         {"vp3"}, set()),
-    "map element deleted": (lambda p: p.sh("nft", "delete", "element", "bridge", T, "l2_from_vm", '{ "vp2" }'),
+    "map element deleted": (lambda p: p.sh("nft", "delete", "element", "bridge", T2, "l2_from_vm", '{ "vp2" }'),
                             {"vp2"}, set()),
-    "mark id entry deleted": (lambda p: p.sh("nft", "delete", "element", "inet", T, "port_ids",
+    "mark id entry deleted": (lambda p: p.sh("nft", "delete", "element", "inet", IDS_TABLE, "port_ids",
                                              f"{{ {p.records['vp1']['id']} }}"),
                               {"vp1"}, set()),
     "mark id entry of another id": (lambda p: p.sh("nft", "-f", "-", input=(
-        f"delete element inet {T} port_ids {{ {p.records['vp1']['id']} }}\n"
-        f'add element inet {T} port_ids {{ {free_id(p)} : "vp1" }}\n')),
+        f"delete element inet {IDS_TABLE} port_ids {{ {p.records['vp1']['id']} }}\n"
+        f'add element inet {IDS_TABLE} port_ids {{ {free_id(p)} : "vp1" }}\n')),
                                     {"vp1"}, set()),
     "mark rule of another id": (lambda p: p.sh("nft", "-f", "-", input=(
-        f"replace rule bridge {T} {chain_of(p, 'vp1', 'I')} handle "
+        f"replace rule bridge {T1} {chain_of(p, 'vp1', 'I')} handle "
         f"{nft_handle(p, 'bridge', chain_of(p, 'vp1', 'I'), listed_mark_rule(p, 'vp1'))} "
         f"{listed_mark_rule(p, 'vp1', free_id(p))}\n")),
                                 {"vp1"}, set()),
-    "rule added": (lambda p: p.sh("nft", "add", "rule", "inet", T, chain_of(p, "vp3", "FI"), "accept"),
+    "rule added": (lambda p: p.sh("nft", "add", "rule", "inet", T3, chain_of(p, "vp3", "FI"), "accept"),
                    {"vp3"}, set()),
-    "rule inserted first": (lambda p: p.sh("nft", "insert", "rule", "bridge", T, chain_of(p, "vp2", "O"), "accept"),
+    "rule inserted first": (lambda p: p.sh("nft", "insert", "rule", "bridge", T2, chain_of(p, "vp2", "O"), "accept"),
                             {"vp2"}, set()),
     "rule changed": (lambda p: p.sh("nft", "-f", "-", input=(
-        f"replace rule bridge {T} {chain_of(p, 'vp1', 'I', 'mac')} handle "
+        f"replace rule bridge {T1} {chain_of(p, 'vp1', 'I', 'mac')} handle "
         f"{nft_handle(p, 'bridge', chain_of(p, 'vp1', 'I', 'mac'), 'drop')} accept\n")),
                      {"vp1"}, set()),
+    # (vp3's chains are in another shard: the element jumps to a chain of vp3's name in vp1's)
     "element points elsewhere": (lambda p: p.sh("nft", "-f", "-", input=(
-        f'delete element bridge {T} l2_from_vm {{ "vp1" }}\n'
-        f'add element bridge {T} l2_from_vm {{ "vp1" : jump {chain_of(p, "vp3", "I")} }}\n')),
+        f'add chain bridge {T1} {chain_of(p, "vp3", "I")}\n'
+        f'delete element bridge {T1} l2_from_vm {{ "vp1" }}\n'
+        f'add element bridge {T1} l2_from_vm {{ "vp1" : jump {chain_of(p, "vp3", "I")} }}\n')),
                                  {"vp1", "vp3"}, set()),
-    "base chain flushed": (lambda p: p.sh("nft", "flush", "chain", "bridge", T, "l2-to-vm"),
+    "base chain flushed": (lambda p: p.sh("nft", "flush", "chain", "bridge", T2, "l2-to-vm"),
                            {"vp2"}, set()),  # only vp2 has to-VM rules
     "chain of a port deleted": (lambda p: p.sh("nft", "-f", "-", input=(
-        f'delete element inet {T} fo {{ 0x{p.records["vp3"]["id"] << 8:08x} }}\n'
-        f'flush chain inet {T} {chain_of(p, "vp3", "FO")}\n'
-        f'delete chain inet {T} {chain_of(p, "vp3", "FO")}\n')),
+        f'delete element inet {T3} fo {{ 0x{p.records["vp3"]["id"] << 8:08x} }}\n'
+        f'flush chain inet {T3} {chain_of(p, "vp3", "FO")}\n'
+        f'delete chain inet {T3} {chain_of(p, "vp3", "FO")}\n')),
                                 {"vp3"}, set()),
-    "our tables deleted": (lambda p: p.sh("nft", "-f", "-", input=f"delete table bridge {T}\ndelete table inet {T}\n"),
+    "our tables deleted": (lambda p: p.sh("nft", "-f", "-", input=remove_all_text()),
                            {"vp1", "vp2", "vp3"}, {"vp1", "vp2", "vp3"}),
     "flush ruleset": (lambda p: p.sh("nft", "flush", "ruleset"), {"vp1", "vp2", "vp3"}, {"vp1", "vp2", "vp3"}),
 }
@@ -288,7 +291,7 @@ def test_nft_bridge_mode(lab, fresh_ns):
     ports.apply()
     live = ports.kernel()
     assert live == ports.reference()
-    ports.sh("nft", "delete", "element", "bridge", T, "fo", '{ "vp1" }')
+    ports.sh("nft", "delete", "element", "bridge", T1, "fo", '{ "vp1" }')
     assert changed(live, ports.kernel()) == {"vp1"}
     ports.rebuild()
     assert ports.kernel() == live

@@ -19,6 +19,7 @@ import json
 from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, Cli, dispatch_entries, ip_frame
 from crashlab import KillLab, side_by_side
 from traffic import Probe, check_frames
+from libvirt_nwfilter.backends.nftables.names import SHARD_TABLES
 
 NS = "http://libvirt-nwfilter.org/xmlns/nwfilter/1.0"
 MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
@@ -65,7 +66,8 @@ def record_backends(cli: Cli) -> set[str]:
 
 def nft_ports(lab) -> bool:
     """Whether nftables holds per-port objects of ours (any ``vpN``)."""
-    text = lab.host_run(["nft", "list", "table", "bridge", "libvirt_nwfilter"], check=False).stdout
+    text = lab.host_run(["nft", "list", "tables"], check=False).stdout + "".join(
+        lab.host_run(["nft", "list", "table", "bridge", table], check=False).stdout for table in SHARD_TABLES)
     return any(f"vp{n}" in text for n in range(1, 5))
 
 

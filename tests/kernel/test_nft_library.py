@@ -79,6 +79,9 @@ def test_library_and_process_give_the_same_rules_errors_and_listings(lab):
     assert by_library["refused"] is not None and "of port vp1 (input line" in by_library["refused"]
     assert by_library["refused"] == by_process["refused"]
     for ours, theirs in zip(by_library["listing"], by_process["listing"], strict=True):
+        assert bool(ours) == bool(theirs)
+        if not ours:
+            continue  # a table of ours this plan did not make (another shard, the former single table)
         assert without_handles(json.loads(ours)["nftables"][1:]) == without_handles(json.loads(theirs)["nftables"][1:])
 
 

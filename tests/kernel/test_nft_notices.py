@@ -8,6 +8,7 @@ import json
 
 from bindings_helpers import Cli, binding_xml
 from nft_listener import Listener
+from libvirt_nwfilter.backends.nftables.names import shard_of
 
 
 def test_our_changes_and_foreign_ones_as_the_kernel_announces_them(lab, tmp_path):
@@ -22,7 +23,7 @@ def test_our_changes_and_foreign_ones_as_the_kernel_announces_them(lab, tmp_path
 
         chain = next(c for c in json.loads(lab.host_run(["nft", "-j", "list", "chains", "bridge"]).stdout)["nftables"]
                      if "chain" in c and c["chain"]["name"].endswith(f"/{port}/mac"))["chain"]["name"]
-        lab.host_run(["nft", "flush", "chain", "bridge", "libvirt_nwfilter", chain])
+        lab.host_run(["nft", "flush", "chain", "bridge", shard_of(port), chain])
         lab.host_run(["nft", "add", "table", "ip", "someone_else"])
         lab.host_run(["nft", "flush", "ruleset"])
         foreign, generation = listener.transactions()

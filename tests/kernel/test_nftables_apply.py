@@ -24,7 +24,7 @@ from golden.nftables import cases as nft_cases
 from libvirt_nwfilter import executor
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend
-from libvirt_nwfilter.backends.nftables.names import TABLE
+from libvirt_nwfilter.backends.nftables.names import OUR_TABLES, SHARD_TABLES, parse_object, shard_of
 from libvirt_nwfilter.errors import FirewallError
 from libvirt_nwfilter.ir import PortRuleset
 
@@ -71,7 +71,7 @@ def chains(ns: str) -> set[str]:
     """Our per-port (non-base) chains, as "family name"."""
     data = json.loads(netlab.run_in(ns, ["nft", "-j", "list", "chains"]).stdout)
     return {f"{item['chain']['family']} {item['chain']['name']}" for item in data["nftables"]
-            if "chain" in item and item["chain"]["table"] == TABLE
+            if "chain" in item and item["chain"]["table"] in OUR_TABLES
             and "hook" not in item["chain"]}  # per-port chains only
 
 
@@ -97,24 +97,24 @@ def test_apply_replace_delete(host):
     first = records["vp1"]
     assert first["gen"] == 1 and first["id"] == 1
     assert {f"{f} {n}" for f, n in first["chains"]} == chains(ns)
-    assert "I-1/vp1" in listing(ns, "bridge", TABLE)
+    assert "I-1/vp1" in listing(ns, "bridge", shard_of("vp1"))
 
     plan, records = backend.plan([PortChange("vp1", first, nft_cases.clean_traffic())])
     run_plan(ns, plan)
     second = records["vp1"]
     assert second["gen"] == 2 and second["id"] is None  # no L3 rules: no id
     assert chains(ns) == {f"{f} {n}" for f, n in second["chains"]}
-    text = listing(ns, "bridge", TABLE)
+    text = listing(ns, "bridge", shard_of("vp1"))
     assert "I-1/" not in text and "MO-1/" not in text
     assert '"vp1" : jump I-2/vp1' in text and '"vp1" : jump O-2/vp1' in text
-    inet = listing(ns, "inet", TABLE)
+    inet = listing(ns, "inet", shard_of("vp1"))
     assert "FI-1" not in inet and "0x00000001" not in inet
 
     plan, records = backend.plan([PortChange("vp1", second, None)])
     run_plan(ns, plan)
     assert records == {"vp1": None}
     assert chains(ns) == set()
-    assert "vp1" not in listing(ns, "bridge", TABLE)
+    assert "vp1" not in listing(ns, "bridge", shard_of("vp1"))
 
     assert listing(ns, "inet", "foreign") == foreign_inet
     assert listing(ns, "bridge", "nat") == foreign_nat
@@ -122,7 +122,7 @@ def test_apply_replace_delete(host):
     run_plan(ns, backend.teardown_plan([]))
     run_plan(ns, backend.teardown_plan([]))  # idempotent
     tables = netlab.run_in(ns, ["nft", "list", "tables"]).stdout
-    assert TABLE not in tables
+    assert "libvirt_nwfilter" not in tables
     assert "table inet foreign" in tables and "table bridge nat" in tables
 
 
@@ -142,12 +142,12 @@ def test_refused_batch_leaves_previous_rules(host):
     assert ruleset(ns) == before
     # through the executor, the error names the refused input line and the port it serves
     with pytest.raises(FirewallError, match=r"refused the change of port vp1 \(input line \d+: "
-                                            r"flush chain bridge libvirt_nwfilter I-7/vp1\): /dev/stdin:"):
+                                            rf"flush chain bridge {shard_of('vp1')} I-7/vp1\): /dev/stdin:"):
         executor.execute(plan, ns)
     assert ruleset(ns) == before
     # a rule the kernel cannot take (bridge-family ct without nf_conntrack_bridge, or a bogus
     # protocol) also leaves everything as it was
-    bad = plan.apply[0].stdin + "add rule bridge libvirt_nwfilter I-2/vp2 meta l4proto 6 th dport 99999 drop\n"
+    bad = plan.apply[0].stdin + f"add rule bridge {shard_of('vp2')} I-2/vp2 meta l4proto 6 th dport 99999 drop\n"
     proc = netlab.run_in(ns, ["nft", "-f", "-"], input=bad, check=False)
     assert proc.returncode != 0
     assert ruleset(ns) == before
@@ -226,7 +226,7 @@ def test_rebuild_after_flush_ruleset(host):
 
 def chain_rules(ns: str, family: str, chain: str) -> list[str]:
     """The rules of one chain as ``nft list chain`` prints them."""
-    text = netlab.run_in(ns, ["nft", "list", "chain", family, TABLE, chain]).stdout
+    text = netlab.run_in(ns, ["nft", "list", "chain", family, shard_of(parse_object(chain).port), chain]).stdout
     return [line.strip() for line in text.split("{", 2)[2].rsplit("}", 2)[0].splitlines() if line.strip()]
 
 
@@ -239,8 +239,13 @@ def test_odd_port_and_chain_names(lab):
     names = ["a:b_c.d-e", "0.1", "x__y", "_c", "a-b", "fwd", "ip", "mark", "15charactersxyz"]
     plan, records = backend.plan([PortChange(n, None, nft_cases.odd_names()) for n in names])
     run_plan(ns, plan)
-    data = json.loads(netlab.run_in(ns, ["nft", "-j", "list", "map", "bridge", TABLE, "l2_from_vm"]).stdout)
-    elements = next(item["map"] for item in data["nftables"] if "map" in item)["elem"]
+    elements = []
+    for table in SHARD_TABLES:
+        listed = netlab.run_in(ns, ["nft", "-j", "list", "map", "bridge", table, "l2_from_vm"], check=False).stdout
+        for item in json.loads(listed or '{"nftables": []}')["nftables"]:
+            if "map" in item:
+                assert all(shard_of(key) == table for key, _ in item["map"].get("elem", []))
+                elements += item["map"].get("elem", [])
     roots = {key: value["jump"]["target"] for key, value in elements}
     assert set(roots) == set(names) and len(set(roots.values())) == len(names)
     held = set()
@@ -451,7 +456,7 @@ def test_change_batch_is_the_same_with_many_ports(lab):
         return re.sub(r"generation \d+", "generation N", re.sub(r"-\d+/", "-N/", text))
 
     assert normal(crowded_text) == normal(alone_text)
-    text = listing(ns, "bridge", TABLE)
+    text = listing(ns, "bridge", shard_of("tap0"))
     assert records["tap0"]["gen"] == 3 and '"tap0" : jump I-3/tap0' in text and "I-2/tap0" not in text
 
 
@@ -466,8 +471,8 @@ def test_switching_conntrack_mode_keeps_working(lab):
     run_plan(ns, plan)
     assert records["vp1"]["mode"] == "bridge" and records["vp1"]["id"] is None
     assert {c.split()[0] for c in chains(ns)} == {"bridge"}
-    assert "jump" not in listing(ns, "inet", TABLE).split("chain l3-fwd")[0]
+    assert "jump" not in listing(ns, "inet", shard_of("vp1")).split("chain l3-fwd")[0]
     plan, records = inet.plan([PortChange("vp1", records["vp1"], nft_cases.l3_no_ct())], [])
     run_plan(ns, plan)
     assert {c.split()[0] for c in chains(ns)} == {"bridge", "inet"}
-    assert 'jump FI-3/vp1' in listing(ns, "inet", TABLE)
+    assert 'jump FI-3/vp1' in listing(ns, "inet", shard_of("vp1"))

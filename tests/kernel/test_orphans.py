@@ -27,6 +27,7 @@ from bindings_helpers import IP_A, IP_A2, IP_B, MAC_A, MAC_B, Cli, filter_xml, i
 from crashlab import normalized, side_by_side
 import netlab
 from traffic import Probe, check_frames
+from libvirt_nwfilter.backends.nftables.names import IDS_TABLE, shard_of
 
 MAC_C, IP_C = "52:54:00:00:00:03", "10.0.0.4"
 PEER_MAC, PEER_IP = "52:54:00:00:01:99", "10.0.0.99"
@@ -52,12 +53,19 @@ def nft(ns: str, script: str) -> None:
 
 
 def make_nft_orphans(ns: str) -> dict[str, list[str]]:
-    t = "libvirt_nwfilter"
-    nft(ns, f"add chain bridge {t} I-9/vp3\nadd rule bridge {t} I-9/vp3 drop\n"
-            f'add element bridge {t} l2_from_vm {{ "vp3" : jump I-9/vp3 }}\n'
-            f'add element bridge {t} l2_to_vm {{ "vp7" : accept }}\n'
-            f'add element inet {t} port_ids {{ 0x00000009 : "vp7" }}\n'
-            f"add chain bridge {t} I-1/vp1\nadd rule bridge {t} I-1/vp1 accept\n")
+    """Orphans in the ports' shards (made first where no binding made them, vp3's with its
+    dispatch, so that its traffic meets the orphan) and the id registry."""
+    t3, t7, t1, ids = shard_of("vp3"), shard_of("vp7"), shard_of("vp1"), IDS_TABLE
+    nft(ns, "".join(f"add table bridge {t}\nadd map bridge {t} {m} {{ type ifname : verdict; }}\n"
+                    for t, m in ((t3, "l2_from_vm"), (t7, "l2_to_vm"), (t1, "l2_from_vm")))
+            + f"add chain bridge {t3} l2-from-vm {{ type filter hook prerouting priority -300; policy accept; }}\n"
+            f"flush chain bridge {t3} l2-from-vm\nadd rule bridge {t3} l2-from-vm iifname vmap @l2_from_vm\n"
+            f"add table inet {ids}\nadd map inet {ids} port_ids {{ type mark : ifname; }}\n"
+            f"add chain bridge {t3} I-9/vp3\nadd rule bridge {t3} I-9/vp3 drop\n"
+            f'add element bridge {t3} l2_from_vm {{ "vp3" : jump I-9/vp3 }}\n'
+            f'add element bridge {t7} l2_to_vm {{ "vp7" : accept }}\n'
+            f'add element inet {ids} port_ids {{ 0x00000009 : "vp7" }}\n'
+            f"add chain bridge {t1} I-1/vp1\nadd rule bridge {t1} I-1/vp1 accept\n")
     return {"vp3": ["chain bridge I-9/vp3", 'element bridge l2_from_vm "vp3"'],
             "vp7": ['element bridge l2_to_vm "vp7"', "element inet port_ids 0x00000009"],
             "vp1": ["chain bridge I-1/vp1"]}

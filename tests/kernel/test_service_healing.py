@@ -18,6 +18,7 @@ import pytest
 from bindings_helpers import IP_A, IP_B, MAC_A, MAC_B, binding_xml, dispatch_entries, ip_frame, wait_until
 from service_helpers import Daemon, client_argv, env_for
 from traffic import Probe, check_frames
+from libvirt_nwfilter.backends.nftables.names import shard_of
 
 SPOOF_MAC = "52:54:00:00:00:99"
 
@@ -69,13 +70,13 @@ def test_flush_ruleset_is_repaired_and_frames_are_filtered_again(healed):
 
 def test_a_rule_removed_from_a_port_chain_is_repaired(healed):
     lab, a, b, daemon, cli = healed
-    tables = json.loads(lab.host_run(["nft", "-j", "list", "table", "bridge", "libvirt_nwfilter"]).stdout)
+    tables = json.loads(lab.host_run(["nft", "-j", "list", "table", "bridge", shard_of(a.port)]).stdout)
     rules = [item["rule"] for item in tables["nftables"]
              if "rule" in item and a.port in item["rule"]["chain"] and "drop" in json.dumps(item["rule"]["expr"])]
     assert rules, "no drop rule in the port's chains"
     offset = len(daemon.log_text())
     for rule in rules:
-        lab.host_run(["nft", "delete", "rule", "bridge", "libvirt_nwfilter", rule["chain"], "handle",
+        lab.host_run(["nft", "delete", "rule", "bridge", shard_of(a.port), rule["chain"], "handle",
                       str(rule["handle"])])
     daemon.wait_log("repaired: 1 binding(s) rebuilt", start=offset)
     check_frames(lab, probes(a, b), context="after the repair")

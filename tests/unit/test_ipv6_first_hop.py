@@ -14,6 +14,7 @@ from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.ebiptables import EbiptablesBackend
 from libvirt_nwfilter.backends.ebiptables.render import render_l2_rule
 from libvirt_nwfilter.backends.nftables import NftablesBackend
+from libvirt_nwfilter.backends.nftables.names import shard_of
 from libvirt_nwfilter.compiler import compile_port, match_conds
 from libvirt_nwfilter.errors import MissingVariablesError, UnsupportedError, ValidationError
 from libvirt_nwfilter.ir import (Cond, Field, Icmpv6Range, IpNet, Jump, L2Rule, L2Side, NdLinkLayer, NumRange,
@@ -136,9 +137,9 @@ def nft_rule(*conds: Cond) -> str:
     ruleset = PortRuleset(from_vm=L2Side((L2Rule((Cond(Field.ETHER_TYPE, 0x86DD), *conds), Verdict.RETURN,
                                                  "filter 'f' rule 3"),)))
     plan, _ = NftablesBackend(conntrack="inet").plan([PortChange("vnet0", None, ruleset)])
-    (line,) = [line for line in plan.apply[0].stdin.splitlines() if line.startswith(
-        "add rule bridge libvirt_nwfilter I-1/vnet0 ")]
-    return line.removeprefix("add rule bridge libvirt_nwfilter I-1/vnet0 ")
+    prefix = f"add rule bridge {shard_of('vnet0')} I-1/vnet0 "
+    (line,) = [line for line in plan.apply[0].stdin.splitlines() if line.startswith(prefix)]
+    return line.removeprefix(prefix)
 
 
 @pytest.mark.parametrize("cond, text", [

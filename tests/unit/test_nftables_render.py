@@ -9,6 +9,8 @@ import pytest
 
 from libvirt_nwfilter.backends.base import PortChange
 from libvirt_nwfilter.backends.nftables import NftablesBackend, probe_bridge_conntrack_text, probe_l2_reject_text
+from libvirt_nwfilter.backends.nftables.names import (IDS_TABLE, LEGACY_TABLE, OUR_TABLES, SHARD_TABLES, parse_object,
+                                                      shard_of)
 from libvirt_nwfilter.backends.nftables.plan import remove_all_text
 from libvirt_nwfilter.errors import NwfilterError, UnsupportedError, ValidationError
 from libvirt_nwfilter.ir import Cond, Field, Icmpv6Range, IcmpType, IpNet, IpRange, IpSet, Jump, L2Rule, L2Side
@@ -16,6 +18,7 @@ from libvirt_nwfilter.ir import L3Rule, MacMatch, NumRange, PortRuleset, SubChai
 
 MAC = "52:54:00:00:00:01"
 ORIGIN = "filter 'f' rule 7"
+T0 = shard_of("vnet0")  # the table (bridge, inet) of vnet0's chains, sets and dispatch elements
 
 
 def c(field, value, negated=False):
@@ -32,9 +35,10 @@ def render(backend: NftablesBackend, changes, ids_in_use=None) -> tuple[str, dic
 def rules_of(text: str, chain_prefix: str) -> list[str]:
     out = []
     for line in text.splitlines():
-        m = re.match(r"add rule (?:bridge|inet) libvirt_nwfilter (\S+) (.*)$", line)
-        if m and m.group(1).startswith(chain_prefix):
-            out.append(m.group(2))
+        m = re.match(r"add rule (?:bridge|inet) (libvirt_nwfilter_\d+) (\S+) (.*)$", line)
+        if m and m.group(2).startswith(chain_prefix):
+            assert m.group(1) == shard_of(parse_object(m.group(2)).port), line  # in its port's shard
+            out.append(m.group(3))
     return out
 
 
@@ -258,13 +262,13 @@ def test_connlimit_uses_a_per_source_dynamic_set():
         "meta nfproto ipv4 meta l4proto 6 th dport 80 add @CL-1/vnet0/1 { ip saddr ct count over 5 } drop",
         "meta nfproto ipv6 meta l4proto 6 add @CL-1/vnet0/2 { ip6 saddr ct count 7 } return",
     ]
-    assert "add set inet libvirt_nwfilter CL-1/vnet0/1 { type ipv4_addr; size 65535; flags dynamic; }" in text
-    assert "add set inet libvirt_nwfilter CL-1/vnet0/2 { type ipv6_addr; size 65535; flags dynamic; }" in text
+    assert f"add set inet {T0} CL-1/vnet0/1 {{ type ipv4_addr; size 65535; flags dynamic; }}" in text
+    assert f"add set inet {T0} CL-1/vnet0/2 {{ type ipv6_addr; size 65535; flags dynamic; }}" in text
     assert records["vnet0"]["sets"] == [["inet", "CL-1/vnet0/1"], ["inet", "CL-1/vnet0/2"]]
     # replaced: the old sets go after the old chains
     text, _ = render(NftablesBackend(), [PortChange("vnet0", records["vnet0"], PortRuleset())])
-    assert text.index("delete chain inet libvirt_nwfilter FI-1/vnet0") < \
-        text.index("delete set inet libvirt_nwfilter CL-1/vnet0/1")
+    assert text.index(f"delete chain inet {T0} FI-1/vnet0") < \
+        text.index(f"delete set inet {T0} CL-1/vnet0/1")
 
 
 @pytest.mark.parametrize("verdict, inet, bridge, bridge_reject", [
@@ -312,10 +316,10 @@ def test_subchains_jumps_and_dispatch():
     text, records = render(NftablesBackend(), [PortChange("vnet0", None, sample())], [])
     # the sub-chain ends in accept: libvirt's ebtables chains have policy ACCEPT
     assert rules_of(text, "I-1/vnet0") == ["ether type 0x0806 jump I-1/vnet0/arp-ip", "drop", "ether type 0x0806 return", "accept"]
-    assert 'add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : jump I-1/vnet0 }' in text
-    assert 'add element bridge libvirt_nwfilter l2_to_vm { "vnet0" : jump O-1/vnet0 }' in text
+    assert f'add element bridge {T0} l2_from_vm {{ "vnet0" : jump I-1/vnet0 }}' in text
+    assert f'add element bridge {T0} l2_to_vm {{ "vnet0" : jump O-1/vnet0 }}' in text
     # chains exist before any rule jumps to them
-    assert text.index("add chain bridge libvirt_nwfilter I-1/vnet0/arp-ip") < text.index("jump I-1/vnet0/arp-ip")
+    assert text.index(f"add chain bridge {T0} I-1/vnet0/arp-ip") < text.index("jump I-1/vnet0/arp-ip")
     # only FO rules: egress mark, no ingress mark rule in the from-VM root chain
     assert "meta mark set" not in " ".join(rules_of(text, "I-1/vnet0"))
     assert rules_of(text, "MO-1/vnet0") == ["meta mark set meta mark & 0xfff000ff | 0x00000100"]
@@ -344,39 +348,55 @@ def test_ingress_mark_is_the_first_rule_of_the_from_vm_root():
 def test_bridge_mode_layout_has_no_marks_and_no_inet_table():
     text, records = render(NftablesBackend(conntrack="bridge"), [PortChange("vnet0", None, sample())])
     assert "inet" not in text.replace("nftables batch", "")
-    assert "mark" not in text
-    assert "add chain bridge libvirt_nwfilter l3-fwd { type filter hook forward priority 0; policy accept; }" in text
-    assert "add rule bridge libvirt_nwfilter l3-fwd iifname vmap @fi" in text
-    assert "add rule bridge libvirt_nwfilter l3-fwd oifname vmap @fo" in text
-    assert "add rule bridge libvirt_nwfilter l3-input iifname vmap @hi" in text
-    assert 'add element bridge libvirt_nwfilter fo { "vnet0" : jump FO-1/vnet0 }' in text
+    assert "mark" not in text and IDS_TABLE not in text
+    b = f"bridge {T0}"
+    assert f"add chain {b} l3-fwd-in {{ type filter hook forward priority 0; policy accept; }}" in text
+    assert f"add chain {b} l3-fwd-out {{ type filter hook forward priority 1; policy accept; }}" in text
+    assert f"add chain {b} l3-input {{ type filter hook input priority 0; policy accept; }}" in text
+    assert f"add rule {b} l3-fwd-in iifname vmap @fi" in text
+    assert f"add rule {b} l3-fwd-out oifname vmap @fo" in text
+    assert f"add rule {b} l3-input iifname vmap @hi" in text
+    assert [l for l in text.splitlines() if "vmap @f" in l] == [f"add rule {b} l3-fwd-in iifname vmap @fi",
+                                                                f"add rule {b} l3-fwd-out oifname vmap @fo"]
+    assert f'add element {b} fo {{ "vnet0" : jump FO-1/vnet0 }}' in text
     assert rules_of(text, "FO-1/vnet0") == ["ether type 0x0800 meta l4proto 6 th dport 22 accept"]
     assert records["vnet0"]["id"] is None and records["vnet0"]["mode"] == "bridge"
 
 
 def test_base_chains_and_priorities_inet_mode():
     text, _ = render(NftablesBackend(), [PortChange("vnet0", None, sample())])
+    b, i = f"bridge {T0}", f"inet {T0}"
     for expected in [
-        "add chain bridge libvirt_nwfilter l2-from-vm { type filter hook prerouting priority -300; policy accept; }",
-        "add chain bridge libvirt_nwfilter l2-to-vm { type filter hook postrouting priority 300; policy accept; }",
-        "add chain bridge libvirt_nwfilter mark-out { type filter hook forward priority -200; policy accept; }",
-        "add chain inet libvirt_nwfilter l3-fwd { type filter hook forward priority 0; policy accept; }",
-        "add chain inet libvirt_nwfilter l3-input { type filter hook input priority 0; policy accept; }",
-        "add rule bridge libvirt_nwfilter l2-from-vm iifname vmap @l2_from_vm",
-        "add rule bridge libvirt_nwfilter l2-to-vm oifname vmap @l2_to_vm",
-        "add rule bridge libvirt_nwfilter mark-out oifname vmap @mark_out",
-        "add rule inet libvirt_nwfilter l3-fwd meta mark & 0xfff00000 vmap @fi",
-        "add rule inet libvirt_nwfilter l3-fwd meta mark & 0x000fff00 vmap @fo",
-        "add rule inet libvirt_nwfilter l3-input meta mark & 0xfff00000 vmap @hi",
+        f"add chain {b} l2-from-vm {{ type filter hook prerouting priority -300; policy accept; }}",
+        f"add chain {b} l2-to-vm {{ type filter hook postrouting priority 300; policy accept; }}",
+        f"add chain {b} mark-out {{ type filter hook forward priority -200; policy accept; }}",
+        f"add chain {i} l3-fwd-in {{ type filter hook forward priority 0; policy accept; }}",
+        f"add chain {i} l3-fwd-out {{ type filter hook forward priority 1; policy accept; }}",
+        f"add chain {i} l3-input {{ type filter hook input priority 0; policy accept; }}",
+        f"add rule {b} l2-from-vm iifname vmap @l2_from_vm",
+        f"add rule {b} l2-to-vm oifname vmap @l2_to_vm",
+        f"add rule {b} mark-out oifname vmap @mark_out",
+        f"add rule {i} l3-fwd-in meta mark & 0xfff00000 vmap @fi",
+        f"add rule {i} l3-fwd-out meta mark & 0x000fff00 vmap @fo",
+        f"add rule {i} l3-input meta mark & 0xfff00000 vmap @hi",
+        f"add table inet {IDS_TABLE}",
+        f"add map inet {IDS_TABLE} port_ids {{ type mark : ifname; }}",
     ]:
         assert expected in text
-    # FI before FO in the same base chain (FI's return continues with FO)
-    assert text.index("vmap @fi") < text.index("vmap @fo")
+    # FI before FO: each in its own base chain, FO's at a later priority of the same hook (FI's
+    # return continues with FO, whichever shards the two ports are in); one dispatch rule each
+    assert [l for l in text.splitlines() if "vmap @f" in l] == [
+        f"add rule {i} l3-fwd-in meta mark & 0xfff00000 vmap @fi",
+        f"add rule {i} l3-fwd-out meta mark & 0x000fff00 vmap @fo"]
+    assert " l3-fwd " not in text
     # base chains are flushed and refilled every time, never appended to twice
-    assert text.count("add rule bridge libvirt_nwfilter l2-from-vm ") == 1
-    assert text.index("flush chain bridge libvirt_nwfilter l2-from-vm") < \
-        text.index("add rule bridge libvirt_nwfilter l2-from-vm")
+    for chain in ("l2-from-vm", "l2-to-vm", "mark-out", "l3-fwd-in", "l3-fwd-out", "l3-input"):
+        where = f"{i if chain.startswith('l3') else b} {chain}"
+        assert text.count(f"add rule {where} ") == 1
+        assert text.index(f"flush chain {where}\n") < text.index(f"add rule {where} ")
     assert "flush ruleset" not in text and "delete table" not in text
+    # port_ids is in the ids table only; the shard has no such map
+    assert "port_ids" not in "".join(l for l in text.splitlines() if T0 in l)
 
 
 def test_mark_layout_is_configurable():
@@ -396,14 +416,14 @@ def test_replace_switches_elements_then_removes_old_generation():
     text, new = render(backend, [PortChange("vnet0", records["vnet0"], sample())])
     assert new["vnet0"]["gen"] == 2 and new["vnet0"]["id"] == 1
     lines = text.splitlines()
-    first_new_rule = next(i for i, l in enumerate(lines) if l.startswith("add rule bridge libvirt_nwfilter I-2/"))
-    delete = lines.index('delete element bridge libvirt_nwfilter l2_from_vm { "vnet0" }')
-    add = lines.index('add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : jump I-2/vnet0 }')
-    flush = lines.index("flush chain bridge libvirt_nwfilter I-1/vnet0")
-    drop = lines.index("delete chain bridge libvirt_nwfilter I-1/vnet0")
+    first_new_rule = next(i for i, l in enumerate(lines) if l.startswith(f"add rule bridge {T0} I-2/"))
+    delete = lines.index(f'delete element bridge {T0} l2_from_vm {{ "vnet0" }}')
+    add = lines.index(f'add element bridge {T0} l2_from_vm {{ "vnet0" : jump I-2/vnet0 }}')
+    flush = lines.index(f"flush chain bridge {T0} I-1/vnet0")
+    drop = lines.index(f"delete chain bridge {T0} I-1/vnet0")
     assert first_new_rule < delete < add < flush < drop
-    assert "delete element inet libvirt_nwfilter port_ids { 0x00000001 }" in lines
-    assert 'add element inet libvirt_nwfilter port_ids { 0x00000001 : "vnet0" }' in lines
+    assert f"delete element inet {IDS_TABLE} port_ids {{ 0x00000001 }}" in lines
+    assert f'add element inet {IDS_TABLE} port_ids {{ 0x00000001 : "vnet0" }}' in lines
     # every old chain is flushed before any is deleted (sub-chains are jump targets)
     flushes = [i for i, l in enumerate(lines) if l.startswith("flush chain") and "-1/" in l]
     deletes = [i for i, l in enumerate(lines) if l.startswith("delete chain")]
@@ -419,11 +439,11 @@ def test_delete_only_removes_what_the_record_lists():
     probes = [l for l in lines if l.endswith(": accept }")]
     deletions = [l for l in lines if l.startswith("delete") and l.replace("delete", "add", 1)[:-1] + ": accept }"
                  not in probes]
-    assert deletions == ['delete element bridge libvirt_nwfilter l2_to_vm { "vnet0" }',
-                         "delete chain bridge libvirt_nwfilter O-1/vnet0"]
+    assert deletions == [f'delete element bridge {T0} l2_to_vm {{ "vnet0" }}',
+                         f"delete chain bridge {T0} O-1/vnet0"]
     # the port's other dispatch slots are probed (a leftover element there refuses the batch)
-    assert probes == ['add element bridge libvirt_nwfilter l2_from_vm { "vnet0" : accept }',
-                      'add element bridge libvirt_nwfilter mark_out { "vnet0" : accept }']
+    assert probes == [f'add element bridge {T0} l2_from_vm {{ "vnet0" : accept }}',
+                      f'add element bridge {T0} mark_out {{ "vnet0" : accept }}']
 
 
 def test_batch_text_does_not_depend_on_other_ports():
@@ -478,18 +498,85 @@ def test_plan_is_one_nft_step():
     assert set(records) == {"vnet0", "vnet1"}
     rebuild, _ = backend.rebuild_plan([PortChange("vnet0", records["vnet0"], sample())])
     text = rebuild.apply[0].stdin
-    assert text.index("delete table bridge libvirt_nwfilter") < text.index("add chain bridge libvirt_nwfilter I-2/vnet0")
+    assert text.index(f"delete table bridge {LEGACY_TABLE}\n") < text.index(f"delete table bridge {T0}\n") < \
+        text.index(f"add chain bridge {T0} I-2/vnet0")
     assert "delete element" not in text and "delete chain" not in text
 
 
+
+def tables_named(text: str) -> set[tuple[str, str]]:
+    """(family, table) of every line of ``text`` that names one."""
+    return set(re.findall(r"^(?:add|delete|flush) \w+ (bridge|inet) (\S+)", text, re.M))
+
+
+def test_ports_are_spread_over_shards_and_a_batch_ensures_only_theirs():
+    assert {shard_of(f"vnet{i}") for i in range(64)} == set(SHARD_TABLES)
+    t1 = shard_of("vnet1")
+    assert T0 != t1
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", None, sample()), PortChange("vnet1", None, sample())], [])
+    assert tables_named(text) == {("bridge", T0), ("inet", T0), ("bridge", t1), ("inet", t1), ("inet", IDS_TABLE)}
+    for line in text.splitlines():  # every object of a port is in its own shard
+        for port, table in (("vnet0", T0), ("vnet1", t1)):
+            if f"/{port}" in line and "port_ids" not in line:
+                assert f" {table} " in line, line
+    assert f"add chain inet {t1} l3-fwd-in {{ type filter hook forward priority 0; policy accept; }}" in text
+    # one port: its shard (and the ids table) only, no other shard named anywhere
+    text, _ = render(NftablesBackend(), [PortChange("vnet0", None, sample())], [])
+    assert tables_named(text) == {("bridge", T0), ("inet", T0), ("inet", IDS_TABLE)}
+    assert not [l for l in text.splitlines() if any(t in l for t in SHARD_TABLES if t != T0)]
+    text, _ = render(NftablesBackend(conntrack="bridge"), [PortChange("vnet0", None, sample())])
+    assert tables_named(text) == {("bridge", T0)}
+
+
+def test_port_ids_are_in_the_ids_table_and_unique_across_shards():
+    l3 = PortRuleset(fi=(L3Rule(4, "all", (), Verdict.DROP, ORIGIN),))
+    ports = ["vnet0", "vnet1", "vnet2", "vnet3"]
+    assert len({shard_of(p) for p in ports}) == 4
+    text, records = render(NftablesBackend(), [PortChange(p, None, l3) for p in ports], [])
+    assert [records[p]["id"] for p in ports] == [1, 2, 3, 4]
+    assert [l for l in text.splitlines() if "port_ids" in l] == [
+        f"add map inet {IDS_TABLE} port_ids {{ type mark : ifname; }}",
+        *(f'add element inet {IDS_TABLE} port_ids {{ 0x0000000{i} : "{p}" }}' for i, p in enumerate(ports, 1))]
+    # the ids table holds the id registry only
+    assert {" ".join(l.split()[:5]) for l in text.splitlines() if IDS_TABLE in l} == {
+        f"add table inet {IDS_TABLE}", f"add map inet {IDS_TABLE} port_ids", f"add element inet {IDS_TABLE} port_ids"}
+    # a port of another shard, given the ids in use, gets a free one
+    other = next(f"tap{i}" for i in range(100) if shard_of(f"tap{i}") not in {shard_of(p) for p in ports})
+    _, r = render(NftablesBackend(), [PortChange(other, None, l3)], [records[p]["id"] for p in ports])
+    assert r[other]["id"] == 5
+
+
+def test_rebuild_deletes_every_table_of_ours_before_creating_anything():
+    backend = NftablesBackend()
+    _, records = render(backend, [PortChange("vnet0", None, sample())], [])
+    plan, _ = backend.rebuild_plan([PortChange("vnet0", records["vnet0"], sample())])
+    lines = plan.apply[0].stdin.splitlines()
+    deletes = [i for i, l in enumerate(lines) if l.startswith("delete table ")]
+    assert {lines[i] for i in deletes} == {f"delete table {family} {table}"
+                                          for family in ("bridge", "inet") for table in OUR_TABLES}
+    assert all(lines[i - 1] == lines[i].replace("delete", "add", 1) for i in deletes)  # idempotent
+    first_creation = next(i for i, l in enumerate(lines) if l.startswith("add ") and not l.startswith("add table "))
+    assert max(deletes) < first_creation
+    # then only the port's shard (and the ids table) is ensured
+    assert tables_named("\n".join(lines[max(deletes) + 1:])) == {("bridge", T0), ("inet", T0), ("inet", IDS_TABLE)}
+
+
+def test_remove_all_names_every_table_of_ours_including_the_legacy_one():
+    tables = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(8)), "libvirt_nwfilter_ids"]
+    assert set(tables) == OUR_TABLES and LEGACY_TABLE == "libvirt_nwfilter"
+    text = remove_all_text()
+    assert {l for l in text.splitlines() if l.startswith("delete ")} == {
+        f"delete table {family} {table}" for family in ("bridge", "inet") for table in tables}
+    assert NftablesBackend().teardown_plan([]).apply[0].stdin == text
+
 def test_empty_batch_and_noop():
     text, records = render(NftablesBackend(), [])
-    assert records == {} and "add element" not in text
+    assert records == {} and "add element" not in text and "add table" not in text  # no shard to ensure
     text, records = render(NftablesBackend(), [PortChange("vnet0", None, None)])
     # nothing of vnet0 is created or deleted: its dispatch slots are only probed (add, delete)
     assert records == {"vnet0": None}
     assert [l for l in text.splitlines() if "vnet0" in l] == [
-        f'{verb} element bridge libvirt_nwfilter {m} {{ "vnet0"{value} }}'
+        f'{verb} element bridge {T0} {m} {{ "vnet0"{value} }}'
         for m in ("l2_from_vm", "l2_to_vm", "mark_out") for verb, value in (("add", " : accept"), ("delete", ""))]
 
 
@@ -503,7 +590,7 @@ def test_odd_port_and_chain_names_are_encoded():
     rs = PortRuleset(from_vm=L2Side((Jump("arp-x:y_z", ()),), (SubChain("arp-x:y_z", 0, ()),)))
     text, records = render(NftablesBackend(), [PortChange("a:b_c", None, rs)])
     assert records["a:b_c"]["chains"] == [["bridge", "I-1/a_cb__c"], ["bridge", "I-1/a_cb__c/arp-x_cy__z"]]
-    assert 'add element bridge libvirt_nwfilter l2_from_vm { "a:b_c" : jump I-1/a_cb__c }' in text
+    assert f'add element bridge {shard_of("a:b_c")} l2_from_vm {{ "a:b_c" : jump I-1/a_cb__c }}' in text
 
 
 def test_same_port_twice_and_foreign_records_are_refused():
@@ -517,11 +604,18 @@ def test_same_port_twice_and_foreign_records_are_refused():
 
 
 def test_teardown_and_probes():
-    assert remove_all_text() == (
-        "add table bridge libvirt_nwfilter\ndelete table bridge libvirt_nwfilter\n"
-        "add table inet libvirt_nwfilter\ndelete table inet libvirt_nwfilter\n")
+    assert remove_all_text() == "".join(f"add table {family} {table}\ndelete table {family} {table}\n"
+                                        for family in ("bridge", "inet") for table in sorted(OUR_TABLES))
     step, = NftablesBackend(nft="/x/nft").teardown_plan([]).apply
     assert step.argv == ("/x/nft", "-f", "-")
+    # the cache warm-up: a dry run of a self-contained shard (table, map, base chain, rule, element)
+    warm, = NftablesBackend(nft="/x/nft").warm_up_steps()
+    assert warm.argv == ("/x/nft", "-c", "-f", "-")
+    lines = warm.stdin.splitlines()
+    assert lines[0] == f"add table bridge {SHARD_TABLES[0]}" and tables_named(warm.stdin) == {("bridge", SHARD_TABLES[0])}
+    assert f"add rule bridge {SHARD_TABLES[0]} l2-from-vm accept" in lines
+    assert f'add element bridge {SHARD_TABLES[0]} l2_from_vm {{ "-" : accept }}' in lines
+    assert f"add map bridge {SHARD_TABLES[0]} l2_from_vm {{ type ifname : verdict; }}" in lines
     probe = probe_bridge_conntrack_text()
     assert "table bridge libvirt_nwfilter_probe" in probe and "ct state" in probe and "ct count" in probe
     assert "reject" in probe_l2_reject_text()

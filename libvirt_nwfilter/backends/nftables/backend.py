@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+from ...errors import NwfilterError
 from ..base import Batch, Plan, PortChange, PortRecord, Step
 from . import plan as planning
 from .names import MarkLayout, port_id
@@ -60,7 +61,7 @@ class NftablesBackend:
         untouched and counts as in use, and every other object of ours it shows is removed
         (:func:`.plan.beside`)."""
         kept = set(keep)
-        held = self.inventory(survey) if kept else {}
+        held = self._held_beside(survey, kept) if kept else {}
         kept_ids = planning.held_ids((held[p] for p in kept if p in held), self.marks)
         cleaned: list[PortChange] = []
         claimed = set(kept_ids)
@@ -81,6 +82,22 @@ class NftablesBackend:
                                        rebuild=not kept)
         return self._plan(text), records
 
+    def _held_beside(self, survey: Sequence[str], kept: set[str]) -> dict[str, PortRecord]:
+        """The inventory for a rebuild that keeps ``kept``; refused while objects of ours sit
+        outside their port's table (removing them takes deleting that table, kept ports too)."""
+        from . import listing
+
+        with listing.paused_gc():
+            view = listing.read(survey)
+            astray = listing.misplaced(view)
+            if astray:
+                raise NwfilterError(
+                    f"cannot rebuild while keeping the rules of {', '.join(sorted(kept))} (record unreadable): "
+                    f"{len(astray)} object(s) of ours are outside their port's table ({astray[0]}; an earlier "
+                    "version's single table, or someone else's change); repair with 'libvirt-nwfilter "
+                    f"binding-delete --force {' '.join(sorted(kept))}' (or by restoring the records), then 'reapply'")
+            return listing.inventory(view)
+
     def teardown_plan(self, survey: Sequence[str] = ()) -> Plan:
         """Remove all our tables (both families); succeeds whether they exist or not."""
         del survey
@@ -91,7 +108,7 @@ class NftablesBackend:
 
     # -- reading the kernel back: survey, digests, inventory -----------------------------------
     def survey_steps(self) -> tuple[Step, ...]:
-        """Our two tables as JSON (``nft -j list table``; a missing table gives "")."""
+        """Each of our tables as JSON (``nft -j list table``; a missing table gives "")."""
         from .listing import survey_steps
 
         return survey_steps(self.nft)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from ..base import PortRecord, canonical_digest, canonical_json
 from .listing import Element, View, jump_targets, map_references
-from .names import DISPATCH_MAPS, MarkLayout, parse_object, port_id
+from .names import DISPATCH_MAPS, MarkLayout, parse_object, port_id, table_of
 
 DIGEST_FORMAT = 3  # 3: from nft's JSON listing (2: from its text)
 _MARK = {"meta": {"key": "mark"}}
@@ -74,17 +74,18 @@ class Index:
 
     def __init__(self, view: View):
         self.view = view
-        self.objects: dict[str, list[tuple[str, str, str, str]]] = {}  # port → (family, kind, name, role)
+        self.objects: dict[str, list[tuple[tuple[str, str], str, str, str]]] = {}  # port → (table, kind, name, role)
         self.by_target: dict[str, list[Element]] = {}  # port → elements jumping to its chains
         self.by_key: dict[tuple[str, str, Any], list[Element]] = {}  # (family, map, key) → elements
         self.id_owner: dict[str, list[Element]] = {}  # port → its port_ids elements
-        self.dispatch: dict[tuple[str, str], list[str]] = {}  # (family, map) → base chains using it
-        for family, table in view.items():
+        self.dispatch: dict[tuple[str, str, str], list[str]] = {}  # (family, table, map) → base chains using it
+        for where, table in view.items():
+            family = where[0]
             for kind, names in (("chain", table.chains), ("set", table.sets)):
                 for name in names:
                     parsed = parse_object(name)
                     if parsed is not None:
-                        self.objects.setdefault(parsed.port, []).append((family, kind, name, parsed.role))
+                        self.objects.setdefault(parsed.port, []).append((where, kind, name, parsed.role))
             for element in table.elements:
                 if isinstance(element.key, (str, int)):
                     self.by_key.setdefault((family, element.map, element.key), []).append(element)
@@ -97,7 +98,7 @@ class Index:
             for chain_name, chain in table.chains.items():
                 if chain.base is not None:
                     for name in map_references(chain.rules):
-                        self.dispatch.setdefault((family, name), []).append(chain_name)
+                        self.dispatch.setdefault((*where, name), []).append(chain_name)
 
 
 def port_structure(index: Index, port: str, record: PortRecord, ids: IdForms) -> dict | None:
@@ -106,7 +107,7 @@ def port_structure(index: Index, port: str, record: PortRecord, ids: IdForms) ->
     objects = index.objects.get(port, [])
     roles = {name: f"<{role}>" for _, _, name, role in objects}
     elements: dict[Element, None] = dict.fromkeys(index.by_target.get(port, ()))
-    for family in index.view:
+    for family in {family for family, _ in index.view}:
         for map_name in DISPATCH_MAPS:
             elements.update(dict.fromkeys(index.by_key.get((family, map_name, port), ())))
     elements.update(dict.fromkeys(index.id_owner.get(port, ())))
@@ -116,8 +117,8 @@ def port_structure(index: Index, port: str, record: PortRecord, ids: IdForms) ->
         return None
 
     chains, sets = [], []
-    for family, kind, name, role in objects:
-        table = index.view[family]
+    for (family, table_name), kind, name, role in objects:
+        table = index.view[(family, table_name)]
         if kind == "chain":
             chain = table.chains[name]
             chains.append([family, role, chain.base, [_rule(rule, roles, ids) for rule in chain.rules]])
@@ -125,16 +126,21 @@ def port_structure(index: Index, port: str, record: PortRecord, ids: IdForms) ->
             sets.append([family, role, table.sets[name]])
     dispatch = {}
     for element in elements:
-        for chain_name in index.dispatch.get((element.family, element.map), ()):
-            chain = index.view[element.family].chains[chain_name]
+        for chain_name in index.dispatch.get((element.family, element.table, element.map), ()):
+            chain = index.view[(element.family, element.table)].chains[chain_name]
             dispatch[(element.family, chain_name)] = [element.family, chain_name, chain.base, chain.rules]
-    return {  # chains and sets by family and role, elements by family, map and key: unique
+    structure = {  # chains and sets by family and role, elements by family, map and key: unique
         "chains": sorted(chains, key=lambda c: c[:2]),
         "sets": sorted(sets, key=lambda s: s[:2]),
         "elements": sorted(([e.family, e.map, ids.key(e.map, e.key), _statement(e.value, roles, ids)]
                             for e in elements), key=lambda e: (e[0], e[1], canonical_json(e[2]))),
         "dispatch": [dispatch[k] for k in sorted(dispatch)],
     }
+    astray = sorted({f"{family} {table}" for (family, table), *_ in objects if table != table_of(port)}
+                    | {f"{e.family} {e.table}" for e in elements if e.table != table_of(port, e.map)})
+    if astray:  # the tables holding something of it outside its own (never in a reference kernel)
+        structure["astray"] = astray
+    return structure
 
 
 def _recorded_elements(record: PortRecord) -> list[tuple[str, str, Any]]:
@@ -180,7 +186,8 @@ def port_digest(structure: dict | None) -> str:
     replaced by roles, counters without numbers, no handles), its sets (declaration), the map
     elements that lead to it or carry its name or record keys (``l2_*``, ``fi``/``fo``/``hi``,
     ``mark_out``, ``port_ids``), and the base chains (declaration and every rule) that dispatch
-    through those maps. The record's mark id, in map keys and in mark statements, is replaced by
+    through those maps, and the tables of any of these found outside the port's own (its shard;
+    ``port_ids``: the id registry). The record's mark id, in map keys and in mark statements, is replaced by
     role tokens (``<id>``, ``<id:in>``, ``<id:out>``), so the digest does not depend on which id
     a kernel's port has, only on its being the same everywhere."""
     return canonical_digest({"backend": "nftables", "format": DIGEST_FORMAT, "port": structure})

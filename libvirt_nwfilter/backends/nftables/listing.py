@@ -1,9 +1,9 @@
 """What the kernel holds of ours, read from nft's JSON listing (pure; the survey steps are data).
 
-The survey is ``nft -j list table bridge libvirt_nwfilter`` and the same for ``inet`` (each
-fails harmlessly when the table is missing; nothing else is listed). Their JSON (libnftables'
-schema: a list of ``{"chain": …}``, ``{"rule": …}``, ``{"set": …}``, ``{"map": …}`` objects) is
-read into one :class:`View` of our tables, normalised:
+The survey is ``nft -j list table FAMILY TABLE`` for each of our tables (every shard, the id
+registry, the former single table; each fails harmlessly when the table is missing; nothing else
+is listed). Their JSON (libnftables' schema: a list of ``{"chain": …}``, ``{"rule": …}``,
+``{"set": …}``, ``{"map": …}`` objects) is read into one :class:`View` of our tables, normalised:
 
 * ``handle`` goes everywhere, and counters lose their numbers (``{"counter": null}``);
 * a base chain keeps its ``type``, ``hook``, ``prio``, ``policy``; a per-port chain nothing;
@@ -15,7 +15,10 @@ read into one :class:`View` of our tables, normalised:
 by their names (:func:`~.names.parse_object`), dispatch elements by their key (a port name, or
 the port of the chain a mark-keyed element jumps to), ``port_ids`` elements by their value — as
 a record a plan can remove (``PortChange(port, inventory[port], None)``) or leave alone. Names
-no port of ours can have (only someone else writes them into our tables) name no port.
+no port of ours can have (only someone else writes them into our tables) name no port. An object
+outside its port's table (only someone else, or an earlier version, puts it there) is listed with
+the port all the same: the port's digest names that table (so ``verify`` names the port), and a
+plan removing it is refused (the caller rebuilds, which deletes every table of ours).
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..base import PortRecord, Step, not_named
-from .names import FAMILIES, MAPS, PORT_NAME_RE, RECORD_FORMAT, TABLE, parse_object
+from .names import FAMILIES, IDS_TABLE, MAPS, OUR_TABLES, PORT_NAME_RE, RECORD_FORMAT, parse_object, table_of
 
 _STRUCTURAL = frozenset({"family", "table", "name", "chain", "handle"})  # where, not what
 
 
 def survey_steps(nft: str) -> tuple[Step, ...]:
-    """Read-only: our two tables as JSON (a missing table fails the step: "" output)."""
-    return tuple(Step((nft, "-j", "list", "table", family, TABLE), ignore_errors=True) for family in FAMILIES)
+    """Read-only: each of our tables as JSON (a missing table fails the step: "" output)."""
+    return tuple(Step((nft, "-j", "list", "table", family, table), ignore_errors=True)
+                 for family in FAMILIES for table in sorted(OUR_TABLES) if family == "inet" or table != IDS_TABLE)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Element:
     """One map element (compared by identity: one object per element listed)."""
 
     family: str
+    table: str
     map: str
     key: Any
     value: Any
@@ -61,7 +66,7 @@ class Table:
     elements: list[Element] = field(default_factory=list)
 
 
-View = dict  # family → Table: our tables as listed
+View = dict  # (family, table name) → Table: our tables as listed
 
 
 @contextlib.contextmanager
@@ -85,9 +90,9 @@ def read(outputs: Sequence[str]) -> View:
         if len(item) != 1:
             continue
         (kind, body), = item.items()
-        if not isinstance(body, dict) or body.get("table") != TABLE or body.get("family") not in FAMILIES:
+        if not isinstance(body, dict) or body.get("table") not in OUR_TABLES or body.get("family") not in FAMILIES:
             continue
-        table = view.setdefault(body["family"], Table())
+        table = view.setdefault((body["family"], body["table"]), Table())
         what = {k: v for k, v in body.items() if k not in _STRUCTURAL}
         if kind == "chain":
             table.chains.setdefault(body["name"], Chain()).base = what or None
@@ -101,7 +106,7 @@ def read(outputs: Sequence[str]) -> View:
         elif kind == "map":
             elements = what.pop("elem", None) or ()
             table.maps[body["name"]] = what
-            table.elements += [Element(body["family"], body["name"], pair[0], pair[1])
+            table.elements += [Element(body["family"], body["table"], body["name"], pair[0], pair[1])
                                for pair in elements if isinstance(pair, list) and len(pair) == 2]
     return view
 
@@ -165,7 +170,7 @@ def inventory(view: View) -> dict[str, PortRecord]:
         return found.setdefault(port, {"backend": "nftables", "format": RECORD_FORMAT, "gen": 0, "id": None,
                                        "chains": [], "sets": [], "elements": []})
 
-    for family, table in view.items():
+    for (family, _), table in view.items():
         for kind, names in (("chains", table.chains), ("sets", table.sets)):
             for name in names:
                 parsed = parse_object(name)
@@ -181,6 +186,20 @@ def inventory(view: View) -> dict[str, PortRecord]:
                 if element.map == "port_ids":
                     entry["id"] = element.key
     return {port: entry for port, entry in found.items() if PORT_NAME_RE.match(port)}
+
+
+def misplaced(view: View) -> list[str]:
+    """Objects of ours outside the table of their port (see the docstring), as phrases."""
+    found = []
+    for (family, table_name), table in view.items():
+        for kind, names in (("chain", table.chains), ("set", table.sets)):
+            found += [f"{kind} {family} {table_name} {name}" for name in names
+                      if (parsed := parse_object(name)) is not None and table_of(parsed.port) != table_name]
+        for element in table.elements:
+            port = element_owner(element) if element.map in MAPS else None
+            if port is not None and table_of(port, element.map) != table_name:
+                found.append(f"element {family} {table_name} {element.map} of port {port}")
+    return found
 
 
 def unrecorded(held: PortRecord, record: PortRecord | None) -> list[str]:

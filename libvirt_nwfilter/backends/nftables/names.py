@@ -3,12 +3,20 @@
 Tables and maps
 ===============
 
-Only our own tables are touched: ``table bridge libvirt_nwfilter`` always, and in the ``inet``
-conntrack mode also ``table inet libvirt_nwfilter``. Dispatch maps (``ifname`` or ``mark`` →
-verdict, each element a ``jump`` to a port's chain): ``l2_from_vm``, ``l2_to_vm`` (bridge),
-``fi``, ``fo``, ``hi`` (L3 copies; bridge table keyed by ``ifname`` in the bridge conntrack
-mode, inet table keyed by the port's mark id in the inet mode), ``mark_out`` (bridge, inet mode);
-``port_ids`` (inet, ``mark : ifname``) registers each mark id with its port.
+Only our own tables are touched. The ports are spread over :data:`SHARDS` shards by a hash of
+their name (:func:`shard_of`); shard ``k`` is ``table bridge libvirt_nwfilter_k`` and, in the
+``inet`` conntrack mode, also ``table inet libvirt_nwfilter_k``, each with its own base chains and
+dispatch maps. The kernel checks a whole table for loops each time a transaction adds a verdict
+to it (any rule, or a map element that jumps): measured at 1000 ports in one table, ~5 ms per
+change against ~0.5 ms for the same change in a small table. A frame meets one map lookup per
+shard and hook. Dispatch maps (``ifname`` or ``mark`` → verdict, each element a ``jump`` to a
+port's chain): ``l2_from_vm``, ``l2_to_vm`` (bridge), ``fi``, ``fo``, ``hi`` (L3 copies; bridge
+table keyed by ``ifname`` in the bridge conntrack mode, inet table keyed by the port's mark id in
+the inet mode), ``mark_out`` (bridge, inet mode). ``port_ids`` (``mark : ifname``, in the one
+``table inet libvirt_nwfilter_ids``, which holds nothing else) registers each mark id with its
+port across all shards. ``libvirt_nwfilter`` (both families) is the single table of earlier
+versions: listed and deleted like ours, never filled (a change to a port of it fails and is retried
+as a rebuild, which deletes it).
 
 Per-port chains and sets
 ========================
@@ -36,6 +44,7 @@ bits 8..19 (``0x000fff00``); bits 0..7 are left to others.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -43,7 +52,11 @@ from typing import NamedTuple
 from ...errors import NwfilterError, ValidationError
 from ..base import PortRecord
 
-TABLE = "libvirt_nwfilter"
+LEGACY_TABLE = "libvirt_nwfilter"
+SHARDS = 8
+SHARD_TABLES = tuple(f"{LEGACY_TABLE}_{shard}" for shard in range(SHARDS))
+IDS_TABLE = f"{LEGACY_TABLE}_ids"
+OUR_TABLES = frozenset((*SHARD_TABLES, IDS_TABLE, LEGACY_TABLE))
 PROBE_TABLE = "libvirt_nwfilter_probe"
 FAMILIES = ("bridge", "inet")
 RECORD_FORMAT = 1
@@ -56,6 +69,17 @@ _CHAIN_PART_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 _RECORDED_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_./-]{0,254}\Z")
 _PORT_OBJECT_RE = re.compile(r"(I|O|FI|FO|HI|MO|CL)-(\d+)/([^/\s]+)(?:/(\S+))?\Z")
 _ENCODED_RE = re.compile(r"(?:[^_]|__|_c)+\Z")
+
+
+def shard_of(port: str) -> str:
+    """The table (of either family) that holds ``port``'s chains, sets and dispatch elements."""
+    return SHARD_TABLES[zlib.crc32(port.encode()) % SHARDS]
+
+
+def table_of(port: str, map_name: str | None = None) -> str:
+    """The table of a port's object: ``port_ids`` elements in :data:`IDS_TABLE`, all else in
+    the port's shard."""
+    return IDS_TABLE if map_name == "port_ids" else shard_of(port)
 
 
 def check_port_name(port: str) -> str:

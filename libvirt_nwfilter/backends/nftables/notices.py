@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .names import FAMILIES, PORT_NAME_RE, TABLE, parse_object
+from .names import FAMILIES, OUR_TABLES, PORT_NAME_RE, parse_object
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
@@ -90,7 +90,7 @@ class Transactions:
         """One message of a bridge or inet table: accounted when the table is ours (its name
         is always the first attribute)."""
         length, kind = _NLATTR.unpack_from(data, start)
-        if kind & _NLA_TYPE_MASK != 1 or data[start + 4:start + length] != _TABLE_ATTR:
+        if kind & _NLA_TYPE_MASK != 1 or data[start + 4:start + length] not in _TABLE_ATTRS:
             return
         txn = self._open
         if message in (NEWRULE, DELRULE):
@@ -127,7 +127,7 @@ class Transactions:
 
 _HEAD = struct.Struct("=IH")
 _BODY = _NLMSG.size + _NFGENMSG_SIZE
-_TABLE_ATTR = TABLE.encode() + b"\0"
+_TABLE_ATTRS = frozenset(table.encode() + b"\0" for table in OUR_TABLES)
 
 
 def _string(data: bytes, offset: int, end: int, wanted: int) -> bytes | None:

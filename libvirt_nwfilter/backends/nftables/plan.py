@@ -3,8 +3,8 @@
 Pure: nothing here runs a process or lists the ruleset, so the text of a change does not depend
 on how many other ports exist.
 
-Base chains (policy accept) and what dispatches
-===============================================
+Base chains (policy accept) and what dispatches, in every shard
+===============================================================
 
 ================ ======= ===================== ============================================
 chain            table   hook, priority         rules
@@ -12,26 +12,31 @@ chain            table   hook, priority         rules
 ``l2-from-vm``   bridge  prerouting, -300       ``iifname vmap @l2_from_vm``  (libvirt-I)
 ``l2-to-vm``     bridge  postrouting, 300       ``oifname vmap @l2_to_vm``    (libvirt-O)
 *conntrack="bridge"* (needs nf_conntrack_bridge):
-``l3-fwd``       bridge  forward, 0             ``iifname vmap @fi``, ``oifname vmap @fo``
+``l3-fwd-in``    bridge  forward, 0             ``iifname vmap @fi``
+``l3-fwd-out``   bridge  forward, 1             ``oifname vmap @fo``
 ``l3-input``     bridge  input, 0               ``iifname vmap @hi``
 *conntrack="inet"* (br_netfilter, bridge-nf-call-ip(6)tables=1):
 ``mark-out``     bridge  forward, -200          ``oifname vmap @mark_out``
-``l3-fwd``       inet    forward, 0             ``meta mark & IN vmap @fi``, ``meta mark & OUT vmap @fo``
+``l3-fwd-in``    inet    forward, 0             ``meta mark & IN vmap @fi``
+``l3-fwd-out``   inet    forward, 1             ``meta mark & OUT vmap @fo``
 ``l3-input``     inet    input, 0               ``meta mark & IN vmap @hi``
 ================ ======= ===================== ============================================
 
 Every map element is a ``jump`` to a per-port chain, so ``return`` (and falling off the end) goes
 back to the base chain: a port's L2 root chain falling off = the frame continues (accepted at this
-hook); FI falling off or returning continues with the destination port's FO (libvirt's
-``accept`` = RETURN in FI/HI). ``accept`` inside any of our chains ends our base chain only.
+hook); FI falling off or returning continues with the destination port's FO, at the next priority
+of the same hook (libvirt's ``accept`` = RETURN in FI/HI; the two ports may sit in different
+shards). ``accept`` inside any of our chains ends that base chain only; a shard's base chains
+let through, untouched, every frame of the ports of other shards.
 ``port_ids`` registers each mark id with its port, so a batch that would give an id in use to
 another port is refused by the kernel instead of silently sharing it.
 
-A change, in one transaction: ensure tables, maps and base chains (``add`` is idempotent; each
-base chain is flushed and refilled with its 1-2 dispatch rules), add the new chains and sets,
+A change, in one transaction: ensure the tables, maps and base chains of the shards of its ports
+(``add`` is idempotent; each base chain is flushed and refilled with its dispatch rule; other
+shards are not touched, so the kernel checks only these for loops), add the new chains and sets,
 their rules, ``delete element`` the elements the old record lists, ``add element`` the new ones,
 then flush and delete the old chains and sets. A refused batch changes nothing. A rebuild
-deletes both tables first and re-creates every port; one that keeps some ports' objects
+deletes all our tables first and re-creates every port; one that keeps some ports' objects
 (:func:`beside`) removes the others' from what the kernel holds instead.
 
 Whatever the record says, a change never leaves old rules of its port in front of the new ones,
@@ -53,14 +58,16 @@ from ...errors import NwfilterError, UnsupportedError
 from ...ir import Jump, L2Rule, PortRuleset
 from ..base import Batch, PortChange, PortRecord
 from . import render
-from .names import (CONNTRACK_MODES, FAMILIES, PROBE_TABLE, RECORD_FORMAT, TABLE, MarkLayout, chain_name,
-                    check_port_name, check_record, hex_text, key_text, port_id, quote)
+from .names import (CONNTRACK_MODES, FAMILIES, IDS_TABLE, OUR_TABLES, PROBE_TABLE, RECORD_FORMAT, SHARD_TABLES,
+                    MarkLayout, chain_name, check_port_name, check_record, hex_text, key_text, port_id, quote,
+                    shard_of, table_of)
 
 # Base-chain priorities (see the module docstring).
 PRIO_L2_FROM_VM = -300  # like ebtables' nat PREROUTING (dstnat)
 PRIO_L2_TO_VM = 300  # like ebtables' nat POSTROUTING (srcnat)
 PRIO_MARK_OUT = -200  # before br_netfilter's forward hook (-1)
 PRIO_L3 = 0  # like iptables' filter FORWARD / INPUT
+PRIO_L3_OUT = 1  # every shard's FI before any shard's FO
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
     not in ``changes``): given, even empty, a new port gets the lowest free id; None (unknown),
     the search starts at a position derived from the port name, so that ports created one by one
     rarely clash. A clash is refused by the kernel (``port_ids``), never shared. ``rebuild``: the
-    batch deletes both tables first (``old`` records only give generations and ids)."""
+    batch deletes all our tables first (``old`` records only give generations and ids)."""
     seen: set[str] = set()
     for change in changes:
         check_port_name(change.port)
@@ -110,8 +117,11 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
     taken |= {i for i in (port_id(c.old) for c in changes) if i is not None}
     out = Batch(f"# libvirt-nwfilter: nftables batch (conntrack={layout.conntrack})")
     if rebuild:
-        out.add(f"{verb} table {family} {TABLE}" for family in FAMILIES for verb in ("add", "delete"))
-    out.add(_ensure_lines(layout))
+        out.add(_removal_lines())
+    for shard in sorted({shard_of(change.port) for change in changes}):
+        out.add(_ensure_lines(layout, shard))
+    if layout.inet and changes:
+        out.add([f"add table inet {IDS_TABLE}", f"add map inet {IDS_TABLE} port_ids {{ type mark : ifname; }}"])
 
     news: list[tuple[PortChange, _Objects]] = []
     records: dict[str, PortRecord | None] = {}
@@ -141,46 +151,49 @@ def batch(layout: Layout, changes: Sequence[PortChange], *, ids_in_use: Iterable
     # 1. new chains and sets (flushed: a same-named leftover keeps nothing), then their rules
     # (jumps need their targets to exist)
     for change, objects in news:
+        table = shard_of(change.port)
         out.add([f"# port {change.port}: generation {records[change.port]['gen']}",
-                 *_creation_lines(objects, flush=not rebuild),
-                 *(f"add rule {fam} {TABLE} {chain} {rule}" for fam, chain, rule in objects.rules)],
+                 *_creation_lines(table, objects, flush=not rebuild),
+                 *(f"add rule {fam} {table} {chain} {rule}" for fam, chain, rule in objects.rules)],
                 change.port)
     olds = [c for c in changes if c.old is not None and not rebuild]
     # 2. switch the dispatch: old elements out, new elements in, the port's other slots empty
     if olds or news:
         out.add(["# switch"])
     for change in olds:
-        out.add((f"delete element {fam} {TABLE} {m} {{ {key_text(key)} }}"
+        out.add((f"delete element {fam} {table_of(change.port, m)} {m} {{ {key_text(key)} }}"
                  for fam, m, key in change.old.get("elements", ())), change.port)
     for change, objects in news:
-        out.add((f"add element {fam} {TABLE} {m} {{ {key_text(key)} : {data} }}"
+        out.add((f"add element {fam} {table_of(change.port, m)} {m} {{ {key_text(key)} : {data} }}"
                  for fam, m, key, data in objects.elements), change.port)
     if not rebuild:
         filled = {change.port: objects.elements for change, objects in news}
         for change in changes:
-            out.add((f"{verb} element {fam} {TABLE} {m} {{ {key_text(key)}{value} }}"
+            out.add((f"{verb} element {fam} {table_of(change.port, m)} {m} {{ {key_text(key)}{value} }}"
                      for fam, m, key in _unused_slots(layout, change, records[change.port], filled.get(change.port, ()))
                      for verb, value in (("add", " : accept"), ("delete", ""))), change.port)
     # 3. remove the old generation: every old chain is flushed before any is deleted
     if olds:
         out.add(["# remove old generations"])
     for change in olds:
-        out.add((f"flush chain {fam} {TABLE} {name}" for fam, name in change.old.get("chains", ())), change.port)
+        table = shard_of(change.port)
+        out.add((f"flush chain {fam} {table} {name}" for fam, name in change.old.get("chains", ())), change.port)
     for change in olds:
-        out.add([*(f"delete chain {fam} {TABLE} {name}" for fam, name in change.old.get("chains", ())),
-                 *(f"delete set {fam} {TABLE} {name}" for fam, name in change.old.get("sets", ()))], change.port)
+        table = shard_of(change.port)
+        out.add([*(f"delete chain {fam} {table} {name}" for fam, name in change.old.get("chains", ())),
+                 *(f"delete set {fam} {table} {name}" for fam, name in change.old.get("sets", ()))], change.port)
     return out, records
 
 
-def _creation_lines(objects: _Objects, flush: bool) -> list[str]:
-    """``add`` every chain and set of ``objects``, each followed by its ``flush`` (unless the
-    tables were just deleted)."""
+def _creation_lines(table: str, objects: _Objects, flush: bool) -> list[str]:
+    """``add`` every chain and set of ``objects`` to ``table``, each followed by its ``flush``
+    (unless the tables were just deleted)."""
     lines = []
     for kind, family, name, spec in ([("chain", fam, name, "") for fam, name in objects.chains]
                                      + [("set", fam, name, f" {{ {spec} }}") for fam, name, spec in objects.sets]):
-        lines.append(f"add {kind} {family} {TABLE} {name}{spec}")
+        lines.append(f"add {kind} {family} {table} {name}{spec}")
         if flush:
-            lines.append(f"flush {kind} {family} {TABLE} {name}")
+            lines.append(f"flush {kind} {family} {table} {name}")
     return lines
 
 
@@ -250,8 +263,9 @@ def _allocate(marks: MarkLayout, taken: set[int], port: str, know_others: bool) 
                            f"{marks.max_id} ports with L3 rules")
 
 
-def _ensure_lines(layout: Layout) -> list[str]:
-    b = f"bridge {TABLE}"
+def _ensure_lines(layout: Layout, table: str) -> list[str]:
+    """A shard's tables, maps and base chains, each base chain refilled with its dispatch rule."""
+    b = f"bridge {table}"
     lines = [
         f"add table {b}",
         f"add map {b} l2_from_vm {{ type ifname : verdict; }}",
@@ -268,15 +282,9 @@ def _ensure_lines(layout: Layout) -> list[str]:
             f"add map {b} fi {{ type ifname : verdict; }}",
             f"add map {b} fo {{ type ifname : verdict; }}",
             f"add map {b} hi {{ type ifname : verdict; }}",
-            f"add chain {b} l3-fwd {{ type filter hook forward priority {PRIO_L3}; policy accept; }}",
-            f"add chain {b} l3-input {{ type filter hook input priority {PRIO_L3}; policy accept; }}",
-            f"flush chain {b} l3-fwd",
-            f"add rule {b} l3-fwd iifname vmap @fi",
-            f"add rule {b} l3-fwd oifname vmap @fo",
-            f"flush chain {b} l3-input",
-            f"add rule {b} l3-input iifname vmap @hi",
+            *_l3_base_lines(b, "iifname", "oifname"),
         ]
-    i = f"inet {TABLE}"
+    i = f"inet {table}"
     in_mask, out_mask = hex_text(layout.marks.in_mask, 8), hex_text(layout.marks.out_mask, 8)
     return lines + [
         f"add map {b} mark_out {{ type ifname : verdict; }}",
@@ -287,15 +295,21 @@ def _ensure_lines(layout: Layout) -> list[str]:
         f"add map {i} fi {{ type mark : verdict; }}",
         f"add map {i} fo {{ type mark : verdict; }}",
         f"add map {i} hi {{ type mark : verdict; }}",
-        f"add map {i} port_ids {{ type mark : ifname; }}",
-        f"add chain {i} l3-fwd {{ type filter hook forward priority {PRIO_L3}; policy accept; }}",
-        f"add chain {i} l3-input {{ type filter hook input priority {PRIO_L3}; policy accept; }}",
-        f"flush chain {i} l3-fwd",
-        f"add rule {i} l3-fwd meta mark & {in_mask} vmap @fi",
-        f"add rule {i} l3-fwd meta mark & {out_mask} vmap @fo",
-        f"flush chain {i} l3-input",
-        f"add rule {i} l3-input meta mark & {in_mask} vmap @hi",
+        *_l3_base_lines(i, f"meta mark & {in_mask}", f"meta mark & {out_mask}"),
     ]
+
+
+def _l3_base_lines(table: str, ingress_key: str, egress_key: str) -> list[str]:
+    """A shard's L3 base chains in ``table`` ("FAMILY NAME"), each refilled with its dispatch
+    rule; the maps' keys are the ingress port (``fi``, ``hi``) and the egress port (``fo``)."""
+    lines = []
+    for chain, hook, priority, key, map_name in (("l3-fwd-in", "forward", PRIO_L3, ingress_key, "fi"),
+                                                 ("l3-fwd-out", "forward", PRIO_L3_OUT, egress_key, "fo"),
+                                                 ("l3-input", "input", PRIO_L3, ingress_key, "hi")):
+        lines += [f"add chain {table} {chain} {{ type filter hook {hook} priority {priority}; policy accept; }}",
+                  f"flush chain {table} {chain}",
+                  f"add rule {table} {chain} {key} vmap @{map_name}"]
+    return lines
 
 
 def _port_objects(layout: Layout, port: str, gen: int, pid: int | None, rs: PortRuleset) -> _Objects:
@@ -372,17 +386,24 @@ def _l2_rules(objects: _Objects, chain: str, entries, subs: Mapping[str, str]) -
 # Whole tables: teardown and probes
 
 
+def _removal_lines() -> list[str]:
+    """Delete every table of ours, whether it exists or not (``add`` first makes it idempotent)."""
+    return [f"{verb} table {family} {table}" for family in FAMILIES for table in sorted(OUR_TABLES)
+            for verb in ("add", "delete")]
+
+
 def remove_all_text() -> str:
-    """Deletes both of our tables whether they exist or not (``add`` first makes it idempotent)."""
-    return "".join(f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in FAMILIES)
+    """Deletes all our tables (every shard, the id registry, the former single table)."""
+    return "".join(line + "\n" for line in _removal_lines())
 
 
 def cache_warming_text() -> str:
-    """For ``nft -c -f -``: a rule and a map element on our bridge table's dispatch, the kinds of
-    command every change holds: the dry run fills libnftables' cache to the level such a change
-    needs (refused, and harmless, where the table does not exist yet)."""
-    b = f"bridge {TABLE}"
-    return f"add rule {b} l2-from-vm accept\nadd element {b} l2_from_vm {{ \"-\" : accept }}\n"
+    """For ``nft -c -f -``: a shard's tables and dispatch with a rule and a map element, the kinds
+    of command every change holds: the dry run fills libnftables' cache to the level such a change
+    needs, whether the shard exists or not."""
+    b = f"bridge {SHARD_TABLES[0]}"
+    lines = _ensure_lines(Layout(conntrack="bridge"), SHARD_TABLES[0])[:5]
+    return "\n".join([*lines, f"add rule {b} l2-from-vm accept", f"add element {b} l2_from_vm {{ \"-\" : accept }}"]) + "\n"
 
 
 def probe_bridge_conntrack_text() -> str:

@@ -12,7 +12,8 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
   postrouting by ``oifname`` (§14.1, §14.3);
 * ``clean_traffic_two_ips``: every value of ``IP`` returns before the drop (§3.1);
 * ``ssh_to_a``: implicit state matching of an ``in`` accept rule (§6.2, §6.4) in FI, FO and
-  HI, and the mark plumbing that tells the ports apart in the inet family (§14.2);
+  HI, and the mark plumbing that tells the ports apart in the inet family (§14.2); FI and FO
+  dispatched from two base chains of the forward hook, FI's at the lower priority;
 * ``root_only``: the actions in a root chain (§5): ``continue`` a rule without a verdict,
   ``return`` leaves the port's chain, a negated MAC match;
 * ``l3_only_fo``: a port with to-VM L3 rules only gets its FO chain, selected by the egress mark
@@ -30,13 +31,14 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
 * ``bridge_mode_l3_every_field_v4``: the same rules as in the inet mode, matched by
   ``ether type 0x0800`` in the bridge table, a reject dropped;
 * ``bridge_mode_l3_no_ct``, ``bridge_mode_l3_no_ct_reject``: the bridge conntrack mode's L3
-  layout (§14.1): FI from ``forward`` by ``iifname``, FO by ``oifname``, HI from ``input`` by
-  ``iifname``, all in the bridge table; ``reject`` is ``drop`` at the bridge unless the kernel
-  can reject there (§14.4);
+  layout (§14.1): FI from ``forward`` by ``iifname`` (priority 0), FO by ``oifname`` (priority
+  1), HI from ``input`` by ``iifname``, all in the port's bridge table; ``reject`` is ``drop`` at
+  the bridge unless the kernel can reject there (§14.4);
 * ``multi_port_batch``: one batch changing several ports leaves exactly the new ports' entries
   (a port removed, one replaced by an L2-only ruleset loses its mark id, new L3 ports get ids
   of their own; mark values: ingress id << 20, egress id << 8);
-* ``rebuild``: deletes both tables and builds every port anew, in one batch;
+* ``rebuild``: deletes every table of ours (each shard, the id registry, the former single
+  table; both families) and builds every port anew, in one batch;
 * ``odd_port_names``: the dispatch key is the port's own name; its chains get a name without
   ``:`` (escaped), and the escape keeps names apart;
 * ``bridge_mode_replace``: L3 rules replaced by L2-only ones in the bridge mode leave no
@@ -44,10 +46,15 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
 * ``replace``: one batch adds the new generation, repoints every dispatch entry and then removes
   the old generation (§14.4);
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
+
+Every case: a port's chains, sets and dispatch elements are in its shard's tables
+(``libvirt_nwfilter_K``, K = crc32 of the port name mod 8), its ``port_ids`` element in
+``inet libvirt_nwfilter_ids``, and a batch creates the tables of its ports' shards only.
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +65,15 @@ RARP_ANNOUNCE = ("ether type 0x8035 @nh,0,16 0x0001 @nh,16,16 0x0800 @nh,48,16 0
 """RARP (0x8035) request_reverse (opcode 3) of an Ethernet/IPv4 ARP packet (htype 1, ptype
 0x0800, hlen 6, plen 4) with sender and target MAC ``MAC`` and sender and target IP 0.0.0.0: the
 offsets are those of the ARP header (8 bytes, then SHA 6, SPA 4, THA 6, TPA 4)."""
+
+
+def shard(port: str) -> str:
+    """The table (of either family) of ``port``'s objects."""
+    return f"libvirt_nwfilter_{zlib.crc32(port.encode()) % 8}"
+
+
+IDS = "libvirt_nwfilter_ids"
+ALL_TABLES = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(8)), IDS]
 
 
 def batches(case: str) -> list[str]:
@@ -76,9 +92,15 @@ def dispatch(case: str) -> dict[str, dict[str, str]]:
     (a probe, ``add ... : accept`` then ``delete``, leaves nothing)."""
     maps: dict[str, dict[str, str]] = {}
     for line in "\n".join(batches(case)).splitlines():
-        verb, _, family, _, name, element = (line.split(" ", 5) + [""] * 6)[:6]
+        verb, _, family, table, name, element = (line.split(" ", 5) + [""] * 6)[:6]
         if line.startswith(("add element ", "delete element ")):
             key, _, value = element.strip("{} ").partition(" : ")
+            # each element in its table: the id registry, or the shard of the port it names
+            port = key.strip('"') if key.startswith('"') else value.split("/")[1] if value.startswith("jump ") else None
+            if name == "port_ids":
+                assert (family, table) == ("inet", IDS), line
+            elif port is not None:
+                assert table == shard(port), line
             entries = maps.setdefault(f"{family} {name}", {})
             if verb == "add":
                 entries[key] = value
@@ -87,9 +109,19 @@ def dispatch(case: str) -> dict[str, dict[str, str]]:
     return {name: entries for name, entries in maps.items() if entries}
 
 
-def rules(text: str, family: str, chain: str) -> list[str]:
-    prefix = f"add rule {family} libvirt_nwfilter {chain} "
+def rules(text: str, family: str, chain: str, port: str | None = None) -> list[str]:
+    """The rules added to ``chain`` in the table of ``port`` (default: the port ``chain`` names);
+    a rule of the chain in any other table fails."""
+    table = shard(port or chain.split("/")[1])
+    prefix = f"add rule {family} {table} {chain} "
+    assert not [line for line in text.splitlines()
+                if line.startswith(f"add rule {family} ") and line.split()[4] == chain and not line.startswith(prefix)]
     return [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
+
+
+def tables(text: str) -> set[str]:
+    """``family table`` of every table ``text`` adds."""
+    return {" ".join(line.split()[2:4]) for line in lines_starting(text, "add table ")}
 
 
 def lines_starting(text: str, *starts: str) -> list[str]:
@@ -137,14 +169,20 @@ def test_clean_traffic_anti_spoofing_sub_chains():
 
 def test_clean_traffic_dispatch():
     text = golden("clean_traffic")
-    assert lines_starting(text, "add chain bridge libvirt_nwfilter l2-") == [
-        "add chain bridge libvirt_nwfilter l2-from-vm { type filter hook prerouting priority -300; policy accept; }",
-        "add chain bridge libvirt_nwfilter l2-to-vm { type filter hook postrouting priority 300; policy accept; }"]
-    assert rules(text, "bridge", "l2-from-vm") == ["iifname vmap @l2_from_vm"]
-    assert rules(text, "bridge", "l2-to-vm") == ["oifname vmap @l2_to_vm"]
+    b = f"bridge {shard('vnet0')}"
+    assert lines_starting(text, "add chain bridge libvirt_nwfilter") == [
+        f"add chain {b} l2-from-vm {{ type filter hook prerouting priority -300; policy accept; }}",
+        f"add chain {b} l2-to-vm {{ type filter hook postrouting priority 300; policy accept; }}",
+        f"add chain {b} mark-out {{ type filter hook forward priority -200; policy accept; }}",
+        *(f"add chain {b} {chain}" for chain in (
+            "I-1/vnet0", "I-1/vnet0/mac", "I-1/vnet0/ipv4-ip", "I-1/vnet0/arp-mac", "I-1/vnet0/arp-ip",
+            "I-1/vnet0/rarp", "O-1/vnet0", "O-1/vnet0/ipv4", "O-1/vnet0/rarp"))]
+    assert rules(text, "bridge", "l2-from-vm", "vnet0") == ["iifname vmap @l2_from_vm"]
+    assert rules(text, "bridge", "l2-to-vm", "vnet0") == ["oifname vmap @l2_to_vm"]
+    assert tables(text) == {f"bridge {shard('vnet0')}", f"inet {shard('vnet0')}", f"inet {IDS}"}
     assert dispatch("clean_traffic") == {"bridge l2_from_vm": {'"vnet0"': "jump I-1/vnet0"},
                                          "bridge l2_to_vm": {'"vnet0"': "jump O-1/vnet0"}}
-    assert not lines_starting(text, "add chain inet libvirt_nwfilter FI-", "add chain inet libvirt_nwfilter FO-")
+    assert not [line for line in lines_starting(text, "add chain inet ") if " FI-" in line or " FO-" in line]
 
 
 def test_clean_traffic_every_ip_returns_before_the_drop():
@@ -172,8 +210,16 @@ def test_ssh_to_a_state_matching_and_marks():
     assert rules(text, "bridge", "I-1/vp1") == ["meta mark set meta mark & 0x000fffff | 0x00100000",
                                                "jump I-1/vp1/mac"]
     assert rules(text, "bridge", "MO-1/vp1") == ["meta mark set meta mark & 0xfff000ff | 0x00000100"]
-    assert rules(text, "inet", "l3-fwd") == ["meta mark & 0xfff00000 vmap @fi", "meta mark & 0x000fff00 vmap @fo"]
-    assert rules(text, "inet", "l3-input") == ["meta mark & 0xfff00000 vmap @hi"]
+    i = f"inet {shard('vp1')}"
+    # every shard's FI runs before any shard's FO: two base chains of the forward hook
+    assert lines_starting(text, f"add chain {i} l3-") == [
+        f"add chain {i} l3-fwd-in {{ type filter hook forward priority 0; policy accept; }}",
+        f"add chain {i} l3-fwd-out {{ type filter hook forward priority 1; policy accept; }}",
+        f"add chain {i} l3-input {{ type filter hook input priority 0; policy accept; }}"]
+    assert rules(text, "inet", "l3-fwd-in", "vp1") == ["meta mark & 0xfff00000 vmap @fi"]
+    assert rules(text, "inet", "l3-fwd-out", "vp1") == ["meta mark & 0x000fff00 vmap @fo"]
+    assert rules(text, "inet", "l3-input", "vp1") == ["meta mark & 0xfff00000 vmap @hi"]
+    assert not [line for line in text.splitlines() if " l3-fwd " in line]
     assert dispatch("ssh_to_a") == {
         "bridge l2_from_vm": {'"vp1"': "jump I-1/vp1"}, "inet fi": {"0x00100000": "jump FI-1/vp1"},
         "inet fo": {"0x00000100": "jump FO-1/vp1"}, "inet hi": {"0x00100000": "jump HI-1/vp1"},
@@ -236,15 +282,19 @@ def test_bridge_mode_l3_fields():
 def test_bridge_mode_l3_dispatch_and_reject():
     for case, udp_53 in (("bridge_mode_l3_no_ct", "drop"), ("bridge_mode_l3_no_ct_reject", "reject")):
         text = golden(case)
-        assert [line for line in lines_starting(text, "add map bridge ", "add chain bridge libvirt_nwfilter l3-")
+        b = f"bridge {shard('vnet0')}"
+        assert [line for line in lines_starting(text, "add map bridge ", "add chain bridge ")
                 if " fi " in line or " fo " in line or " hi " in line or " l3-" in line] == [
-            "add map bridge libvirt_nwfilter fi { type ifname : verdict; }",
-            "add map bridge libvirt_nwfilter fo { type ifname : verdict; }",
-            "add map bridge libvirt_nwfilter hi { type ifname : verdict; }",
-            "add chain bridge libvirt_nwfilter l3-fwd { type filter hook forward priority 0; policy accept; }",
-            "add chain bridge libvirt_nwfilter l3-input { type filter hook input priority 0; policy accept; }"], case
-        assert rules(text, "bridge", "l3-fwd") == ["iifname vmap @fi", "oifname vmap @fo"], case
-        assert rules(text, "bridge", "l3-input") == ["iifname vmap @hi"], case
+            f"add map {b} fi {{ type ifname : verdict; }}",
+            f"add map {b} fo {{ type ifname : verdict; }}",
+            f"add map {b} hi {{ type ifname : verdict; }}",
+            f"add chain {b} l3-fwd-in {{ type filter hook forward priority 0; policy accept; }}",
+            f"add chain {b} l3-fwd-out {{ type filter hook forward priority 1; policy accept; }}",
+            f"add chain {b} l3-input {{ type filter hook input priority 0; policy accept; }}"], case
+        assert rules(text, "bridge", "l3-fwd-in", "vnet0") == ["iifname vmap @fi"], case
+        assert rules(text, "bridge", "l3-fwd-out", "vnet0") == ["oifname vmap @fo"], case
+        assert rules(text, "bridge", "l3-input", "vnet0") == ["iifname vmap @hi"], case
+        assert tables(text) == {b}, case
         fi = ["ether type 0x0800 meta l4proto 6 th dport 22 return",
               f"ether type 0x0800 meta l4proto 17 th dport 53 {udp_53}",
               "ether type 0x86dd meta l4proto 58 icmpv6 type 135 return", "ether type 0x0800 drop"]
@@ -325,7 +375,8 @@ def test_l3_fields_as_nft_expressions():
         f"{tcp} ip saddr 10.1.0.0/16 th sport 22 ct state established ct direction reply accept comment \"ssh 'out'\"",
         f"{v4} ct state new accept comment \"st new\"", f"{v4} drop"]
     for number in range(1, 5):
-        assert f"add set inet libvirt_nwfilter CL-1/vnet0/{number} {{ type ipv4_addr; size 65535; flags dynamic; }}" in text
+        assert f"add set inet {shard('vnet0')} CL-1/vnet0/{number} {{ type ipv4_addr; size 65535; flags dynamic; }}" \
+            in text
 
 
 def test_several_ports_in_one_batch():
@@ -339,14 +390,24 @@ def test_several_ports_in_one_batch():
         "inet port_ids": {"0x00000002": '"vnet2"', "0x00000003": '"vnet3"', "0x00000004": '"vnet4"'}}
     text = golden("multi_port_batch")
     assert not [line for line in text.splitlines() if "vnet2" in line]  # unchanged: not in the batch
+    # the batch creates its ports' shards only (vnet2's, unless another port shares it, is not touched)
+    wanted = {shard(port) for port in ("vnet0", "vnet1", "vnet3", "vnet4")}
+    assert tables(text) == {f"{family} {table}" for family in ("bridge", "inet") for table in wanted} | {f"inet {IDS}"}
+    assert {line.split()[3] for line in text.splitlines() if line.startswith(("add ", "delete ", "flush "))} == \
+        wanted | {IDS}
     assert rules(text, "bridge", "I-1/vnet3")[0] == "meta mark set meta mark & 0x000fffff | 0x00300000"
 
 
 def test_rebuild_starts_from_empty_tables():
     lines = golden("rebuild").splitlines()
-    assert lines[1:5] == ["add table bridge libvirt_nwfilter", "delete table bridge libvirt_nwfilter",
-                          "add table inet libvirt_nwfilter", "delete table inet libvirt_nwfilter"]
-    assert not [line for line in lines[5:] if line.startswith(("delete ", "flush chain bridge libvirt_nwfilter I-1"))]
+    removal = [f"{verb} table {family} {table}" for family in ("bridge", "inet") for table in ALL_TABLES
+               for verb in ("add", "delete")]
+    assert lines[1:1 + len(removal)] == removal
+    rest = lines[1 + len(removal):]
+    # nothing deleted after, and no port's chain or set flushed (only base chains are refilled)
+    assert not [line for line in rest if line.startswith("delete ") or line.startswith("flush ") and "/" in line]
+    assert tables("\n".join(rest)) == {f"{family} {shard(port)}" for family in ("bridge", "inet")
+                                       for port in ("vnet0", "vnet1")} | {f"inet {IDS}"}
     assert dispatch("rebuild") == {
         "bridge l2_from_vm": {'"vnet0"': "jump I-2/vnet0"}, "inet fi": {"0x00100000": "jump FI-2/vnet0"},
         "inet fo": {"0x00000100": "jump FO-2/vnet0", "0x00000200": "jump FO-2/vnet1"},
@@ -358,9 +419,9 @@ def test_rebuild_starts_from_empty_tables():
 def test_odd_port_names():
     text = golden("odd_port_names")
     assert dispatch("odd_port_names") == {"bridge l2_from_vm": {'"a:b_c.d-e"': "jump I-1/a_cb__c.d-e"}}
-    chains = [line.split()[4] for line in lines_starting(text, "add chain bridge libvirt_nwfilter I-1/")]
+    chains = [line.split()[4] for line in lines_starting(text, f"add chain bridge {shard('a:b_c.d-e')} I-1/")]
     assert chains == ["I-1/a_cb__c.d-e", "I-1/a_cb__c.d-e/arp-x_cy__z", "I-1/a_cb__c.d-e/ipv4.a_cb__c"]
-    assert rules(text, "bridge", "I-1/a_cb__c.d-e") == [
+    assert rules(text, "bridge", "I-1/a_cb__c.d-e", "a:b_c.d-e") == [
         "ether type 0x0806 jump I-1/a_cb__c.d-e/arp-x_cy__z", "ether type 0x0800 jump I-1/a_cb__c.d-e/ipv4.a_cb__c",
         "drop"]
 

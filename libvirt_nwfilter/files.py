@@ -17,13 +17,16 @@ class FileProblem(Exception):
     """A file of ours that cannot be used; ``str()`` says why (without the path)."""
 
 
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a part.
-    NwfilterError (one line naming the file) when the system refuses."""
+def write_atomically(path: Path, text: str, mode: int = 0o644, scratch: Path | None = None) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a part: into
+    a temporary file (in ``scratch``, a directory of the same file system, else beside ``path``)
+    renamed into place. NwfilterError (one line naming the file) when the system refuses."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        if scratch is not None:
+            scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=scratch or path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -94,7 +94,7 @@ class Warmer:
         try:
             service = Service(self.config)
             backend = service.backend
-            service.state.index()  # kept per process while its file is unchanged
+            service.state.spell_index()  # the index kept per process while its file is unchanged
         except Exception as error:  # noqa: BLE001 - warming up is never required
             log.debug("nothing warmed up: %s", error)
             return

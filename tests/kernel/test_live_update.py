@@ -602,7 +602,7 @@ def test_sigkill_during_define(lab, cli, rng):
         print(f"{no:2d} {trigger:8s}{at * 1000:5.0f}ms  {whom:5s} {rc:4d}  {phase:21s} "
               f"{counts['l2']['A']:3d}/{counts['l2']['B']:<3d}  {counts['l3']['A']:3d}/{counts['l3']['B']:<3d}"
               f"  {traffic:23s}  {target}      {now}      {rec}")
-    leftovers = sorted(str(p.relative_to(cli.workdir)) for p in cli.workdir.rglob(".*"))
+    leftovers = sorted(str(p.relative_to(cli.workdir)) for p in cli.workdir.rglob(".*") if p.is_file())
     print(f"temporary files left by the kills: {leftovers or 'none'}")
     # the recovery path was exercised: kills landed while an update was in flight
     assert any(row[5].startswith("journal") for row in rows), "no kill landed while an update was in flight"

@@ -323,11 +323,11 @@ def test_index_is_a_superset_of_the_records_at_every_instant(tmp_path, monkeypat
     """A change interrupted at each of its writes: every record file has an index entry."""
     real, writes, fail_at = state_mod.write_atomically, [], [0]
 
-    def interrupted(path, text, mode=0o644):
+    def interrupted(path, text, mode=0o644, scratch=None):
         writes.append(Path(path).name)
         if len(writes) == fail_at[0]:
             raise KeyboardInterrupt  # stands for a SIGKILL: nothing after it happens
-        real(path, text, mode)
+        real(path, text, mode, scratch)
 
     monkeypatch.setattr(state_mod, "write_atomically", interrupted)
     for point in range(1, 6):
@@ -362,6 +362,30 @@ def test_the_index_is_read_again_whenever_its_file_changed(tmp_path):
     index.write_text("[]")
     fresh = State(tmp_path / "run")
     assert set(fresh.index()) == {"vp1", "vp2"} and fresh.index_problem == "does not have the expected shape"
+
+
+def test_the_index_text_is_spelled_again_only_for_changed_entries(tmp_path, monkeypatch):
+    """Rewriting the index spells only the entries that changed (the others are kept with the
+    entry object they spell, which nobody changes in place); the file holds exactly the index,
+    one port per line, whatever was spelled before (also by another State, or ahead)."""
+    spelled = []
+    real_dumps = state_mod.json.dumps
+    monkeypatch.setattr(state_mod.json, "dumps", lambda value, **kw: spelled.append(value) or real_dumps(value, **kw))
+    records = State(tmp_path / "run")
+    records.write([_applied(f"vp{i}") for i in range(1, 6)])
+    records.spell_index()
+    spelled.clear()
+    records.write([_applied("vp9")], removed=["vp2"])
+    entries = [value for value in spelled if isinstance(value, dict) and "owner" in value]
+    assert entries == [state_mod._index_entry(_applied("vp9"))]  # vp9's line; vp2's dropped
+    text = (tmp_path / "run" / "index.json").read_text()
+    assert json.loads(text) == State(tmp_path / "run").index() and set(json.loads(text)) == {
+        "vp1", "vp3", "vp4", "vp5", "vp9"}
+    assert text.startswith('{\n"vp1": {') and text.count("\n") == 7
+    # an entry changed (a new object, equal or not) is spelled from what it holds
+    again = {port: dict(entry) for port, entry in records.index().items()}
+    again["vp3"]["id"] = 9
+    assert json.loads(state_mod._index_text.spell(again)) == again
 
 
 def test_a_record_is_read_again_whenever_its_file_changed(tmp_path):
@@ -513,6 +537,26 @@ def test_reading_commands_work_while_an_interrupted_change_cannot_be_completed(t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Chain nwf-I-vp1 already exists" in err
     assert (tmp_path / "run" / "journal.json").exists()
+
+
+def test_records_are_written_through_their_partial_directory(tmp_path, monkeypatch):
+    """A record's temporary file is made in ``bindings/.partial`` (so the lock need not list
+    every record); leftovers there go under the lock. Once that directory exists, leftovers of
+    older versions beside the records are no longer looked for (they name no record)."""
+    made = []
+    real_mkstemp = state_mod.write_atomically.__globals__["tempfile"].mkstemp
+    monkeypatch.setattr(state_mod.write_atomically.__globals__["tempfile"], "mkstemp",
+                        lambda **kw: made.append(kw["dir"]) or real_mkstemp(**kw))
+    st = State(tmp_path)
+    st.write([_applied("vp1")])
+    assert made == [tmp_path, st.partial_dir] and list(st.partial_dir.iterdir()) == []
+    assert [p.name for p in st.files()] == ["vp1.json"] and st.get("vp1") == _applied("vp1")
+    leftover, older = st.partial_dir / ".vp2.json.x1", st.bindings_dir / ".vp3.json.x2"
+    leftover.write_text("partial")
+    older.write_text("partial")
+    with st.locked(timeout=5):
+        pass
+    assert not leftover.exists() and older.exists() and [p.name for p in st.files()] == ["vp1.json"]
 
 
 def test_taking_the_lock_removes_partial_writes_of_locked_files_only(tmp_path):

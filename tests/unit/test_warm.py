@@ -24,12 +24,11 @@ class FakeService:
 
     def __init__(self, config):
         self.backend = SimpleNamespace(name="nftables", plan=self._plan)
-        self.state = SimpleNamespace(get=self._get, index=self._index)
+        self.state = SimpleNamespace(get=self._get, spell_index=self._index)
 
     @classmethod
     def _index(cls):
-        cls.index_reads += 1
-        return {}
+        cls.index_reads += 1  # read (kept) and spelled ahead
 
     def _get(self, port):
         return SimpleNamespace(binding=SimpleNamespace(portdev=port), backend="nftables")

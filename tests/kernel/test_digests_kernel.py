@@ -183,11 +183,13 @@ def test_nft_kernel_equals_reference_and_survives_reapply(nft_ports):
         assert nft_ports.reference_records[port]["id"] != nft_ports.records[port]["id"]
     # all of them rebuilt together from their records (as the service does): the same
     assert nft_ports.reference(together=True) == live
-    # the same rulesets again, port by port: a new generation, the same digests
-    gens = {p: r["gen"] for p, r in nft_ports.records.items()}
+    # the same rulesets again, port by port: refilled in place (a port with connlimit sets gets a
+    # new generation), the same digests
+    gens = {p: (r["gen"], bool(r["sets"])) for p, r in nft_ports.records.items()}
     nft_ports.apply(["vp1"])
     nft_ports.apply(["vp2", "vp3"])
-    assert all(nft_ports.records[p]["gen"] == gens[p] + 1 for p in gens)
+    assert {p: nft_ports.records[p]["gen"] for p in gens} == {p: gen + sets for p, (gen, sets) in gens.items()}
+    assert any(sets for _, sets in gens.values()) and not all(sets for _, sets in gens.values())
     assert nft_ports.kernel() == live
     # a different ruleset on one port changes that port's digest only, to its new reference
     nft_ports.rulesets["vp2"] = nft_cases.root_only()

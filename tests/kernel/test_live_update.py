@@ -302,9 +302,8 @@ def test_redefine_inner_switches_every_port(lab, cli):
         after = binding_state(cli, vm.port)
         assert after["hash"] != before[vm.port]["hash"], f"{vm.port}: state keeps the old ruleset hash"
         assert after["binding"] == before[vm.port]["binding"], f"{vm.port}: the binding itself changed"
-        if cli.backend == "nftables":
-            assert after["record"]["gen"] == before[vm.port]["record"]["gen"] + 1, \
-                f"{vm.port}: record not updated: {after['record']}"
+        if cli.backend == "nftables":  # the same shape: refilled in place (the frames show the rules)
+            assert after["record"] == before[vm.port]["record"], f"{vm.port}: not refilled: {after['record']}"
     assert cli.binding_ports() == sorted(vm.port for vm in vms)
 
     # and back: the same definition twice is a no-op that changes nothing

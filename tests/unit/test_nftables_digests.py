@@ -33,6 +33,7 @@ from golden.nftables import cases
 from libvirt_nwfilter.backends.base import PortChange, Step
 from libvirt_nwfilter.backends.nftables import NftablesBackend
 from libvirt_nwfilter.backends.nftables import listing
+from libvirt_nwfilter.backends.nftables import plan as planning
 from libvirt_nwfilter.backends.nftables.backend import DEFAULT_NFT
 from libvirt_nwfilter.backends.nftables.digest import port_digest
 from libvirt_nwfilter.backends.nftables.listing import Element, element_owner, read
@@ -99,7 +100,8 @@ def drop_element(map_name: str, key, port: str) -> Callable[[list], None]:
 def nft_records():
     """The records of the live kernel's two changes (rendering is deterministic)."""
     _, first = NFT.plan([PortChange("vp1", None, cases.ssh_to_a()), PortChange("vp2", None, cases.root_only())], [])
-    _, second = NFT.plan([PortChange("vp1", first["vp1"], cases.ssh_to_a())], [])
+    # a new generation, as the recorded survey has it (a plan of the same shape refills in place)
+    _, second = planning.batch(NFT.layout, [PortChange("vp1", first["vp1"], cases.ssh_to_a())], ids_in_use=[])
     return first, {**first, **second}
 
 

@@ -3,6 +3,7 @@ records and port ids. Pure: no kernel (tests/golden/nftables checks the texts wi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -411,8 +412,10 @@ def test_mark_layout_is_configurable():
 
 
 def test_replace_switches_elements_then_removes_old_generation():
+    """A change of shape (here: FI rules no more) makes a new generation and switches to it."""
     backend = NftablesBackend()
-    _, records = render(backend, [PortChange("vnet0", None, sample())], [])
+    before = dataclasses.replace(sample(), fi=(L3Rule(4, "udp", (), Verdict.DROP, ORIGIN),))
+    _, records = render(backend, [PortChange("vnet0", None, before)], [])
     text, new = render(backend, [PortChange("vnet0", records["vnet0"], sample())])
     assert new["vnet0"]["gen"] == 2 and new["vnet0"]["id"] == 1
     lines = text.splitlines()
@@ -428,6 +431,32 @@ def test_replace_switches_elements_then_removes_old_generation():
     flushes = [i for i, l in enumerate(lines) if l.startswith("flush chain") and "-1/" in l]
     deletes = [i for i, l in enumerate(lines) if l.startswith("delete chain")]
     assert max(flushes) < min(deletes)
+
+
+def test_a_port_of_the_same_shape_is_refilled_in_place():
+    """New rules needing exactly the chains and elements the record lists: those chains are
+    flushed and filled again (no chain made or removed, no switch, same record); a port with a
+    connlimit set, and a rebuild, make a new generation instead."""
+    backend = NftablesBackend()
+    _, records = render(backend, [PortChange("vnet0", None, sample())], [])
+    changed = dataclasses.replace(sample(), to_vm=L2Side((L2Rule((), Verdict.DROP, ORIGIN),)))
+    text, new = render(backend, [PortChange("vnet0", records["vnet0"], changed)])
+    assert new == records
+    lines = text.splitlines()
+    port_lines = [line for line in lines if "vnet0" in line and not line.startswith("#")]
+    flushes = [f"flush chain {family} {T0} {name}" for family, name in records["vnet0"]["chains"]]
+    assert port_lines[:len(flushes)] == flushes
+    assert rules_of(text, "O-1/vnet0") == ["drop"] and rules_of(text, "I-1/vnet0/arp-ip") == ["ether type 0x0806 return", "accept"]
+    assert not [line for line in port_lines if line.startswith(("add chain", "delete chain", "flush set"))
+                or (line.startswith(("add element", "delete element")) and "jump" in line)]
+    # the port's other dispatch slots are still probed
+    assert f"add element inet {T0} fi {{ 0x00100000 : accept }}" in lines
+    with_set = dataclasses.replace(sample(), fi=(L3Rule(4, "tcp", (c(Field.CONNLIMIT_ABOVE, 4),), Verdict.DROP, ORIGIN),))
+    _, first = render(backend, [PortChange("vnet1", None, with_set)], [])
+    _, again = render(backend, [PortChange("vnet1", first["vnet1"], with_set)])
+    assert first["vnet1"]["sets"] and again["vnet1"]["gen"] == 2
+    rebuilt, records_rebuilt = backend.rebuild_plan([PortChange("vnet0", records["vnet0"], changed)])
+    assert records_rebuilt["vnet0"]["gen"] == 2 and "refilled" not in rebuilt.apply[0].stdin
 
 
 def test_delete_only_removes_what_the_record_lists():

@@ -45,8 +45,9 @@ class NftablesBackend:
     def plan(self, changes: Sequence[PortChange], ids_in_use: Iterable[int] | None = None,
              ) -> tuple[Plan, dict[str, PortRecord | None]]:
         """One ``nft -f -`` step for all ``changes`` and each changed port's new record
-        (``ids_in_use``: see :func:`.plan.batch`)."""
-        text, records = planning.batch(self.layout, changes, ids_in_use=ids_in_use)
+        (``ids_in_use``: see :func:`.plan.batch`); a port whose chains keep their shape is
+        refilled in place."""
+        text, records = planning.batch(self.layout, changes, ids_in_use=ids_in_use, refill=True)
         return self._plan(text), records
 
     def rebuild_plan(self, changes: Sequence[PortChange], survey: Sequence[str] = (),

@@ -4,11 +4,11 @@ A port's digest must be the same in every kernel holding the same rules for it: 
 compares the live kernel with a reference kernel (a throw-away network namespace) into which
 ``rebuild_plan`` put the recorded rulesets. ``nft_survey.json`` beside this file holds the
 survey outputs (nft 1.0.6) captured by running the plans below in throw-away network namespaces,
-in the sharded layout: per scenario a list of 19 outputs, one per step of ``survey_steps()``
+in the sharded layout: per scenario a list of 11 outputs, one per step of ``survey_steps()``
 and in its order (``nft -j list table FAMILY TABLE`` for bridge then inet, each of our tables
-sorted by name: the former single table ``names.LEGACY_TABLE``, the eight shards, and for inet
+sorted by name: the former single table ``names.LEGACY_TABLE``, the four shards, and for inet
 the id registry ``names.IDS_TABLE``), null where the table does not exist. vp1's objects are in
-shard ``libvirt_nwfilter_4``, vp2's in ``_6``, vp5's in ``_5``, every ``port_ids`` element in
+shard ``libvirt_nwfilter_0``, vp2's in ``_2``, vp5's in ``_1``, every ``port_ids`` element in
 the id registry; the former single table is absent:
 
 * ``live_1``: after one change (vp1 ``ssh_to_a`` at generation 1, mark id 1; vp2 ``root_only``);
@@ -127,7 +127,7 @@ def test_plans_run_plain_nft_f_and_the_survey_lists_only_our_tables():
     assert plan.apply[0].argv == (DEFAULT_NFT, "-f", "-")
     rebuild, _ = NFT.rebuild_plan([PortChange("vp1", None, cases.ssh_to_a())], [])
     assert rebuild.apply[0].argv == (DEFAULT_NFT, "-f", "-")
-    tables = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(8)), "libvirt_nwfilter_ids"]
+    tables = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(4)), "libvirt_nwfilter_ids"]
     assert NFT.survey_steps() == tuple(Step((DEFAULT_NFT, "-j", "list", "table", family, table), ignore_errors=True)
                                        for family in ("bridge", "inet") for table in tables
                                        if family == "inet" or table != "libvirt_nwfilter_ids")
@@ -141,7 +141,7 @@ def test_recorded_surveys_follow_the_survey_steps():
     assert set(SURVEYS) == {"live_1", "live_2", "reference_vp1", "reference_vp2"}
     present = {}
     for name, docs in SURVEYS.items():
-        assert len(docs) == len(STEPS) == 19, name
+        assert len(docs) == len(STEPS) == 11, name
         for (family, table), doc in zip(STEPS, docs):
             if doc is not None:
                 bodies = [body for item in doc["nftables"] for kind, body in item.items() if kind != "metainfo"]
@@ -457,9 +457,9 @@ def test_rebuild_plan():
     plan, records = NFT.rebuild_plan(changes, LIVE_2, ids_in_use=[2])
     text = plan.apply[0].stdin
     deletes = [line for line in text.splitlines() if line.startswith("delete table ")]
-    assert len(deletes) == 20 and f"delete table inet {LEGACY_TABLE}" in deletes  # both families, every table
+    assert len(deletes) == 12 and f"delete table inet {LEGACY_TABLE}" in deletes  # both families, every table
     assert {line.split()[-1] for line in deletes} == {LEGACY_TABLE, IDS_TABLE,
-                                                      *(f"{LEGACY_TABLE}_{k}" for k in range(8))}
+                                                      *(f"{LEGACY_TABLE}_{k}" for k in range(4))}
     first_shard = min(shard_of(port) for port in ("vp1", "vp2", "vp3", "vp4"))
     assert text.index(deletes[-1]) < text.index(f"add table bridge {first_shard}\nadd map")
     assert "delete element" not in text and "delete chain" not in text and "nwf-I-vp3" not in text

@@ -48,7 +48,7 @@ written by hand from the spec, not copied from a rendering. Reviewed this way:
 * ``delete``: one batch removes every dispatch entry of the port, then its chains.
 
 Every case: a port's chains, sets and dispatch elements are in its shard's tables
-(``libvirt_nwfilter_K``, K = crc32 of the port name mod 8), its ``port_ids`` element in
+(``libvirt_nwfilter_K``, K = crc32 of the port name mod 4), its ``port_ids`` element in
 ``inet libvirt_nwfilter_ids``, and a batch creates the tables of its ports' shards only.
 """
 
@@ -69,11 +69,11 @@ offsets are those of the ARP header (8 bytes, then SHA 6, SPA 4, THA 6, TPA 4)."
 
 def shard(port: str) -> str:
     """The table (of either family) of ``port``'s objects."""
-    return f"libvirt_nwfilter_{zlib.crc32(port.encode()) % 8}"
+    return f"libvirt_nwfilter_{zlib.crc32(port.encode()) % 4}"
 
 
 IDS = "libvirt_nwfilter_ids"
-ALL_TABLES = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(8)), IDS]
+ALL_TABLES = ["libvirt_nwfilter", *(f"libvirt_nwfilter_{k}" for k in range(4)), IDS]
 
 
 def batches(case: str) -> list[str]:

@@ -10,9 +10,11 @@ dispatch maps. The kernel checks a whole table for loops each time a transaction
 to it (any rule, or a map element that jumps): measured at 1000 ports in one table, ~5 ms per
 change against ~0.5 ms for the same change in a small table. A frame meets one map lookup per
 shard and hook: 4 shards, because a one-port change with 1000 present measured 3.9 ms in one
-table, 2.4 in 2, 1.9 in 4 and 2.0 in 8, while a bridged frame cost 0.2, 0.5 and 1.6 µs more with
-2, 4 and 8 shards than with one table (ping -f between two guests, 1000 other ports bound). Dispatch maps (``ifname`` or ``mark`` → verdict, each element a ``jump`` to a
-port's chain): ``l2_from_vm``, ``l2_to_vm`` (bridge), ``fi``, ``fo``, ``hi`` (L3 copies; bridge
+table, 2.4 in 2, 1.9 in 4 and 2.0 in 8, while a bridged frame cost 0.2, 0.7 and 1.6 µs more with
+2, 4 and 8 shards than with one table (ping -f between two guests, 1000 other ports bound).
+
+Dispatch maps (``ifname`` or ``mark`` → verdict, each element a ``jump`` to a port's chain):
+``l2_from_vm``, ``l2_to_vm`` (bridge), ``fi``, ``fo``, ``hi`` (L3 copies; bridge
 table keyed by ``ifname`` in the bridge conntrack mode, inet table keyed by the port's mark id in
 the inet mode), ``mark_out`` (bridge, inet mode). ``port_ids`` (``mark : ifname``, in the one
 ``table inet libvirt_nwfilter_ids``, which holds nothing else) registers each mark id with its

@@ -433,8 +433,13 @@ def cache_warming_text() -> str:
     of command every change holds: the dry run fills libnftables' cache to the level such a change
     needs, whether the shard exists or not."""
     b = f"bridge {SHARD_TABLES[0]}"
-    lines = _ensure_lines(Layout(conntrack="bridge"), SHARD_TABLES[0])[:5]
-    return "\n".join([*lines, f"add rule {b} l2-from-vm accept", f"add element {b} l2_from_vm {{ \"-\" : accept }}"]) + "\n"
+    return "\n".join([
+        f"add table {b}",
+        f"add map {b} l2_from_vm {{ type ifname : verdict; }}",
+        f"add chain {b} l2-from-vm {{ type filter hook prerouting priority {PRIO_L2_FROM_VM}; policy accept; }}",
+        f"add rule {b} l2-from-vm accept",
+        f"add element {b} l2_from_vm {{ \"-\" : accept }}",
+    ]) + "\n"
 
 
 def probe_bridge_conntrack_text() -> str:
